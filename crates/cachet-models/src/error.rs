@@ -1,0 +1,59 @@
+//! Errors of the model crate.
+
+use std::path::PathBuf;
+
+use cachet_tensor::{SafetensorsError, TensorError};
+
+/// Result alias of cachet-models.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// What can go wrong loading or running a model; every variant names the file, tensor or input.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// config.json could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// config.json is not valid for this model.
+    #[error("invalid config {origin}: {reason}")]
+    Config {
+        /// Where the config came from.
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The checkpoint lacks a weight the model needs.
+    #[error("checkpoint has no tensor {name:?} (needed by {module})")]
+    MissingWeight {
+        /// Tensor name.
+        name: String,
+        /// Module that needs it.
+        module: String,
+    },
+    /// A weight has the wrong shape for the config.
+    #[error("tensor {name:?} has shape {actual:?}, but the config implies {expected:?}")]
+    WeightShape {
+        /// Tensor name.
+        name: String,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+        /// Shape in the checkpoint.
+        actual: Vec<usize>,
+    },
+    /// The inputs of a forward call are inconsistent.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// The KV cache refused an update (full, wrong shape...).
+    #[error("kv cache: {0}")]
+    Cache(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A tensor-layer error (device, dtype).
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    /// A safetensors error.
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
+}

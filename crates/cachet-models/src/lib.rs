@@ -1,0 +1,18 @@
+//! Reference models that cachet's caches and quantizers plug into.
+//!
+//! [`llama`] is a decoder-only transformer that loads Hugging Face checkpoints of
+//! `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (config.json + safetensors)
+//! and matches transformers' logits. Its attention takes an optional [`KvCache`]: the seam where
+//! the caches of `cachet-kv` plug in. [`generate`] decodes greedily; [`embedded`] ships a tiny
+//! checkpoint for offline demos.
+
+pub mod cache;
+pub mod embedded;
+pub mod error;
+pub mod generate;
+pub mod llama;
+
+pub use cache::{KvCache, MaskLayout};
+pub use error::{ModelError, Result};
+pub use generate::{Generation, GreedyOptions, greedy};
+pub use llama::{Llama, LlamaConfig, ModelFamily};

@@ -1,0 +1,8 @@
+//! Llama-family decoder: Llama, Mistral (sliding window) and Qwen2 (q/k/v bias).
+
+pub mod config;
+mod model;
+pub mod rope;
+
+pub use config::{LlamaConfig, ModelFamily, Rope, RopeParameters, TokenIds};
+pub use model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm, default_position_ids};

@@ -1,0 +1,447 @@
+//! The Llama-family network and its checkpoint loader.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use cachet_tensor::{Checkpoint, Precision, ensure_supported};
+
+use super::config::LlamaConfig;
+use super::rope::{RotaryEmbedding, apply_rotary};
+use crate::cache::{KvCache, MaskLayout};
+use crate::error::{ModelError, Result};
+
+/// Root-mean-square layer norm, computed in f32 as transformers does.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// Per-channel scale.
+    pub weight: Param<Tensor<1>>,
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// `weight * x / sqrt(mean(x²) + eps)`, in f32, cast back to the input dtype.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let variance = x.clone().square().mean_dim(D - 1);
+        let normed = (x * variance.add_scalar(self.eps).sqrt().recip()).cast(dtype);
+        let width = self.weight.dims()[0];
+        let mut shape = [1; D];
+        shape[D - 1] = width;
+        normed * self.weight.val().reshape(shape)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// Applies the MLP.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// Grouped-query self-attention with RoPE and an optional KV cache.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Sliding window of this layer, if any.
+    pub sliding_window: Option<usize>,
+    /// Index of this layer (for the cache).
+    pub layer: usize,
+}
+
+/// What every layer of one forward shares: RoPE tables, positions and the padding mask.
+struct ForwardContext {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    cache_position: Vec<usize>,
+    attention_mask: Option<Tensor<2, Int>>,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &ForwardContext,
+        cache: Option<&mut dyn KvCache>,
+    ) -> Result<Tensor<3>> {
+        let [batch, seq, _] = x.dims();
+        let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let split = |t: Tensor<3>, h: usize| t.reshape([batch, seq, h, dim]).swap_dims(1, 2);
+        let q = split(self.q_proj.forward(x.clone()), heads);
+        let k = split(self.k_proj.forward(x.clone()), kv_heads);
+        let v = split(self.v_proj.forward(x), kv_heads);
+        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
+        let k = apply_rotary(k, &ctx.cos, &ctx.sin);
+
+        let (k, v, layout) = match cache {
+            Some(cache) => cache
+                .update(self.layer, k, v, &ctx.cache_position)
+                .map_err(ModelError::Cache)?,
+            None => {
+                let layout = MaskLayout {
+                    kv_length: seq,
+                    kv_offset: ctx.cache_position[0],
+                    valid_length: seq,
+                };
+                (k, v, layout)
+            }
+        };
+        let kv_len = k.dims()[2];
+        if kv_len != layout.kv_length {
+            return Err(ModelError::Input(format!(
+                "cache returned {kv_len} keys but a mask layout of {}",
+                layout.kv_length
+            )));
+        }
+
+        // Grouped-query attention without copying keys: fold the query heads that share a kv
+        // head into the query rows, [b, kv, rep * seq, d] against [b, kv, kv_len, d].
+        let rep = heads / kv_heads;
+        let q = q.reshape([batch, kv_heads, rep * seq, dim]);
+        let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
+        let scores = scores.mul_scalar(1.0 / (dim as f64).sqrt());
+        let mask = attention_mask(ctx, layout, self.sliding_window, batch, &scores.device())?;
+        let mask = mask.repeat_dim(2, rep);
+        let scores = scores.mask_fill(mask, f32::MIN);
+        let probs = softmax(scores, 3).cast(v.dtype());
+        let out = probs.matmul(v).reshape([batch, heads, seq, dim]);
+        let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
+        Ok(self.o_proj.forward(out))
+    }
+}
+
+/// `[batch, 1, seq, kv_len]`, true where a query must not see a key: future keys, keys outside
+/// the sliding window, unused cache slots and padding.
+fn attention_mask(
+    ctx: &ForwardContext,
+    layout: MaskLayout,
+    window: Option<usize>,
+    batch: usize,
+    device: &Device,
+) -> Result<Tensor<4, Bool>> {
+    let seq = ctx.cache_position.len();
+    let kv_len = layout.kv_length;
+    let mut blocked = Vec::with_capacity(seq * kv_len);
+    for &query in &ctx.cache_position {
+        for j in 0..kv_len {
+            let key = layout.kv_offset + j;
+            let outside_window = window.is_some_and(|w| query >= key + w);
+            blocked.push(key > query || outside_window || j >= layout.valid_length);
+        }
+    }
+    let structural = Tensor::<2, Bool>::from_data(TensorData::new(blocked, [seq, kv_len]), device)
+        .reshape([1, 1, seq, kv_len]);
+    let Some(padding) = &ctx.attention_mask else {
+        return Ok(structural.repeat_dim(0, batch));
+    };
+    let [mask_batch, mask_len] = padding.dims();
+    if mask_batch != batch {
+        return Err(ModelError::Input(format!(
+            "attention_mask has batch {mask_batch}, input_ids {batch}"
+        )));
+    }
+    let end = layout.kv_offset + kv_len;
+    if mask_len < layout.kv_offset + layout.valid_length.min(kv_len) {
+        return Err(ModelError::Input(format!(
+            "attention_mask covers {mask_len} positions, but keys reach position {}",
+            layout.kv_offset + layout.valid_length.min(kv_len)
+        )));
+    }
+    let covered = end.min(mask_len);
+    let mut pad = padding
+        .clone()
+        .slice([0..batch, layout.kv_offset..covered])
+        .equal_elem(0);
+    if covered < end {
+        let tail = Tensor::<2, Bool>::from_data(
+            TensorData::new(vec![false; batch * (end - covered)], [batch, end - covered]),
+            device,
+        );
+        pad = Tensor::cat(vec![pad, tail], 1);
+    }
+    let pad = pad.reshape([batch, 1, 1, kv_len]);
+    Ok(structural.repeat_dim(0, batch).bool_or(pad.repeat_dim(2, seq)))
+}
+
+/// One pre-norm decoder layer: attention and MLP, each with a residual.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Self-attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// Feed-forward.
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &ForwardContext,
+        cache: Option<&mut dyn KvCache>,
+    ) -> Result<Tensor<3>> {
+        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), ctx, cache)?;
+        let x = x + h;
+        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        Ok(x + h)
+    }
+}
+
+/// A Llama-family causal language model (`*ForCausalLM`).
+#[derive(Module, Debug)]
+pub struct Llama {
+    /// Token embeddings.
+    pub embed_tokens: Embedding,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// Output projection; `None` when tied to the embeddings.
+    pub lm_head: Option<Linear>,
+    /// RoPE frequencies.
+    #[module(skip)]
+    pub rotary: RotaryEmbedding,
+    /// The parsed config.
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+impl Llama {
+    /// Loads a Hugging Face checkpoint directory (`config.json` + safetensors, single or sharded)
+    /// onto `device` in `precision`.
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device, precision: Precision) -> Result<Self> {
+        let dir = dir.as_ref();
+        let _span = tracing::info_span!("load_model", dir = %dir.display()).entered();
+        let config = LlamaConfig::from_file(dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        Self::load(config, &checkpoint, device, precision)
+    }
+
+    /// Builds the model from a parsed config and an opened checkpoint.
+    pub fn load(
+        config: LlamaConfig,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
+        ensure_supported(device, precision)?;
+        let loader = Loader {
+            checkpoint,
+            device,
+            dtype: precision.dtype(),
+        };
+        let (hidden, heads, kv_heads, head_dim) = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.kv_heads(),
+            config.head_dim(),
+        );
+        let inter = config.intermediate_size;
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: Param::from_tensor(loader.tensor::<1>(&format!("{name}.weight"), [hidden])?),
+                eps: config.rms_norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qkv_bias = config.qkv_bias();
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+                self_attn: Attention {
+                    q_proj: loader.linear(&format!("{p}.self_attn.q_proj"), hidden, heads * head_dim, qkv_bias)?,
+                    k_proj: loader.linear(&format!("{p}.self_attn.k_proj"), hidden, kv_heads * head_dim, qkv_bias)?,
+                    v_proj: loader.linear(&format!("{p}.self_attn.v_proj"), hidden, kv_heads * head_dim, qkv_bias)?,
+                    o_proj: loader.linear(&format!("{p}.self_attn.o_proj"), heads * head_dim, hidden, config.o_bias())?,
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    head_dim,
+                    sliding_window: config.sliding_window_for(i),
+                    layer: i,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate_proj: loader.linear(&format!("{p}.mlp.gate_proj"), hidden, inter, config.mlp_bias)?,
+                    up_proj: loader.linear(&format!("{p}.mlp.up_proj"), hidden, inter, config.mlp_bias)?,
+                    down_proj: loader.linear(&format!("{p}.mlp.down_proj"), inter, hidden, config.mlp_bias)?,
+                },
+            });
+        }
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(
+                loader.tensor::<2>("model.embed_tokens.weight", [config.vocab_size, hidden])?,
+            ),
+        };
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(loader.linear("lm_head", hidden, config.vocab_size, false)?)
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: norm("model.norm")?,
+            lm_head,
+            rotary: RotaryEmbedding::new(config.rope()?, head_dim, device),
+            config,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.device()
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) for `input_ids` `[batch, seq]` without a cache.
+    ///
+    /// `attention_mask` `[batch, seq]` has 1 for real tokens and 0 for padding; `position_ids`
+    /// default to [`default_position_ids`] of the mask (0, 1, 2... after left padding).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        position_ids: Option<Tensor<2, Int>>,
+    ) -> Result<Tensor<3>> {
+        self.forward_with_cache(input_ids, attention_mask, position_ids, None)
+    }
+
+    /// Forward through a KV cache: `input_ids` are the new tokens only, `attention_mask` covers
+    /// past and new tokens `[batch, past + seq]`, and `position_ids` default to the next
+    /// positions of the mask.
+    pub fn forward_with_cache(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        position_ids: Option<Tensor<2, Int>>,
+        mut cache: Option<&mut dyn KvCache>,
+    ) -> Result<Tensor<3>> {
+        let [batch, seq] = input_ids.dims();
+        if seq == 0 {
+            return Err(ModelError::Input("input_ids has no tokens".into()));
+        }
+        let past = cache.as_ref().map_or(0, |c| c.seq_length(0));
+        let _span = tracing::debug_span!("llama_forward", batch, seq, past).entered();
+        if let Some(mask) = &attention_mask
+            && mask.dims()[1] != past + seq
+        {
+            return Err(ModelError::Input(format!(
+                "attention_mask has {} positions, expected past ({past}) + new tokens ({seq})",
+                mask.dims()[1]
+            )));
+        }
+        let position_ids = match position_ids {
+            Some(ids) if ids.dims() != [batch, seq] => {
+                return Err(ModelError::Input(format!(
+                    "position_ids have shape {:?}, input_ids {:?}",
+                    ids.dims(),
+                    [batch, seq]
+                )));
+            }
+            Some(ids) => ids,
+            None => match &attention_mask {
+                Some(mask) => {
+                    default_position_ids(mask.clone()).slice([0..batch, past..past + seq])
+                }
+                None => Tensor::<1, Int>::arange(past as i64..(past + seq) as i64, &self.device())
+                    .reshape([1, seq])
+                    .repeat_dim(0, batch),
+            },
+        };
+        let (cos, sin) = self.rotary.cos_sin(position_ids);
+        let ctx = ForwardContext {
+            cos,
+            sin,
+            cache_position: (past..past + seq).collect(),
+            attention_mask,
+        };
+        let mut x = self.embed_tokens.forward(input_ids);
+        for layer in &self.layers {
+            let cache = cache.as_mut().map(|c| &mut **c as &mut dyn KvCache);
+            x = layer.forward(x, &ctx, cache)?;
+        }
+        let x = self.norm.forward(x);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.embed_tokens.weight.val().transpose().unsqueeze::<3>()),
+        };
+        Ok(logits.cast(DType::F32))
+    }
+}
+
+/// Position ids from an attention mask, as generate computes them: `cumsum(mask) - 1`, with
+/// padding positions set to 1 (transformers' convention; they are masked anyway).
+pub fn default_position_ids(attention_mask: Tensor<2, Int>) -> Tensor<2, Int> {
+    let positions = attention_mask.clone().cumsum(1).sub_scalar(1);
+    positions.mask_fill(attention_mask.equal_elem(0), 1)
+}
+
+/// Loads named tensors with shape checks.
+struct Loader<'a> {
+    checkpoint: &'a Checkpoint,
+    device: &'a Device,
+    dtype: DType,
+}
+
+impl Loader<'_> {
+    fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let info = self.checkpoint.info(name).ok_or_else(|| ModelError::MissingWeight {
+            name: name.to_string(),
+            module: name.rsplit_once('.').map_or(name, |(m, _)| m).to_string(),
+        })?;
+        if info.shape != shape {
+            return Err(ModelError::WeightShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: info.shape.clone(),
+            });
+        }
+        Ok(self.checkpoint.load_float::<D>(name, self.device, self.dtype)?)
+    }
+
+    /// A linear layer from HF's `[out, in]` weight, stored as burn's `[in, out]`.
+    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
+        let weight = self.tensor::<2>(&format!("{prefix}.weight"), [d_out, d_in])?;
+        let bias = if bias {
+            Some(Param::from_tensor(self.tensor::<1>(&format!("{prefix}.bias"), [d_out])?))
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight.transpose()),
+            bias,
+        })
+    }
+}

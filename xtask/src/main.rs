@@ -1,0 +1,785 @@
+//! Workspace automation for cachet: `cargo xtask <command>` (see `cargo xtask --help`).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Workspace automation for cachet",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the CI checks in order, stopping at the first failure: fmt, clippy, tests, docs,
+    /// examples.
+    Ci {
+        /// Also run the integration tests on the wgpu backend (they skip, with a printed
+        /// message, where no adapter exists).
+        #[arg(long)]
+        wgpu: bool,
+        /// Skip the documentation and examples builds.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Regenerate the golden fixtures (tests/fixtures/, crates/cachet-models/assets/) with the
+    /// Python scripts xtask/goldens/*.py. CI never runs this: the outputs are committed.
+    ///
+    /// Creates a virtual environment with `python3 -m venv` and installs the pinned
+    /// xtask/goldens/requirements.txt into it when it is missing or its requirements changed,
+    /// then runs every script from the workspace root. Needs PyPI access the first time;
+    /// torch on CPU is enough. Nothing is downloaded from the Hugging Face Hub.
+    Goldens {
+        /// Virtual environment to use or create [env: CACHET_GOLDENS_VENV; default:
+        /// target/goldens-venv].
+        #[arg(long, value_name = "PATH")]
+        venv: Option<PathBuf>,
+    },
+    /// Run the criterion benchmarks (`cargo bench --workspace`) and print a summary table
+    /// (mean, std-dev, and the ratio to a `reference`/`baseline` benchmark of the same group).
+    Bench {
+        /// Only run benchmarks whose id matches this criterion filter (a regex).
+        #[arg(long, value_name = "NAME")]
+        filter: Option<String>,
+        /// Do not run anything; print the table of the results already in target/criterion.
+        #[arg(long)]
+        no_run: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Cmd::Ci { wgpu, quick } => ci(&root, wgpu, quick),
+        Cmd::Goldens { venv } => goldens(&root, venv),
+        Cmd::Bench { filter, no_run } => bench(&root, filter.as_deref(), no_run),
+    }
+}
+
+/// The workspace root: the parent of this crate's manifest directory.
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+/// Renders a command line for display.
+fn display(cmd: &Command) -> String {
+    let mut s = String::new();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            let _ = write!(s, "{}={:?} ", key.to_string_lossy(), value);
+        }
+    }
+    s.push_str(&cmd.get_program().to_string_lossy());
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+/// Runs `cmd`, inheriting stdio; fails unless it exits successfully.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = display(cmd);
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        format!("{}m{:04.1}s", (secs / 60.0).floor(), secs % 60.0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ci
+// ---------------------------------------------------------------------------------------------
+
+struct Step {
+    name: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+}
+
+fn ci(root: &Path, wgpu: bool, quick: bool) -> Result<()> {
+    let mut steps = vec![
+        Step {
+            name: "fmt",
+            args: &["fmt", "--all", "--", "--check"],
+            env: &[],
+        },
+        Step {
+            name: "clippy",
+            args: &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            env: &[],
+        },
+        Step {
+            name: "test",
+            args: &["test", "--workspace"],
+            env: &[],
+        },
+    ];
+    if wgpu {
+        steps.push(Step {
+            name: "test (wgpu)",
+            args: &[
+                "test",
+                "-p",
+                "cachet-integration-tests",
+                "--no-default-features",
+                "--features",
+                "wgpu",
+            ],
+            env: &[],
+        });
+    }
+    if !quick {
+        steps.push(Step {
+            name: "doc",
+            args: &["doc", "--workspace", "--no-deps"],
+            env: &[("RUSTDOCFLAGS", "-D warnings")],
+        });
+        steps.push(Step {
+            name: "examples",
+            args: &["build", "--workspace", "--examples"],
+            env: &[],
+        });
+    }
+
+    let start = Instant::now();
+    let total = steps.len();
+    let mut timings = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let mut cmd = Command::new(cargo());
+        cmd.current_dir(root).args(step.args);
+        for (key, value) in step.env {
+            cmd.env(key, value);
+        }
+        println!("\n==> [{}/{total}] {}: {}", i + 1, step.name, display(&cmd));
+        let step_start = Instant::now();
+        let result = run(&mut cmd);
+        let took = step_start.elapsed();
+        if let Err(err) = result {
+            println!(
+                "\nci: step `{}` FAILED after {} (total {})",
+                step.name,
+                fmt_duration(took),
+                fmt_duration(start.elapsed())
+            );
+            return Err(err.context(format!("ci step `{}` failed", step.name)));
+        }
+        timings.push((step.name, took));
+    }
+    println!("\nci: all {total} steps passed");
+    for (name, took) in &timings {
+        println!("  {name:<12} {:>10}", fmt_duration(*took));
+    }
+    println!("  {:<12} {:>10}", "total", fmt_duration(start.elapsed()));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// goldens
+// ---------------------------------------------------------------------------------------------
+
+const REQUIREMENTS: &str = "xtask/goldens/requirements.txt";
+/// Written into the venv after a successful install: a copy of the requirements it satisfies.
+const STAMP: &str = ".cachet-goldens-requirements";
+
+fn venv_python(venv: &Path) -> PathBuf {
+    if cfg!(windows) {
+        venv.join("Scripts").join("python.exe")
+    } else {
+        venv.join("bin").join("python")
+    }
+}
+
+fn goldens(root: &Path, venv: Option<PathBuf>) -> Result<()> {
+    let venv = venv
+        .or_else(|| std::env::var_os("CACHET_GOLDENS_VENV").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("target/goldens-venv"));
+    let venv = if venv.is_absolute() {
+        venv
+    } else {
+        root.join(venv)
+    };
+    let requirements = root.join(REQUIREMENTS);
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let python = venv_python(&venv);
+
+    if !python.exists() {
+        println!("==> creating virtual environment {}", venv.display());
+        run(Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .current_dir(root))?;
+    }
+    let stamp = venv.join(STAMP);
+    let installed = std::fs::read_to_string(&stamp).ok();
+    if installed.as_deref() != Some(wanted.as_str()) {
+        println!("==> installing {REQUIREMENTS} into {}", venv.display());
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "-r"])
+            .arg(&requirements)
+            .current_dir(root))?;
+        std::fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    } else {
+        println!("==> using virtual environment {}", venv.display());
+    }
+
+    let dir = root.join("xtask/goldens");
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "py"))
+        .collect();
+    scripts.sort();
+    if scripts.is_empty() {
+        bail!("no scripts in {}", dir.display());
+    }
+    let start = Instant::now();
+    for script in &scripts {
+        let rel = script.strip_prefix(root).unwrap_or(script);
+        println!("\n==> {}", rel.display());
+        run(Command::new(&python)
+            .arg(rel)
+            .current_dir(root)
+            .env("PYTHONHASHSEED", "0"))?;
+    }
+    println!(
+        "\ngoldens: {} script(s) done in {}; review and commit the changed fixtures",
+        scripts.len(),
+        fmt_duration(start.elapsed())
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench
+// ---------------------------------------------------------------------------------------------
+
+fn bench(root: &Path, filter: Option<&str>, no_run: bool) -> Result<()> {
+    let started = SystemTime::now();
+    if !no_run {
+        let mut cmd = Command::new(cargo());
+        // `--bench '*'` selects only the bench targets: the libtest harness of lib/bin targets
+        // would reject criterion's `--noplot`.
+        cmd.current_dir(root)
+            .args(["bench", "--workspace", "--bench", "*", "--", "--noplot"]);
+        if let Some(filter) = filter {
+            cmd.arg(filter);
+        }
+        println!("==> {}", display(&cmd));
+        let status = cmd
+            .status()
+            .with_context(|| format!("could not start `{}`", display(&cmd)))?;
+        if !status.success() {
+            if !has_bench_targets(root) {
+                println!("\nbench: the workspace has no benchmark targets yet; nothing to report");
+                return Ok(());
+            }
+            bail!("`{}` failed ({status})", display(&cmd));
+        }
+    }
+
+    let criterion = target_dir(root).join("criterion");
+    let mut results = Vec::new();
+    let mut stale = 0usize;
+    collect_results(&criterion, &mut results)?;
+    results.retain(|r| {
+        // After a run, criterion has just rewritten exactly the selected benchmarks; with
+        // `--no-run` the filter is applied here, as a substring of the id.
+        let fresh = no_run || r.modified.is_some_and(|m| m >= started);
+        let selected = !no_run || filter.is_none_or(|f| r.id.contains(f));
+        if !fresh {
+            stale += 1;
+        }
+        fresh && selected
+    });
+    if results.is_empty() {
+        println!(
+            "\nbench: no criterion results found under {}{}",
+            criterion.display(),
+            if no_run {
+                ""
+            } else {
+                " from this run (no benchmarks yet, or none matched the filter)"
+            }
+        );
+        return Ok(());
+    }
+    print_table(&results);
+    if stale > 0 {
+        println!("({stale} older result(s) not from this run left out; see --no-run)");
+    }
+    Ok(())
+}
+
+/// Whether any workspace member has a criterion bench target (a `benches/*.rs` file or a
+/// `[[bench]]` section).
+fn has_bench_targets(root: &Path) -> bool {
+    let mut manifests = vec![root.join("benches/Cargo.toml")];
+    for dir in ["crates", "."] {
+        if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
+            manifests.extend(
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path().join("Cargo.toml")),
+            );
+        }
+    }
+    manifests.iter().any(|manifest| {
+        let Some(dir) = manifest.parent() else {
+            return false;
+        };
+        let declared = std::fs::read_to_string(manifest).is_ok_and(|m| m.contains("[[bench]]"));
+        let files = std::fs::read_dir(dir.join("benches")).is_ok_and(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .any(|e| e.path().extension().is_some_and(|x| x == "rs") || e.path().is_dir())
+        });
+        declared || files
+    })
+}
+
+struct BenchResult {
+    /// Criterion's full id, e.g. `attention/fused/128`.
+    id: String,
+    group: String,
+    function: Option<String>,
+    value: Option<String>,
+    mean_ns: f64,
+    std_dev_ns: f64,
+    modified: Option<SystemTime>,
+}
+
+/// Walks `dir` for `**/new/estimates.json` (criterion's latest results).
+fn collect_results(dir: &Path, out: &mut Vec<BenchResult>) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        if path.file_name().is_some_and(|n| n == "new") {
+            if let Some(result) = read_result(&path)
+                .with_context(|| format!("reading criterion results in {}", path.display()))?
+            {
+                out.push(result);
+            }
+        } else if path.file_name().is_none_or(|n| n != "report") {
+            collect_results(&path, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn read_result(new_dir: &Path) -> Result<Option<BenchResult>> {
+    let estimates_path = new_dir.join("estimates.json");
+    let Ok(text) = std::fs::read_to_string(&estimates_path) else {
+        return Ok(None);
+    };
+    let estimates = json::parse(&text)?;
+    let point = |key: &str| {
+        estimates
+            .get(key)
+            .and_then(|e| e.get("point_estimate"))
+            .and_then(json::Value::as_f64)
+    };
+    let (Some(mean_ns), Some(std_dev_ns)) = (point("mean"), point("std_dev")) else {
+        bail!("{} lacks mean/std_dev", estimates_path.display());
+    };
+    let modified = std::fs::metadata(&estimates_path)
+        .and_then(|m| m.modified())
+        .ok();
+
+    // benchmark.json carries the ids; fall back to the directory names.
+    let meta = std::fs::read_to_string(new_dir.join("benchmark.json"))
+        .ok()
+        .and_then(|t| json::parse(&t).ok());
+    let text_field = |key: &str| {
+        meta.as_ref()
+            .and_then(|m| m.get(key))
+            .and_then(json::Value::as_str)
+            .map(str::to_owned)
+    };
+    let dir_id = new_dir
+        .parent()
+        .and_then(|p| {
+            p.strip_prefix(new_dir.ancestors().find(|a| a.ends_with("criterion"))?)
+                .ok()
+        })
+        .map(|p| p.to_string_lossy().replace('\\', "/"))
+        .unwrap_or_default();
+    let id = text_field("full_id").unwrap_or_else(|| dir_id.clone());
+    let group = text_field("group_id")
+        .unwrap_or_else(|| dir_id.split('/').next().unwrap_or_default().to_owned());
+    Ok(Some(BenchResult {
+        id,
+        group,
+        function: text_field("function_id"),
+        value: text_field("value_str"),
+        mean_ns,
+        std_dev_ns,
+        modified,
+    }))
+}
+
+fn fmt_time(ns: f64) -> String {
+    let (value, unit) = if ns < 1e3 {
+        (ns, "ns")
+    } else if ns < 1e6 {
+        (ns / 1e3, "µs")
+    } else if ns < 1e9 {
+        (ns / 1e6, "ms")
+    } else {
+        (ns / 1e9, "s")
+    };
+    format!("{value:.3} {unit}")
+}
+
+fn is_reference(function: Option<&str>) -> bool {
+    matches!(function, Some("reference" | "baseline"))
+}
+
+fn print_table(results: &[BenchResult]) {
+    let mut sorted: Vec<&BenchResult> = results.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    // (group, parameter) -> mean of its reference/baseline benchmark.
+    let mut references: BTreeMap<(&str, Option<&str>), f64> = BTreeMap::new();
+    for r in &sorted {
+        if is_reference(r.function.as_deref()) {
+            references
+                .entry((r.group.as_str(), r.value.as_deref()))
+                .or_insert(r.mean_ns);
+        }
+    }
+    let rows: Vec<[String; 4]> = sorted
+        .iter()
+        .map(|r| {
+            let ratio = if is_reference(r.function.as_deref()) {
+                "1.00x (ref)".to_owned()
+            } else {
+                references
+                    .get(&(r.group.as_str(), r.value.as_deref()))
+                    .map(|reference| format!("{:.2}x", r.mean_ns / reference))
+                    .unwrap_or_default()
+            };
+            [
+                r.id.clone(),
+                fmt_time(r.mean_ns),
+                fmt_time(r.std_dev_ns),
+                ratio,
+            ]
+        })
+        .collect();
+    let header = ["benchmark", "mean", "std-dev", "vs reference"];
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String; 4]| {
+        let mut s = format!("{:<w$}", cells[0], w = widths[0]);
+        for (cell, w) in cells.iter().zip(widths).skip(1) {
+            let pad = w.saturating_sub(cell.chars().count());
+            s.push_str("  ");
+            s.push_str(&" ".repeat(pad));
+            s.push_str(cell);
+        }
+        s
+    };
+    println!();
+    println!("{}", line(&header.map(str::to_owned)));
+    println!(
+        "{}",
+        "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
+    );
+    for row in &rows {
+        println!("{}", line(row));
+    }
+    println!(
+        "\nratio = mean / mean of the `reference` or `baseline` benchmark of the same group (and \
+         parameter); < 1 is faster"
+    );
+}
+
+/// A minimal JSON reader, enough for criterion's result files.
+mod json {
+    use anyhow::{Result, bail};
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Value {
+        Null,
+        Bool(bool),
+        Number(f64),
+        String(String),
+        Array(Vec<Value>),
+        Object(Vec<(String, Value)>),
+    }
+
+    impl Value {
+        pub fn get(&self, key: &str) -> Option<&Value> {
+            match self {
+                Value::Object(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+                _ => None,
+            }
+        }
+
+        pub fn as_f64(&self) -> Option<f64> {
+            match self {
+                Value::Number(n) => Some(*n),
+                _ => None,
+            }
+        }
+
+        pub fn as_str(&self) -> Option<&str> {
+            match self {
+                Value::String(s) => Some(s),
+                _ => None,
+            }
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Value> {
+        let mut parser = Parser {
+            bytes: text.as_bytes(),
+            pos: 0,
+        };
+        let value = parser.value()?;
+        parser.skip_ws();
+        if parser.pos != parser.bytes.len() {
+            bail!("trailing characters at byte {}", parser.pos);
+        }
+        Ok(value)
+    }
+
+    struct Parser<'a> {
+        bytes: &'a [u8],
+        pos: usize,
+    }
+
+    impl Parser<'_> {
+        fn skip_ws(&mut self) {
+            while self
+                .bytes
+                .get(self.pos)
+                .is_some_and(|b| b.is_ascii_whitespace())
+            {
+                self.pos += 1;
+            }
+        }
+
+        fn expect(&mut self, literal: &str) -> Result<()> {
+            if self.bytes[self.pos..].starts_with(literal.as_bytes()) {
+                self.pos += literal.len();
+                Ok(())
+            } else {
+                bail!("expected `{literal}` at byte {}", self.pos)
+            }
+        }
+
+        fn value(&mut self) -> Result<Value> {
+            self.skip_ws();
+            match self.bytes.get(self.pos) {
+                None => bail!("unexpected end of JSON"),
+                Some(b'n') => self.expect("null").map(|_| Value::Null),
+                Some(b't') => self.expect("true").map(|_| Value::Bool(true)),
+                Some(b'f') => self.expect("false").map(|_| Value::Bool(false)),
+                Some(b'"') => self.string().map(Value::String),
+                Some(b'[') => {
+                    self.pos += 1;
+                    let mut items = Vec::new();
+                    self.skip_ws();
+                    if self.bytes.get(self.pos) == Some(&b']') {
+                        self.pos += 1;
+                        return Ok(Value::Array(items));
+                    }
+                    loop {
+                        items.push(self.value()?);
+                        self.skip_ws();
+                        match self.bytes.get(self.pos) {
+                            Some(b',') => self.pos += 1,
+                            Some(b']') => {
+                                self.pos += 1;
+                                return Ok(Value::Array(items));
+                            }
+                            _ => bail!("expected `,` or `]` at byte {}", self.pos),
+                        }
+                    }
+                }
+                Some(b'{') => {
+                    self.pos += 1;
+                    let mut fields = Vec::new();
+                    self.skip_ws();
+                    if self.bytes.get(self.pos) == Some(&b'}') {
+                        self.pos += 1;
+                        return Ok(Value::Object(fields));
+                    }
+                    loop {
+                        self.skip_ws();
+                        let key = self.string()?;
+                        self.skip_ws();
+                        self.expect(":")?;
+                        fields.push((key, self.value()?));
+                        self.skip_ws();
+                        match self.bytes.get(self.pos) {
+                            Some(b',') => self.pos += 1,
+                            Some(b'}') => {
+                                self.pos += 1;
+                                return Ok(Value::Object(fields));
+                            }
+                            _ => bail!("expected `,` or `}}` at byte {}", self.pos),
+                        }
+                    }
+                }
+                Some(_) => self.number(),
+            }
+        }
+
+        fn number(&mut self) -> Result<Value> {
+            let start = self.pos;
+            while self
+                .bytes
+                .get(self.pos)
+                .is_some_and(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+            {
+                self.pos += 1;
+            }
+            let text = std::str::from_utf8(&self.bytes[start..self.pos])?;
+            match text.parse::<f64>() {
+                Ok(n) if !text.is_empty() => Ok(Value::Number(n)),
+                _ => bail!("invalid number `{text}` at byte {start}"),
+            }
+        }
+
+        fn string(&mut self) -> Result<String> {
+            self.expect("\"")?;
+            let mut out = String::new();
+            loop {
+                let start = self.pos;
+                while self
+                    .bytes
+                    .get(self.pos)
+                    .is_some_and(|b| *b != b'"' && *b != b'\\')
+                {
+                    self.pos += 1;
+                }
+                out.push_str(std::str::from_utf8(&self.bytes[start..self.pos])?);
+                match self.bytes.get(self.pos) {
+                    None => bail!("unterminated string"),
+                    Some(b'"') => {
+                        self.pos += 1;
+                        return Ok(out);
+                    }
+                    Some(_) => {
+                        let Some(&escape) = self.bytes.get(self.pos + 1) else {
+                            bail!("unterminated escape");
+                        };
+                        self.pos += 2;
+                        match escape {
+                            b'"' => out.push('"'),
+                            b'\\' => out.push('\\'),
+                            b'/' => out.push('/'),
+                            b'b' => out.push('\u{8}'),
+                            b'f' => out.push('\u{c}'),
+                            b'n' => out.push('\n'),
+                            b'r' => out.push('\r'),
+                            b't' => out.push('\t'),
+                            b'u' => {
+                                let mut code = self.hex4()?;
+                                if (0xD800..0xDC00).contains(&code) {
+                                    self.expect("\\u")?;
+                                    let low = self.hex4()?;
+                                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                                }
+                                out.push(char::from_u32(code).unwrap_or('\u{FFFD}'));
+                            }
+                            other => bail!("invalid escape `\\{}`", other as char),
+                        }
+                    }
+                }
+            }
+        }
+
+        fn hex4(&mut self) -> Result<u32> {
+            let Some(digits) = self.bytes.get(self.pos..self.pos + 4) else {
+                bail!("truncated \\u escape");
+            };
+            let code = u32::from_str_radix(std::str::from_utf8(digits)?, 16)?;
+            self.pos += 4;
+            Ok(code)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn parses_criterion_files() {
+            let v = parse(
+                r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.5e3,
+                "upper_bound":1600.0},"point_estimate":1550.25,"standard_error":3.1},
+                "slope":null,"id":"a\/b \u00b5\"x\"","list":[1,-2.5E-1,true,false,[]]}"#,
+            )
+            .unwrap();
+            let mean = v.get("mean").unwrap();
+            assert_eq!(
+                mean.get("point_estimate").and_then(Value::as_f64),
+                Some(1550.25)
+            );
+            assert_eq!(v.get("slope"), Some(&Value::Null));
+            assert_eq!(v.get("id").and_then(Value::as_str), Some("a/b µ\"x\""));
+            assert!(parse("{\"a\":1,}").is_err());
+            assert!(parse("[1 2]").is_err());
+        }
+    }
+}
