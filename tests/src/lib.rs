@@ -9,9 +9,16 @@ use cachet_tensor::{Device, DeviceSpec};
 /// machine without a GPU adapter skips the wgpu pass loudly instead of failing or passing silently.
 pub fn test_device() -> Option<Device> {
     let spec = std::env::var("CACHET_TEST_DEVICE").unwrap_or_else(|_| {
-        if cfg!(feature = "wgpu") { "wgpu" } else { "cpu" }.to_string()
+        if cfg!(feature = "wgpu") {
+            "wgpu"
+        } else {
+            "cpu"
+        }
+        .to_string()
     });
-    let spec: DeviceSpec = spec.parse().expect("CACHET_TEST_DEVICE must be a device string");
+    let spec: DeviceSpec = spec
+        .parse()
+        .expect("CACHET_TEST_DEVICE must be a device string");
     match spec.init() {
         Ok(device) => Some(device),
         Err(err) => {
@@ -23,11 +30,16 @@ pub fn test_device() -> Option<Device> {
 
 /// Path of a committed fixture under `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "compared slices differ in length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

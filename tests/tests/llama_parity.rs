@@ -18,11 +18,17 @@ impl Reference {
     }
     fn ints(&self, name: &str) -> Vec<i64> {
         let data = self.0.tensor_data(name).unwrap();
-        data.try_cast(DType::I64).unwrap().try_into_vec::<i64>().unwrap()
+        data.try_cast(DType::I64)
+            .unwrap()
+            .try_into_vec::<i64>()
+            .unwrap()
     }
     fn floats(&self, name: &str) -> Vec<f32> {
         let data = self.0.tensor_data(name).unwrap();
-        data.try_cast(DType::F32).unwrap().try_into_vec::<f32>().unwrap()
+        data.try_cast(DType::F32)
+            .unwrap()
+            .try_into_vec::<f32>()
+            .unwrap()
     }
 }
 
@@ -78,13 +84,24 @@ fn check_model(name: &str) {
     for (pos, &keep) in mask.iter().enumerate() {
         if keep == 1 {
             let row = pos * vocab..(pos + 1) * vocab;
-            assert!(max_abs_diff(&derived[row.clone()], &ours[row]) <= 1e-5, "{name}: derived positions differ");
+            assert!(
+                max_abs_diff(&derived[row.clone()], &ours[row]) <= 1e-5,
+                "{name}: derived positions differ"
+            );
         }
     }
 
     // Case g: greedy decoding equals transformers' generate.
-    let prompt: Vec<u32> = reference.ints("g.prompt_ids").iter().map(|&t| t as u32).collect();
-    let want: Vec<u32> = reference.ints("g.tokens").iter().map(|&t| t as u32).collect();
+    let prompt: Vec<u32> = reference
+        .ints("g.prompt_ids")
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let want: Vec<u32> = reference
+        .ints("g.tokens")
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
     let options = GreedyOptions {
         max_new_tokens: want.len(),
         eos_token_ids: vec![],

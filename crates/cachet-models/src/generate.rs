@@ -50,7 +50,9 @@ pub fn greedy(
     mut cache: Option<&mut dyn KvCache>,
 ) -> Result<Generation> {
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-        return Err(ModelError::Input("every prompt needs at least one token".into()));
+        return Err(ModelError::Input(
+            "every prompt needs at least one token".into(),
+        ));
     }
     let vocab = model.config.vocab_size;
     if let Some(bad) = prompts.iter().flatten().find(|&&id| id as usize >= vocab) {
@@ -58,7 +60,12 @@ pub fn greedy(
             "prompt token {bad} is outside the vocabulary (size {vocab})"
         )));
     }
-    let _span = tracing::info_span!("generate", batch = prompts.len(), max_new_tokens = options.max_new_tokens).entered();
+    let _span = tracing::info_span!(
+        "generate",
+        batch = prompts.len(),
+        max_new_tokens = options.max_new_tokens
+    )
+    .entered();
     let device = model.device();
     let batch = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -67,13 +74,24 @@ pub fn greedy(
     let mut mask: Vec<Vec<i64>> = Vec::with_capacity(batch);
     for prompt in prompts {
         let pad = width - prompt.len();
-        ids.push(std::iter::repeat_n(options.pad_token_id as i64, pad).chain(prompt.iter().map(|&t| t as i64)).collect());
-        mask.push(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, prompt.len())).collect());
+        ids.push(
+            std::iter::repeat_n(options.pad_token_id as i64, pad)
+                .chain(prompt.iter().map(|&t| t as i64))
+                .collect(),
+        );
+        mask.push(
+            std::iter::repeat_n(0, pad)
+                .chain(std::iter::repeat_n(1, prompt.len()))
+                .collect(),
+        );
     }
     let padded = mask.iter().any(|row| row.contains(&0));
     let to_tensor = |rows: &[Vec<i64>], from: usize| {
         let cols = rows[0].len() - from;
-        let flat: Vec<i64> = rows.iter().flat_map(|r| r[from..].iter().copied()).collect();
+        let flat: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| r[from..].iter().copied())
+            .collect();
         Tensor::<2, Int>::from_data(TensorData::new(flat, [rows.len(), cols]), &device)
     };
 
@@ -83,7 +101,11 @@ pub fn greedy(
     let mut done = vec![false; batch];
     let mut fed = 0; // tokens already in the cache
     for step in 0..options.max_new_tokens {
-        let input = if cache.is_some() { to_tensor(&ids, fed) } else { to_tensor(&ids, 0) };
+        let input = if cache.is_some() {
+            to_tensor(&ids, fed)
+        } else {
+            to_tensor(&ids, 0)
+        };
         let attention_mask = padded.then(|| to_tensor(&mask, 0));
         let logits = match cache.as_mut() {
             Some(c) => model.forward_with_cache(input, attention_mask, None, Some(&mut **c))?,
@@ -103,7 +125,11 @@ pub fn greedy(
             prefill = start.elapsed();
         }
         for (row, &token) in next.iter().enumerate() {
-            let token = if done[row] { options.pad_token_id as i64 } else { token };
+            let token = if done[row] {
+                options.pad_token_id as i64
+            } else {
+                token
+            };
             if !done[row] {
                 out[row].push(token as u32);
                 done[row] = options.eos_token_ids.contains(&(token as u32));

@@ -75,7 +75,9 @@ impl FromStr for DeviceSpec {
             ("wgpu" | "gpu", ["integrated", i]) => {
                 Ok(DeviceSpec::Wgpu(WgpuAdapter::Integrated(index(i)?)))
             }
-            ("wgpu" | "gpu", ["virtual", i]) => Ok(DeviceSpec::Wgpu(WgpuAdapter::Virtual(index(i)?))),
+            ("wgpu" | "gpu", ["virtual", i]) => {
+                Ok(DeviceSpec::Wgpu(WgpuAdapter::Virtual(index(i)?)))
+            }
             ("wgpu" | "gpu", ["discrete", i] | [i]) => {
                 Ok(DeviceSpec::Wgpu(WgpuAdapter::Discrete(index(i)?)))
             }
@@ -200,7 +202,10 @@ mod tests {
             ("auto", DeviceSpec::Auto),
             ("wgpu", DeviceSpec::Wgpu(WgpuAdapter::Default)),
             ("wgpu:1", DeviceSpec::Wgpu(WgpuAdapter::Discrete(1))),
-            ("wgpu:integrated:0", DeviceSpec::Wgpu(WgpuAdapter::Integrated(0))),
+            (
+                "wgpu:integrated:0",
+                DeviceSpec::Wgpu(WgpuAdapter::Integrated(0)),
+            ),
             ("wgpu:virtual:2", DeviceSpec::Wgpu(WgpuAdapter::Virtual(2))),
             ("wgpu:cpu", DeviceSpec::Wgpu(WgpuAdapter::Software)),
         ];
@@ -230,6 +235,9 @@ mod tests {
     #[test]
     fn wgpu_without_feature_is_a_typed_error() {
         let err = DeviceSpec::Wgpu(WgpuAdapter::Default).init().unwrap_err();
-        assert!(matches!(err, TensorError::BackendNotCompiled { backend: "wgpu" }));
+        assert!(matches!(
+            err,
+            TensorError::BackendNotCompiled { backend: "wgpu" }
+        ));
     }
 }

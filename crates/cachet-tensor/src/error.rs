@@ -10,7 +10,9 @@ pub type Result<T, E = TensorError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum TensorError {
     /// A device string did not parse.
-    #[error("invalid device {spec:?}: {reason} (expected cpu, flex, wgpu, wgpu:N, wgpu:integrated:N, wgpu:virtual:N, wgpu:cpu or auto)")]
+    #[error(
+        "invalid device {spec:?}: {reason} (expected cpu, flex, wgpu, wgpu:N, wgpu:integrated:N, wgpu:virtual:N, wgpu:cpu or auto)"
+    )]
     InvalidDevice {
         /// The string as given.
         spec: String,
@@ -18,7 +20,9 @@ pub enum TensorError {
         reason: String,
     },
     /// The requested backend was not compiled into this binary.
-    #[error("backend {backend} is not compiled in: rebuild with the cargo feature `{backend}` of cachet-tensor (or the `cachet` crate)")]
+    #[error(
+        "backend {backend} is not compiled in: rebuild with the cargo feature `{backend}` of cachet-tensor (or the `cachet` crate)"
+    )]
     BackendNotCompiled {
         /// Backend name (`flex`, `wgpu`).
         backend: &'static str,
@@ -44,7 +48,9 @@ pub enum TensorError {
         alt: &'static str,
     },
     /// A dtype name did not parse.
-    #[error("unknown dtype {0:?} (expected f32, f16 or bf16, or their torch names float32, float16, bfloat16)")]
+    #[error(
+        "unknown dtype {0:?} (expected f32, f16 or bf16, or their torch names float32, float16, bfloat16)"
+    )]
     UnknownDType(String),
     /// A host/device transfer failed.
     #[error("transfer of {what} failed: {reason}")]

@@ -93,7 +93,10 @@ mod tests {
         assert_eq!(b.memory_bytes(), 5 * 6 * 2);
         let pair = (a.clone(), Some(b.clone()));
         assert_eq!(pair.memory_bytes(), 96 + 60);
-        let layers = vec![(a.clone(), a), (b.clone(), b)];
+        let layers = vec![
+            (a.clone(), a),
+            (b.clone().reshape([5, 6, 1]), b.reshape([1, 5, 6])),
+        ];
         assert_eq!(layers.memory_bytes(), 2 * 96 + 2 * 60);
         assert_eq!(None::<Tensor<1>>.memory_bytes(), 0);
     }

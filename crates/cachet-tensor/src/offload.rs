@@ -23,10 +23,12 @@ pub struct HostTensor {
 impl HostTensor {
     /// Reads a tensor back from its device into host memory (waits for pending work on it).
     pub fn from_tensor<const D: usize, K: Basic>(tensor: Tensor<D, K>) -> Result<Self> {
-        let data = tensor.try_into_data().map_err(|err| TensorError::Transfer {
-            what: "tensor to host".into(),
-            reason: err.to_string(),
-        })?;
+        let data = tensor
+            .try_into_data()
+            .map_err(|err| TensorError::Transfer {
+                what: "tensor to host".into(),
+                reason: err.to_string(),
+            })?;
         Ok(Self::from_data(data))
     }
 
@@ -178,7 +180,12 @@ mod tests {
         assert_eq!(host.dtype(), DType::BF16);
         let back = host.to_device::<1>(&device);
         assert_eq!(back.dtype(), DType::BF16);
-        let values = back.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let values = back
+            .into_data()
+            .try_cast(DType::F32)
+            .unwrap()
+            .try_into_vec::<f32>()
+            .unwrap();
         assert_eq!(values, vec![0.5, 1.25, -3.0]);
     }
 

@@ -229,7 +229,9 @@ pub enum SafetensorsError {
         reason: String,
     },
     /// The index maps a tensor to a shard that does not contain it.
-    #[error("{index}: weight_map puts tensor {tensor:?} in shard {shard:?}, which does not contain it")]
+    #[error(
+        "{index}: weight_map puts tensor {tensor:?} in shard {shard:?}, which does not contain it"
+    )]
     TensorNotInShard {
         /// The index file.
         index: String,
@@ -274,6 +276,22 @@ pub enum SafetensorsError {
         /// Source dtype.
         from: String,
         /// Target dtype.
+        to: String,
+    },
+    /// An integer value does not fit the int dtype it is loaded as.
+    #[error(
+        "{file}: tensor {tensor:?}: element {index} has value {value}, which does not fit the device int dtype {to}"
+    )]
+    ValueOutOfRange {
+        /// File holding the tensor.
+        file: String,
+        /// Tensor name.
+        tensor: String,
+        /// Flat index of the first offending element.
+        index: usize,
+        /// Its value.
+        value: i128,
+        /// The target dtype.
         to: String,
     },
     /// A tensor name given to [`save`] is empty, reserved or repeated.
@@ -671,15 +689,15 @@ impl Checkpoint {
             bytes = info.byte_len()
         )
         .entered();
-        let dtype = info
-            .dtype
-            .to_burn()
-            .ok_or_else(|| SafetensorsError::UnsupportedConversion {
-                file: shard.label.clone(),
-                tensor: name.to_owned(),
-                from: info.dtype.to_string(),
-                to: "any burn dtype".to_owned(),
-            })?;
+        let dtype =
+            info.dtype
+                .to_burn()
+                .ok_or_else(|| SafetensorsError::UnsupportedConversion {
+                    file: shard.label.clone(),
+                    tensor: name.to_owned(),
+                    from: info.dtype.to_string(),
+                    to: "any burn dtype".to_owned(),
+                })?;
         // Copy out of the mapping: this also fixes alignment, since the data section only
         // guarantees 8-byte alignment of its start relative to the file, not of each tensor.
         let mut bytes = shard.tensor_bytes(info).to_vec();
@@ -695,7 +713,7 @@ impl Checkpoint {
                 ),
             });
         }
-        le_to_native(&mut bytes, dtype.size());
+        swap_le_native(&mut bytes, dtype.size());
         TensorData::try_from_bytes_vec(bytes, info.shape.clone(), dtype).map_err(|e| {
             SafetensorsError::InvalidData {
                 file: shard.label.clone(),
@@ -743,11 +761,26 @@ impl Checkpoint {
             });
         }
         let data = self.tensor_data(name)?;
+        if let Some((index, value)) = first_out_of_range(&data, dtype) {
+            return Err(SafetensorsError::ValueOutOfRange {
+                file: shard.label.clone(),
+                tensor: name.to_owned(),
+                index,
+                value,
+                to: dtype.name().to_owned(),
+            });
+        }
         let data = self.cast(shard, name, data, dtype)?;
         Ok(Tensor::<D, Int>::from_data(data, (device, dtype)))
     }
 
-    fn cast(&self, shard: &Shard, name: &str, data: TensorData, dtype: DType) -> Result<TensorData> {
+    fn cast(
+        &self,
+        shard: &Shard,
+        name: &str,
+        data: TensorData,
+        dtype: DType,
+    ) -> Result<TensorData> {
         let from = data.dtype();
         if from == dtype {
             return Ok(data);
@@ -761,7 +794,12 @@ impl Checkpoint {
             })
     }
 
-    fn check_rank<const D: usize>(&self, shard: &Shard, name: &str, info: &TensorInfo) -> Result<()> {
+    fn check_rank<const D: usize>(
+        &self,
+        shard: &Shard,
+        name: &str,
+        info: &TensorInfo,
+    ) -> Result<()> {
         if info.shape.len() == D {
             Ok(())
         } else {
@@ -813,7 +851,8 @@ impl Checkpoint {
 
     fn open_index(index_path: &Path) -> Result<Self> {
         let index = index_path.display().to_string();
-        let _span = tracing::debug_span!("safetensors_open_sharded", index = index.as_str()).entered();
+        let _span =
+            tracing::debug_span!("safetensors_open_sharded", index = index.as_str()).entered();
         let text = std::fs::read_to_string(index_path).map_err(|source| SafetensorsError::Io {
             path: index_path.to_path_buf(),
             op: "read",
@@ -961,6 +1000,54 @@ impl Checkpoint {
     }
 }
 
+/// Inclusive value range of an integer dtype.
+fn int_range(dtype: DType) -> Option<(i128, i128)> {
+    Some(match dtype {
+        DType::I64 => (i64::MIN.into(), i64::MAX.into()),
+        DType::I32 => (i32::MIN.into(), i32::MAX.into()),
+        DType::I16 => (i16::MIN.into(), i16::MAX.into()),
+        DType::I8 => (i8::MIN.into(), i8::MAX.into()),
+        DType::U64 => (0, u64::MAX.into()),
+        DType::U32 => (0, u32::MAX.into()),
+        DType::U16 => (0, u16::MAX.into()),
+        DType::U8 => (0, u8::MAX.into()),
+        DType::Bool(_) => (0, 1),
+        _ => return None,
+    })
+}
+
+/// The first element of integer `data` that `target` cannot hold (burn's cast would panic on it).
+fn first_out_of_range(data: &TensorData, target: DType) -> Option<(usize, i128)> {
+    let (lo, hi) = int_range(target)?;
+    let (src_lo, src_hi) = int_range(data.dtype())?;
+    if src_lo >= lo && src_hi <= hi {
+        return None;
+    }
+    fn scan<T: burn::tensor::Element + Into<i128>>(
+        data: &TensorData,
+        lo: i128,
+        hi: i128,
+    ) -> Option<(usize, i128)> {
+        let values = data.as_slice::<T>().ok()?;
+        values
+            .iter()
+            .map(|&v| v.into())
+            .enumerate()
+            .find(|&(_, v)| v < lo || v > hi)
+    }
+    match data.dtype() {
+        DType::I64 => scan::<i64>(data, lo, hi),
+        DType::I32 => scan::<i32>(data, lo, hi),
+        DType::I16 => scan::<i16>(data, lo, hi),
+        DType::I8 => scan::<i8>(data, lo, hi),
+        DType::U64 => scan::<u64>(data, lo, hi),
+        DType::U32 => scan::<u32>(data, lo, hi),
+        DType::U16 => scan::<u16>(data, lo, hi),
+        DType::U8 => scan::<u8>(data, lo, hi),
+        _ => None,
+    }
+}
+
 fn shards_label(shards: &[Shard], id: usize) -> String {
     shards[id].label.clone()
 }
@@ -1105,12 +1192,14 @@ fn parse_header(file: &str, bytes: &[u8]) -> Result<Header> {
             tensor: name.clone(),
             reason,
         };
-        let raw: RawEntry = serde_json::from_value(value).map_err(|e| entry_error(e.to_string()))?;
-        let dtype = StoredDType::parse(&raw.dtype).ok_or_else(|| SafetensorsError::UnknownDtype {
-            file: file.to_owned(),
-            tensor: name.clone(),
-            dtype: raw.dtype.clone(),
-        })?;
+        let raw: RawEntry =
+            serde_json::from_value(value).map_err(|e| entry_error(e.to_string()))?;
+        let dtype =
+            StoredDType::parse(&raw.dtype).ok_or_else(|| SafetensorsError::UnknownDtype {
+                file: file.to_owned(),
+                tensor: name.clone(),
+                dtype: raw.dtype.clone(),
+            })?;
         let (begin, end) = raw.data_offsets;
         if end < begin {
             return Err(SafetensorsError::ReversedOffsets {
@@ -1179,7 +1268,10 @@ fn check_layout(file: &str, tensors: &[(String, TensorInfo)], data_len: usize) -
         })
         .is_some();
 
-    if let Some((name, info)) = order.iter().find(|(_, info)| info.data_offsets.1 > data_len) {
+    if let Some((name, info)) = order
+        .iter()
+        .find(|(_, info)| info.data_offsets.1 > data_len)
+    {
         let (begin, end) = info.data_offsets;
         return Err(if contiguous {
             SafetensorsError::Truncated {
@@ -1234,8 +1326,9 @@ fn check_layout(file: &str, tensors: &[(String, TensorInfo)], data_len: usize) -
     Ok(())
 }
 
-/// Converts little-endian element bytes to native order in place (a no-op on little-endian hosts).
-fn le_to_native(bytes: &mut [u8], elem_size: usize) {
+/// Swaps element bytes between little-endian and native order in place (its own inverse; a no-op
+/// on little-endian hosts).
+fn swap_le_native(bytes: &mut [u8], elem_size: usize) {
     if cfg!(target_endian = "big") && elem_size > 1 {
         for elem in bytes.chunks_exact_mut(elem_size) {
             elem.reverse();
@@ -1255,8 +1348,12 @@ pub fn save(
 ) -> Result<()> {
     let path = path.as_ref();
     let file = path.display().to_string();
-    let _span = tracing::debug_span!("safetensors_save", file = file.as_str(), tensors = tensors.len())
-        .entered();
+    let _span = tracing::debug_span!(
+        "safetensors_save",
+        file = file.as_str(),
+        tensors = tensors.len()
+    )
+    .entered();
 
     struct Prepared<'a> {
         name: &'a str,
@@ -1297,10 +1394,12 @@ pub fn save(
                     .map(|c| u8::from(c.iter().any(|&b| b != 0)))
                     .collect(),
             ),
-            DType::Bool(_) => Cow::Owned(data.as_bytes().iter().map(|&b| u8::from(b != 0)).collect()),
+            DType::Bool(_) => {
+                Cow::Owned(data.as_bytes().iter().map(|&b| u8::from(b != 0)).collect())
+            }
             other if cfg!(target_endian = "big") && other.size() > 1 => {
                 let mut owned = data.as_bytes().to_vec();
-                le_to_native(&mut owned, other.size());
+                swap_le_native(&mut owned, other.size());
                 Cow::Owned(owned)
             }
             _ => Cow::Borrowed(data.as_bytes()),
@@ -1362,7 +1461,10 @@ pub fn save(
         }
         Ok(())
     })?;
-    tracing::debug!(bytes = PREFIX_LEN + header.len() + offset, "saved safetensors file");
+    tracing::debug!(
+        bytes = PREFIX_LEN + header.len() + offset,
+        "saved safetensors file"
+    );
     Ok(())
 }
 
@@ -1396,7 +1498,11 @@ fn write_atomically(
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let io = |op, p: &Path| {
         let p = p.to_path_buf();
-        move |source| SafetensorsError::Io { path: p, op, source }
+        move |source| SafetensorsError::Io {
+            path: p,
+            op,
+            source,
+        }
     };
     let file_name = path
         .file_name()

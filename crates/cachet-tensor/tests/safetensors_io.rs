@@ -62,16 +62,23 @@ fn round_trip_all_dtypes_and_ranks() {
     let h2: Vec<f16> = f32_values(6, 0.5).into_iter().map(f16::from_f32).collect();
     let b3: Vec<bf16> = f32_values(8, 0.6).into_iter().map(bf16::from_f32).collect();
     let ids: Vec<i64> = vec![-3, 0, 7, i64::from(i32::MAX) + 5, 42, -1];
+    let small_ids: Vec<i64> = vec![-3, 0, 7, 1 << 20, 42, -1];
 
     let tensors = vec![
         ("r1.f32".to_owned(), TensorData::new(w1.clone(), [5])),
         ("r2.f32".to_owned(), TensorData::new(w2.clone(), [3, 4])),
         ("r3.f32".to_owned(), TensorData::new(w3.clone(), [2, 3, 4])),
-        ("r4.f32".to_owned(), TensorData::new(w4.clone(), [2, 2, 3, 4])),
+        (
+            "r4.f32".to_owned(),
+            TensorData::new(w4.clone(), [2, 2, 3, 4]),
+        ),
         ("h.f16".to_owned(), TensorData::new(h2.clone(), [2, 3])),
         ("b.bf16".to_owned(), TensorData::new(b3.clone(), [2, 2, 2])),
         ("ids.i64".to_owned(), TensorData::new(ids.clone(), [6])),
-        ("ids2.i64".to_owned(), TensorData::new(ids.clone(), [1, 2, 1, 3])),
+        (
+            "ids2.i64".to_owned(),
+            TensorData::new(small_ids.clone(), [1, 2, 1, 3]),
+        ),
     ];
     let metadata = meta(&[("format", "pt"), ("note", "round trip")]);
     save(&path, &tensors, Some(&metadata)).unwrap();
@@ -123,18 +130,30 @@ fn round_trip_all_dtypes_and_ranks() {
     assert_eq!(tb.dtype(), DType::BF16);
     assert_eq!(tb.into_data().try_to_vec::<bf16>().unwrap(), b3);
 
-    let ti: Tensor<1, Int> = ckpt.load_int("ids.i64", &dev).unwrap();
-    assert_eq!(ti.dims(), [6]);
-    let got = ti.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
     let int_dtype: DType = dev.settings().int_dtype.into();
     if int_dtype == DType::I64 {
+        let ti: Tensor<1, Int> = ckpt.load_int("ids.i64", &dev).unwrap();
+        assert_eq!(ti.dims(), [6]);
+        let got = ti.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
         assert_eq!(got, ids);
     } else {
-        // A narrower device int dtype keeps the in-range values.
-        assert_eq!(got[..3], ids[..3]);
+        // A narrower device int dtype refuses values it cannot hold with a typed error.
+        let err = ckpt.load_int::<1>("ids.i64", &dev).unwrap_err();
+        assert!(
+            matches!(&err, SafetensorsError::ValueOutOfRange { index: 3, tensor, .. } if tensor == "ids.i64"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("model.safetensors"), "{err}");
     }
     let ti4: Tensor<4, Int> = ckpt.load_int("ids2.i64", &dev).unwrap();
     assert_eq!(ti4.dims(), [1, 2, 1, 3]);
+    assert_eq!(
+        ti4.into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap(),
+        small_ids
+    );
 }
 
 #[test]
@@ -167,7 +186,11 @@ fn conversion_on_load_matches_half() {
     assert_eq!(as_f16.dtype(), DType::F16);
     let got = as_f16.into_data().try_to_vec::<f16>().unwrap();
     for (i, (g, v)) in got.iter().zip(&values).enumerate() {
-        assert_eq!(g.to_bits(), f16::from_f32(*v).to_bits(), "element {i} ({v})");
+        assert_eq!(
+            g.to_bits(),
+            f16::from_f32(*v).to_bits(),
+            "element {i} ({v})"
+        );
     }
     let back: Tensor<1> = ckpt.load_float("f16", &dev, DType::F32).unwrap();
     let back = back.into_data().try_to_vec::<f32>().unwrap();
@@ -223,7 +246,10 @@ fn save_tensors_from_device_and_overwrite_atomically() {
     let ckpt = Checkpoint::open(&ipath).unwrap();
     let ids: Tensor<1, Int> = ckpt.load_int("ids", &dev).unwrap();
     assert_eq!(
-        ids.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+        ids.into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap(),
         vec![1, 2, 3]
     );
 }
@@ -268,6 +294,7 @@ fn bool_u8_and_small_ints_round_trip() {
         ("i32".to_owned(), TensorData::new(vec![-70000i32, 5], [2])),
         ("u32".to_owned(), TensorData::new(vec![70000u32, 5], [2])),
         ("u64".to_owned(), TensorData::new(vec![9u64, 5], [2])),
+        ("big".to_owned(), TensorData::new(vec![1u64, u64::MAX], [2])),
     ];
     save(&path, &tensors, None).unwrap();
     let ckpt = Checkpoint::open(&path).unwrap();
@@ -277,17 +304,41 @@ fn bool_u8_and_small_ints_round_trip() {
     }
     let mask: Tensor<2, Int> = ckpt.load_int("mask", &dev).unwrap();
     assert_eq!(
-        mask.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+        mask.into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap(),
         vec![1, 0, 1, 1]
     );
     let i16s: Tensor<1, Int> = ckpt.load_int("i16", &dev).unwrap();
     assert_eq!(
-        i16s.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+        i16s.into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap(),
         vec![-300, 300]
     );
+    let u64s: Tensor<1, Int> = ckpt.load_int("u64", &dev).unwrap();
+    assert_eq!(
+        u64s.into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap(),
+        vec![9, 5]
+    );
+    // u64::MAX fits no device int dtype: a typed error, not a panic.
+    let err = ckpt.load_int::<1>("big", &dev).unwrap_err();
+    assert!(
+        matches!(&err, SafetensorsError::ValueOutOfRange { index: 1, value, .. } if *value == i128::from(u64::MAX)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("ints.safetensors"), "{err}");
     let u8s: Tensor<1, Int> = ckpt.load_int("u8", &dev).unwrap();
     assert_eq!(
-        u8s.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+        u8s.into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap(),
         vec![0, 255, 7]
     );
 }
@@ -372,7 +423,10 @@ fn reads_files_written_by_reference_crate() {
         h
     );
     assert_eq!(
-        ckpt.tensor_data("ids").unwrap().try_to_vec::<i64>().unwrap(),
+        ckpt.tensor_data("ids")
+            .unwrap()
+            .try_to_vec::<i64>()
+            .unwrap(),
         ids
     );
 }
@@ -413,7 +467,12 @@ fn reference_crate_reads_our_files() {
     assert_eq!(mv.data(), &[1, 0]);
     let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert_eq!(
-        metadata.metadata().as_ref().unwrap().get("format").map(String::as_str),
+        metadata
+            .metadata()
+            .as_ref()
+            .unwrap()
+            .get("format")
+            .map(String::as_str),
         Some("pt")
     );
 }
@@ -482,14 +541,20 @@ fn sharded_checkpoint_via_dir_and_index() {
     ] {
         assert_eq!(ckpt.names(), vec!["a", "b", "c"]);
         assert_eq!(ckpt.total_bytes(), total as u64);
-        assert_eq!(ckpt.metadata().get("format").map(String::as_str), Some("pt"));
+        assert_eq!(
+            ckpt.metadata().get("format").map(String::as_str),
+            Some("pt")
+        );
         assert_eq!(
             ckpt.metadata().get("total_size").map(String::as_str),
             Some(total.to_string().as_str())
         );
         assert!(ckpt.file_of("c").unwrap().ends_with(SHARD2));
         let a: Tensor<2> = ckpt.load_float("a", &dev, DType::F32).unwrap();
-        assert_eq!(a.into_data().try_to_vec::<f32>().unwrap(), f32_values(4, 0.0));
+        assert_eq!(
+            a.into_data().try_to_vec::<f32>().unwrap(),
+            f32_values(4, 0.0)
+        );
         let c: Tensor<1> = ckpt.load_float("c", &dev, DType::F16).unwrap();
         let expect: Vec<f16> = f32_values(6, 1.0).into_iter().map(f16::from_f32).collect();
         assert_eq!(c.into_data().try_to_vec::<f16>().unwrap(), expect);
@@ -513,7 +578,10 @@ fn directory_with_single_file() {
     assert_eq!(Checkpoint::open(dir.path()).unwrap().names(), vec!["x"]);
     let empty = tempfile::tempdir().unwrap();
     let err = Checkpoint::open(empty.path()).unwrap_err();
-    assert!(matches!(err, SafetensorsError::NotACheckpoint { .. }), "{err}");
+    assert!(
+        matches!(err, SafetensorsError::NotACheckpoint { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -539,7 +607,12 @@ fn sharded_tensor_absent_from_its_shard_is_named() {
     write_index(
         dir.path(),
         total,
-        &[("a", SHARD1), ("b", SHARD1), ("c", SHARD2), ("ghost", SHARD2)],
+        &[
+            ("a", SHARD1),
+            ("b", SHARD1),
+            ("c", SHARD2),
+            ("ghost", SHARD2),
+        ],
     );
     let err = Checkpoint::open(dir.path()).unwrap_err();
     assert!(
@@ -580,12 +653,18 @@ fn sharded_duplicate_and_invalid_index() {
     let index = dir.path().join("model.safetensors.index.json");
     std::fs::write(&index, r#"{"metadata": {}}"#).unwrap();
     let err = Checkpoint::open(&index).unwrap_err();
-    assert!(matches!(err, SafetensorsError::InvalidIndex { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidIndex { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("weight_map"), "{err}");
 
     std::fs::write(&index, r#"{"weight_map": {"a": "../escape.safetensors"}}"#).unwrap();
     let err = Checkpoint::open(&index).unwrap_err();
-    assert!(matches!(err, SafetensorsError::InvalidIndex { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidIndex { .. }),
+        "{err:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -621,13 +700,19 @@ fn assert_names(err: &SafetensorsError, tensor: &str) {
 #[test]
 fn malformed_empty_file() {
     let err = open_err("empty.safetensors", &[]);
-    assert!(matches!(err, SafetensorsError::TooSmall { len: 0, .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::TooSmall { len: 0, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn malformed_five_byte_file() {
     let err = open_err("five.safetensors", &[1, 2, 3, 4, 5]);
-    assert!(matches!(err, SafetensorsError::TooSmall { len: 5, .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::TooSmall { len: 5, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -636,40 +721,65 @@ fn malformed_header_length_past_end() {
     bytes.extend_from_slice(b"{}        ");
     let err = open_err("huge_header.safetensors", &bytes);
     assert!(
-        matches!(err, SafetensorsError::HeaderTooLarge { header_len: 1000, file_len: 18, .. }),
+        matches!(
+            err,
+            SafetensorsError::HeaderTooLarge {
+                header_len: 1000,
+                file_len: 18,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // A garbage prefix (e.g. a text file) gives the same error.
     let err = open_err("text.safetensors", b"hello world, not a tensor file");
-    assert!(matches!(err, SafetensorsError::HeaderTooLarge { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::HeaderTooLarge { .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn malformed_header_not_json() {
     let err = open_err("notjson.safetensors", &raw_file("{not json at all", &[]));
-    assert!(matches!(err, SafetensorsError::InvalidHeader { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidHeader { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("not valid JSON"), "{err}");
 
     let mut bytes = 4u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(&[b'{', 0xff, 0xfe, b'}']);
     let err = open_err("notutf8.safetensors", &bytes);
-    assert!(matches!(err, SafetensorsError::InvalidHeader { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidHeader { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("UTF-8"), "{err}");
 }
 
 #[test]
 fn malformed_header_not_an_object() {
     let err = open_err("array.safetensors", &raw_file("[1, 2, 3]", &[]));
-    assert!(matches!(err, SafetensorsError::InvalidHeader { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidHeader { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("wrong structure"), "{err}");
     let err = open_err("entry.safetensors", &raw_file(r#"{"w": 5}"#, &[]));
-    assert!(matches!(err, SafetensorsError::InvalidTensorEntry { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidTensorEntry { .. }),
+        "{err:?}"
+    );
     assert_names(&err, "w");
     let err = open_err(
         "badmeta.safetensors",
         &raw_file(r#"{"__metadata__": {"n": 1}}"#, &[]),
     );
-    assert!(matches!(err, SafetensorsError::InvalidHeader { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidHeader { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("__metadata__"), "{err}");
     let err = open_err(
         "dupkey.safetensors",
@@ -678,7 +788,10 @@ fn malformed_header_not_an_object() {
             &[0],
         ),
     );
-    assert!(matches!(err, SafetensorsError::InvalidHeader { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidHeader { .. }),
+        "{err:?}"
+    );
     assert_names(&err, "w");
 }
 
@@ -748,7 +861,14 @@ fn malformed_end_before_begin() {
         ),
     );
     assert!(
-        matches!(&err, SafetensorsError::ReversedOffsets { begin: 8, end: 0, .. }),
+        matches!(
+            &err,
+            SafetensorsError::ReversedOffsets {
+                begin: 8,
+                end: 0,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_names(&err, "w");
@@ -764,7 +884,14 @@ fn malformed_size_mismatch() {
         ),
     );
     assert!(
-        matches!(&err, SafetensorsError::SizeMismatch { expected: 12, actual: 8, .. }),
+        matches!(
+            &err,
+            SafetensorsError::SizeMismatch {
+                expected: 12,
+                actual: 8,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_names(&err, "w");
@@ -799,7 +926,14 @@ fn malformed_gap() {
         ),
     );
     assert!(
-        matches!(err, SafetensorsError::Gap { begin: 8, end: 12, .. }),
+        matches!(
+            err,
+            SafetensorsError::Gap {
+                begin: 8,
+                end: 12,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // Trailing bytes that no tensor indexes.
@@ -811,7 +945,14 @@ fn malformed_gap() {
         ),
     );
     assert!(
-        matches!(err, SafetensorsError::Gap { begin: 8, end: 12, .. }),
+        matches!(
+            err,
+            SafetensorsError::Gap {
+                begin: 8,
+                end: 12,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // A gap at the start.
@@ -823,7 +964,14 @@ fn malformed_gap() {
         ),
     );
     assert!(
-        matches!(err, SafetensorsError::Gap { begin: 0, end: 4, .. }),
+        matches!(
+            err,
+            SafetensorsError::Gap {
+                begin: 0,
+                end: 4,
+                ..
+            }
+        ),
         "{err:?}"
     );
 }
@@ -862,7 +1010,10 @@ fn malformed_invalid_bool_byte() {
     )
     .unwrap();
     let err = ckpt.tensor_data("m").unwrap_err();
-    assert!(matches!(err, SafetensorsError::InvalidData { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::InvalidData { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("bool.safetensors"), "{err}");
     assert_names(&err, "m");
 }
@@ -897,7 +1048,10 @@ fn rank_mismatch_on_load() {
     assert!(msg.contains("valid.safetensors"), "{msg}");
     assert_names(&err, "w");
     let err = ckpt.load_int::<2>("ids", &device()).unwrap_err();
-    assert!(matches!(err, SafetensorsError::RankMismatch { .. }), "{err:?}");
+    assert!(
+        matches!(err, SafetensorsError::RankMismatch { .. }),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -56,7 +56,9 @@ struct GenerateArgs {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("CACHET_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_env_filter(
+            EnvFilter::try_from_env("CACHET_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -68,13 +70,18 @@ fn main() -> Result<()> {
 fn info(json: bool) -> Result<()> {
     let backends = available_backends();
     if json {
-        let value = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "backends": backends });
+        let value =
+            serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "backends": backends });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     println!("cachet {}", env!("CARGO_PKG_VERSION"));
     for backend in backends {
-        let compiled = if backend.compiled { "compiled in" } else { "not compiled in" };
+        let compiled = if backend.compiled {
+            "compiled in"
+        } else {
+            "not compiled in"
+        };
         println!("{:<6} {compiled:<16} {}", backend.name, backend.status);
     }
     Ok(())
@@ -94,15 +101,27 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 .with_context(|| format!("loading model from {}", dir.display()))?,
             dir.display().to_string(),
         ),
-        None => (embedded::tiny_llama(&device, precision)?, embedded::NAME.to_string()),
+        None => (
+            embedded::tiny_llama(&device, precision)?,
+            embedded::NAME.to_string(),
+        ),
     };
     let load_seconds = load_start.elapsed().as_secs_f64();
     let options = GreedyOptions {
         max_new_tokens: args.max_new_tokens,
-        eos_token_ids: if args.ignore_eos { vec![] } else { model.config.eos_ids() },
+        eos_token_ids: if args.ignore_eos {
+            vec![]
+        } else {
+            model.config.eos_ids()
+        },
         pad_token_id: 0,
     };
-    let output = greedy(&model, std::slice::from_ref(&args.prompt_ids), &options, None)?;
+    let output = greedy(
+        &model,
+        std::slice::from_ref(&args.prompt_ids),
+        &options,
+        None,
+    )?;
     let tokens = &output.tokens[0];
     if args.json {
         let value = serde_json::json!({

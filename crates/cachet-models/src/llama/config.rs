@@ -172,17 +172,23 @@ pub struct LlamaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<TokenIds>,
     /// Stored weight dtype (`torch_dtype` in v4, `dtype` in v5).
-    #[serde(default, alias = "torch_dtype", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "torch_dtype",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub dtype: Option<Precision>,
 }
 
 impl LlamaConfig {
     /// Parses a config from JSON text; `origin` names it in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(text).map_err(|err| ModelError::Config {
-            origin: origin.to_string(),
-            reason: err.to_string(),
-        })?;
+        let deserializer = &mut serde_json::Deserializer::from_str(text);
+        let config: Self =
+            serde_path_to_error::deserialize(deserializer).map_err(|err| ModelError::Config {
+                origin: origin.to_string(),
+                reason: format!("field `{}`: {}", err.path(), err.inner()),
+            })?;
         config.validate(origin)?;
         Ok(config)
     }
@@ -205,12 +211,15 @@ impl LlamaConfig {
             "qwen2" => Some(ModelFamily::Qwen2),
             _ => None,
         };
-        let by_arch = self.architectures.iter().find_map(|arch| match arch.as_str() {
-            "LlamaForCausalLM" => Some(ModelFamily::Llama),
-            "MistralForCausalLM" => Some(ModelFamily::Mistral),
-            "Qwen2ForCausalLM" => Some(ModelFamily::Qwen2),
-            _ => None,
-        });
+        let by_arch = self
+            .architectures
+            .iter()
+            .find_map(|arch| match arch.as_str() {
+                "LlamaForCausalLM" => Some(ModelFamily::Llama),
+                "MistralForCausalLM" => Some(ModelFamily::Mistral),
+                "Qwen2ForCausalLM" => Some(ModelFamily::Qwen2),
+                _ => None,
+            });
         by_type.or(by_arch).ok_or_else(|| ModelError::Config {
             origin: "config".into(),
             reason: format!(
@@ -249,14 +258,19 @@ impl LlamaConfig {
             ModelFamily::Qwen2 => {
                 let on = self.use_sliding_window.unwrap_or(false);
                 let first = self.max_window_layers.unwrap_or(self.num_hidden_layers);
-                (on && layer >= first).then_some(self.sliding_window).flatten()
+                (on && layer >= first)
+                    .then_some(self.sliding_window)
+                    .flatten()
             }
         }
     }
 
     /// End-of-sequence ids.
     pub fn eos_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// The RoPE variant, from `rope_parameters` (v5) or `rope_theta` + `rope_scaling` (v4).
@@ -293,7 +307,9 @@ impl LlamaConfig {
             }),
             other => Err(ModelError::Config {
                 origin: "config".into(),
-                reason: format!("unsupported rope type {other:?} (supported: default, linear, llama3)"),
+                reason: format!(
+                    "unsupported rope type {other:?} (supported: default, linear, llama3)"
+                ),
             }),
         }
     }
@@ -305,7 +321,10 @@ impl LlamaConfig {
         };
         self.family().map_err(|err| bad(err.to_string()))?;
         if self.hidden_act != "silu" {
-            return Err(bad(format!("hidden_act {:?} is not supported (only silu)", self.hidden_act)));
+            return Err(bad(format!(
+                "hidden_act {:?} is not supported (only silu)",
+                self.hidden_act
+            )));
         }
         for (name, value) in [
             ("vocab_size", self.vocab_size),
@@ -328,7 +347,10 @@ impl LlamaConfig {
             )));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(bad(format!("head_dim {} must be even for RoPE", self.head_dim())));
+            return Err(bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            )));
         }
         if self.sliding_window == Some(0) {
             return Err(bad("sliding_window must be positive".into()));
@@ -356,7 +378,9 @@ mod tests {
         assert_eq!(config.kv_heads(), 2);
         assert_eq!(config.dtype, Some(Precision::BF16));
         assert_eq!(config.eos_ids(), vec![1, 2]);
-        assert!(matches!(config.rope().unwrap(), Rope::Llama3 { theta, factor, .. } if theta == 500000.0 && factor == 8.0));
+        assert!(
+            matches!(config.rope().unwrap(), Rope::Llama3 { theta, factor, .. } if theta == 500000.0 && factor == 8.0)
+        );
     }
 
     #[test]
@@ -372,16 +396,30 @@ mod tests {
     #[test]
     fn rejects_bad_configs_by_name() {
         for (edit, needle) in [
-            ((r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#), "multiple"),
-            ((r#""model_type":"llama""#, r#""model_type":"gpt2""#), "unsupported model_type"),
-            ((r#""rope_type":"llama3""#, r#""rope_type":"yarn""#), "unsupported rope type"),
-            ((r#""vocab_size":32"#, r#""vocab_size":"many""#), "vocab_size"),
+            (
+                (r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#),
+                "multiple",
+            ),
+            (
+                (r#""model_type":"llama""#, r#""model_type":"gpt2""#),
+                "unsupported model_type",
+            ),
+            (
+                (r#""rope_type":"llama3""#, r#""rope_type":"yarn""#),
+                "unsupported rope type",
+            ),
+            (
+                (r#""vocab_size":32"#, r#""vocab_size":"many""#),
+                "vocab_size",
+            ),
         ] {
             let mut text = V4.replace(edit.0, edit.1);
             if needle == "unsupported model_type" {
                 text = text.replace("LlamaForCausalLM", "GPT2LMHeadModel");
             }
-            let err = LlamaConfig::from_json(&text, "bad.json").unwrap_err().to_string();
+            let err = LlamaConfig::from_json(&text, "bad.json")
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle) && err.contains("bad.json"), "{err}");
         }
     }

@@ -189,7 +189,9 @@ fn attention_mask(
         pad = Tensor::cat(vec![pad, tail], 1);
     }
     let pad = pad.reshape([batch, 1, 1, kv_len]);
-    Ok(structural.repeat_dim(0, batch).bool_or(pad.repeat_dim(2, seq)))
+    Ok(structural
+        .repeat_dim(0, batch)
+        .bool_or(pad.repeat_dim(2, seq)))
 }
 
 /// One pre-norm decoder layer: attention and MLP, each with a residual.
@@ -212,9 +214,13 @@ impl DecoderLayer {
         ctx: &ForwardContext,
         cache: Option<&mut dyn KvCache>,
     ) -> Result<Tensor<3>> {
-        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), ctx, cache)?;
+        let h = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), ctx, cache)?;
         let x = x + h;
-        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        let h = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
         Ok(x + h)
     }
 }
@@ -241,7 +247,11 @@ pub struct Llama {
 impl Llama {
     /// Loads a Hugging Face checkpoint directory (`config.json` + safetensors, single or sharded)
     /// onto `device` in `precision`.
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device, precision: Precision) -> Result<Self> {
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let _span = tracing::info_span!("load_model", dir = %dir.display()).entered();
         let config = LlamaConfig::from_file(dir.join("config.json"))?;
@@ -271,7 +281,9 @@ impl Llama {
         let inter = config.intermediate_size;
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: Param::from_tensor(loader.tensor::<1>(&format!("{name}.weight"), [hidden])?),
+                weight: Param::from_tensor(
+                    loader.tensor::<1>(&format!("{name}.weight"), [hidden])?,
+                ),
                 eps: config.rms_norm_eps,
             })
         };
@@ -282,10 +294,30 @@ impl Llama {
             layers.push(DecoderLayer {
                 input_layernorm: norm(&format!("{p}.input_layernorm"))?,
                 self_attn: Attention {
-                    q_proj: loader.linear(&format!("{p}.self_attn.q_proj"), hidden, heads * head_dim, qkv_bias)?,
-                    k_proj: loader.linear(&format!("{p}.self_attn.k_proj"), hidden, kv_heads * head_dim, qkv_bias)?,
-                    v_proj: loader.linear(&format!("{p}.self_attn.v_proj"), hidden, kv_heads * head_dim, qkv_bias)?,
-                    o_proj: loader.linear(&format!("{p}.self_attn.o_proj"), heads * head_dim, hidden, config.o_bias())?,
+                    q_proj: loader.linear(
+                        &format!("{p}.self_attn.q_proj"),
+                        hidden,
+                        heads * head_dim,
+                        qkv_bias,
+                    )?,
+                    k_proj: loader.linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        hidden,
+                        kv_heads * head_dim,
+                        qkv_bias,
+                    )?,
+                    v_proj: loader.linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        hidden,
+                        kv_heads * head_dim,
+                        qkv_bias,
+                    )?,
+                    o_proj: loader.linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        heads * head_dim,
+                        hidden,
+                        config.o_bias(),
+                    )?,
                     num_heads: heads,
                     num_kv_heads: kv_heads,
                     head_dim,
@@ -294,9 +326,24 @@ impl Llama {
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
                 mlp: Mlp {
-                    gate_proj: loader.linear(&format!("{p}.mlp.gate_proj"), hidden, inter, config.mlp_bias)?,
-                    up_proj: loader.linear(&format!("{p}.mlp.up_proj"), hidden, inter, config.mlp_bias)?,
-                    down_proj: loader.linear(&format!("{p}.mlp.down_proj"), inter, hidden, config.mlp_bias)?,
+                    gate_proj: loader.linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        hidden,
+                        inter,
+                        config.mlp_bias,
+                    )?,
+                    up_proj: loader.linear(
+                        &format!("{p}.mlp.up_proj"),
+                        hidden,
+                        inter,
+                        config.mlp_bias,
+                    )?,
+                    down_proj: loader.linear(
+                        &format!("{p}.mlp.down_proj"),
+                        inter,
+                        hidden,
+                        config.mlp_bias,
+                    )?,
                 },
             });
         }
@@ -417,10 +464,13 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        let info = self.checkpoint.info(name).ok_or_else(|| ModelError::MissingWeight {
-            name: name.to_string(),
-            module: name.rsplit_once('.').map_or(name, |(m, _)| m).to_string(),
-        })?;
+        let info = self
+            .checkpoint
+            .info(name)
+            .ok_or_else(|| ModelError::MissingWeight {
+                name: name.to_string(),
+                module: name.rsplit_once('.').map_or(name, |(m, _)| m).to_string(),
+            })?;
         if info.shape != shape {
             return Err(ModelError::WeightShape {
                 name: name.to_string(),
@@ -428,14 +478,18 @@ impl Loader<'_> {
                 actual: info.shape.clone(),
             });
         }
-        Ok(self.checkpoint.load_float::<D>(name, self.device, self.dtype)?)
+        Ok(self
+            .checkpoint
+            .load_float::<D>(name, self.device, self.dtype)?)
     }
 
     /// A linear layer from HF's `[out, in]` weight, stored as burn's `[in, out]`.
     fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
         let weight = self.tensor::<2>(&format!("{prefix}.weight"), [d_out, d_in])?;
         let bias = if bias {
-            Some(Param::from_tensor(self.tensor::<1>(&format!("{prefix}.bias"), [d_out])?))
+            Some(Param::from_tensor(
+                self.tensor::<1>(&format!("{prefix}.bias"), [d_out])?,
+            ))
         } else {
             None
         };

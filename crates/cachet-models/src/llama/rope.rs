@@ -24,7 +24,11 @@ pub fn inverse_frequencies(rope: Rope, head_dim: usize) -> (Vec<f32>, f32) {
             original_max_position_embeddings,
             ..
         } => {
-            let (factor, low, high) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+            let (factor, low, high) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+            );
             let original = original_max_position_embeddings as f32;
             let low_freq_wavelen = original / low;
             let high_freq_wavelen = original / high;
@@ -72,7 +76,8 @@ impl RotaryEmbedding {
         if self.position_scale != 1.0 {
             positions = positions.div_scalar(self.position_scale);
         }
-        let freqs = positions.reshape([batch, seq, 1]) * self.inv_freq.clone().reshape([1, 1, half]);
+        let freqs =
+            positions.reshape([batch, seq, 1]) * self.inv_freq.clone().reshape([1, 1, half]);
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([batch, 1, seq, half * 2]);
         (emb.clone().cos(), emb.sin())
     }
@@ -106,7 +111,10 @@ mod tests {
         let (scaled, _) = inverse_frequencies(rope, 128);
         assert_eq!(scaled[0], plain[0], "highest frequency unchanged");
         let last = plain.len() - 1;
-        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12, "lowest frequency divided");
+        assert!(
+            (scaled[last] - plain[last] / 8.0).abs() < 1e-12,
+            "lowest frequency divided"
+        );
         assert!(scaled.iter().zip(&plain).all(|(s, p)| s <= p));
     }
 }

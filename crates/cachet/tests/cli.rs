@@ -1,0 +1,129 @@
+//! End-to-end tests of the `cachet` binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn cachet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cachet"))
+        .args(args)
+        .output()
+        .expect("cachet binary runs")
+}
+
+fn stdout_json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "cachet failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
+}
+
+/// The embedded model's greedy tokens, as transformers' generate produced them.
+fn embedded_reference_tokens() -> Vec<u64> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cachet-models/assets/tiny-llama/reference.safetensors");
+    let checkpoint = cachet::tensor::Checkpoint::open(path).unwrap();
+    let data = checkpoint.tensor_data("g.tokens").unwrap();
+    let data = data.try_cast(cachet::tensor::DType::I64).unwrap();
+    data.try_into_vec::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|t| t as u64)
+        .collect()
+}
+
+#[test]
+fn generate_on_the_embedded_default_matches_transformers() {
+    let want = embedded_reference_tokens();
+    let max = want.len().to_string();
+    let output = cachet(&[
+        "generate",
+        "--json",
+        "--prompt-ids",
+        "1,2,3,4,5",
+        "--max-new-tokens",
+        &max,
+        "--ignore-eos",
+    ]);
+    let json = stdout_json(&output);
+    let tokens: Vec<u64> = json["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(tokens, want);
+    assert!(json["tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(json["model"], "embedded:tiny-llama");
+}
+
+#[test]
+fn generate_reads_a_checkpoint_directory() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2");
+    let output = cachet(&[
+        "generate",
+        "--json",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "7,8",
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+    ]);
+    let json = stdout_json(&output);
+    assert_eq!(json["tokens"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn bad_input_fails_with_a_message_naming_the_problem() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["generate", "--device", "tpu"], "unknown backend"),
+        (&["generate", "--dtype", "f8"], "unknown dtype"),
+        (
+            &["generate", "--model", "/nonexistent/model"],
+            "config.json",
+        ),
+        (
+            &["generate", "--prompt-ids", "999999"],
+            "outside the vocabulary",
+        ),
+    ];
+    for (args, needle) in cases {
+        let output = cachet(args);
+        assert!(!output.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn malformed_checkpoint_is_reported_with_the_file_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let weights = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &weights[..weights.len() / 2],
+    )
+    .unwrap();
+    let output = cachet(&["generate", "--model", dir.path().to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("model.safetensors"), "{stderr}");
+}
+
+#[test]
+fn info_lists_the_cpu_backend() {
+    let output = cachet(&["info", "--json"]);
+    let json = stdout_json(&output);
+    let flex = json["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "flex")
+        .unwrap();
+    assert_eq!(flex["compiled"], true);
+}
