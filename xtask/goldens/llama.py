@@ -23,7 +23,11 @@ Test vectors (integers int64, floats float32), per fixture:
 * `g.prompt_ids` [1, 5], `g.tokens` [1, N] = greedy `generate` new tokens only (EOS stopping
   disabled), cross-checked against a manual greedy loop of full forwards.
 
-Every check in `verify_*` must pass or the script aborts before leaving the outputs in place.
+Every check (`make_vectors`, `verify`) must pass, or the script aborts and leaves the previous
+outputs in place: reload via `from_pretrained` gives bit-identical logits and greedy tokens; an
+independent forward written from config.json + model.safetensors alone matches HF (and shows
+that the Mistral window rule `0 <= i - j < sliding_window` and the llama3 RoPE scaling both
+matter); `generate` equals a cache-free greedy loop. Outputs are byte-reproducible.
 """
 
 from __future__ import annotations

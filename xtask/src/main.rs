@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
-    name = "cargo xtask",
+    name = "xtask",
+    bin_name = "cargo xtask",
     about = "Workspace automation for cachet",
     version
 )]
@@ -50,7 +51,8 @@ enum Cmd {
     /// Run the criterion benchmarks (`cargo bench --workspace`) and print a summary table
     /// (mean, std-dev, and the ratio to a `reference`/`baseline` benchmark of the same group).
     Bench {
-        /// Only run benchmarks whose id matches this criterion filter (a regex).
+        /// Only run benchmarks whose id matches this criterion filter (a regex); with
+        /// `--no-run`, only show ids containing it.
         #[arg(long, value_name = "NAME")]
         filter: Option<String>,
         /// Do not run anything; print the table of the results already in target/criterion.
@@ -59,13 +61,21 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let root = workspace_root();
-    match cli.command {
+    let result = match cli.command {
         Cmd::Ci { wgpu, quick } => ci(&root, wgpu, quick),
         Cmd::Goldens { venv } => goldens(&root, venv),
         Cmd::Bench { filter, no_run } => bench(&root, filter.as_deref(), no_run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}`: the context chain on one line, without anyhow's backtrace.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -97,7 +107,11 @@ fn display(cmd: &Command) -> String {
             let _ = write!(s, "{}={:?} ", key.to_string_lossy(), value);
         }
     }
-    s.push_str(&cmd.get_program().to_string_lossy());
+    if cmd.get_program() == cargo() {
+        s.push_str("cargo");
+    } else {
+        s.push_str(&cmd.get_program().to_string_lossy());
+    }
     for arg in cmd.get_args() {
         s.push(' ');
         s.push_str(&arg.to_string_lossy());
@@ -305,6 +319,12 @@ fn goldens(root: &Path, venv: Option<PathBuf>) -> Result<()> {
 fn bench(root: &Path, filter: Option<&str>, no_run: bool) -> Result<()> {
     let started = SystemTime::now();
     if !no_run {
+        let targets = bench_targets(root)?;
+        if targets.is_empty() {
+            println!("bench: the workspace has no benchmark targets yet; nothing to run");
+            return Ok(());
+        }
+        println!("==> bench targets: {}", targets.join(", "));
         let mut cmd = Command::new(cargo());
         // `--bench '*'` selects only the bench targets: the libtest harness of lib/bin targets
         // would reject criterion's `--noplot`.
@@ -314,22 +334,21 @@ fn bench(root: &Path, filter: Option<&str>, no_run: bool) -> Result<()> {
             cmd.arg(filter);
         }
         println!("==> {}", display(&cmd));
-        let status = cmd
-            .status()
-            .with_context(|| format!("could not start `{}`", display(&cmd)))?;
-        if !status.success() {
-            if !has_bench_targets(root) {
-                println!("\nbench: the workspace has no benchmark targets yet; nothing to report");
-                return Ok(());
-            }
-            bail!("`{}` failed ({status})", display(&cmd));
-        }
+        run(&mut cmd)?;
     }
 
     let criterion = target_dir(root).join("criterion");
     let mut results = Vec::new();
     let mut stale = 0usize;
     collect_results(&criterion, &mut results)?;
+    // Ratios may use a reference benchmark that this (filtered) run did not re-measure.
+    let mut references: BTreeMap<(String, Option<String>), (f64, bool)> = BTreeMap::new();
+    for r in &results {
+        if is_reference(r.function.as_deref()) {
+            let fresh = no_run || r.modified.is_some_and(|m| m >= started);
+            references.insert((r.group.clone(), r.value.clone()), (r.mean_ns, fresh));
+        }
+    }
     results.retain(|r| {
         // After a run, criterion has just rewritten exactly the selected benchmarks; with
         // `--no-run` the filter is applied here, as a substring of the id.
@@ -352,38 +371,58 @@ fn bench(root: &Path, filter: Option<&str>, no_run: bool) -> Result<()> {
         );
         return Ok(());
     }
-    print_table(&results);
+    print_table(&results, &references);
     if stale > 0 {
         println!("({stale} older result(s) not from this run left out; see --no-run)");
     }
     Ok(())
 }
 
-/// Whether any workspace member has a criterion bench target (a `benches/*.rs` file or a
-/// `[[bench]]` section).
-fn has_bench_targets(root: &Path) -> bool {
-    let mut manifests = vec![root.join("benches/Cargo.toml")];
-    for dir in ["crates", "."] {
-        if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
-            manifests.extend(
-                entries
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.path().join("Cargo.toml")),
-            );
+/// The workspace's bench targets (`package/target`), from `cargo metadata`.
+fn bench_targets(root: &Path) -> Result<Vec<String>> {
+    let output = Command::new(cargo())
+        .current_dir(root)
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .context("could not run `cargo metadata`")?;
+    if !output.status.success() {
+        bail!(
+            "`cargo metadata` failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let metadata = json::parse(std::str::from_utf8(&output.stdout)?)?;
+    let mut found = Vec::new();
+    for package in metadata
+        .get("packages")
+        .map(json::Value::items)
+        .unwrap_or_default()
+    {
+        let name = package
+            .get("name")
+            .and_then(json::Value::as_str)
+            .unwrap_or("?");
+        for target in package
+            .get("targets")
+            .map(json::Value::items)
+            .unwrap_or_default()
+        {
+            let is_bench = target
+                .get("kind")
+                .map(json::Value::items)
+                .unwrap_or_default()
+                .iter()
+                .any(|k| k.as_str() == Some("bench"));
+            if is_bench {
+                let target = target
+                    .get("name")
+                    .and_then(json::Value::as_str)
+                    .unwrap_or("?");
+                found.push(format!("{name}/{target}"));
+            }
         }
     }
-    manifests.iter().any(|manifest| {
-        let Some(dir) = manifest.parent() else {
-            return false;
-        };
-        let declared = std::fs::read_to_string(manifest).is_ok_and(|m| m.contains("[[bench]]"));
-        let files = std::fs::read_dir(dir.join("benches")).is_ok_and(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .any(|e| e.path().extension().is_some_and(|x| x == "rs") || e.path().is_dir())
-        });
-        declared || files
-    })
+    Ok(found)
 }
 
 struct BenchResult {
@@ -488,28 +527,27 @@ fn is_reference(function: Option<&str>) -> bool {
     matches!(function, Some("reference" | "baseline"))
 }
 
-fn print_table(results: &[BenchResult]) {
+fn print_table(
+    results: &[BenchResult],
+    references: &BTreeMap<(String, Option<String>), (f64, bool)>,
+) {
     let mut sorted: Vec<&BenchResult> = results.iter().collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
-    // (group, parameter) -> mean of its reference/baseline benchmark.
-    let mut references: BTreeMap<(&str, Option<&str>), f64> = BTreeMap::new();
-    for r in &sorted {
-        if is_reference(r.function.as_deref()) {
-            references
-                .entry((r.group.as_str(), r.value.as_deref()))
-                .or_insert(r.mean_ns);
-        }
-    }
+    let mut old_reference = false;
     let rows: Vec<[String; 4]> = sorted
         .iter()
         .map(|r| {
             let ratio = if is_reference(r.function.as_deref()) {
                 "1.00x (ref)".to_owned()
             } else {
-                references
-                    .get(&(r.group.as_str(), r.value.as_deref()))
-                    .map(|reference| format!("{:.2}x", r.mean_ns / reference))
-                    .unwrap_or_default()
+                match references.get(&(r.group.clone(), r.value.clone())) {
+                    Some(&(reference, true)) => format!("{:.2}x", r.mean_ns / reference),
+                    Some(&(reference, false)) => {
+                        old_reference = true;
+                        format!("{:.2}x*", r.mean_ns / reference)
+                    }
+                    None => String::new(),
+                }
             };
             [
                 r.id.clone(),
@@ -549,6 +587,9 @@ fn print_table(results: &[BenchResult]) {
         "\nratio = mean / mean of the `reference` or `baseline` benchmark of the same group (and \
          parameter); < 1 is faster"
     );
+    if old_reference {
+        println!("* against a reference result from an earlier run (not re-measured by this one)");
+    }
 }
 
 /// A minimal JSON reader, enough for criterion's result files.
@@ -577,6 +618,14 @@ mod json {
             match self {
                 Value::Number(n) => Some(*n),
                 _ => None,
+            }
+        }
+
+        /// The elements of an array; empty for anything else.
+        pub fn items(&self) -> &[Value] {
+            match self {
+                Value::Array(items) => items,
+                _ => &[],
             }
         }
 

@@ -10,9 +10,11 @@ pub mod cache;
 pub mod embedded;
 pub mod error;
 pub mod generate;
+pub mod linear;
 pub mod llama;
 
 pub use cache::{KvCache, MaskLayout};
 pub use error::{ModelError, Result};
 pub use generate::{Generation, GreedyOptions, greedy};
+pub use linear::{DenseFactory, LinearFactory, LinearLayer, LinearOp, LinearSpec};
 pub use llama::{Llama, LlamaConfig, ModelFamily};

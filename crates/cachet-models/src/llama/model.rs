@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear};
+use burn::nn::Embedding;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use cachet_tensor::{Checkpoint, Precision, ensure_supported};
@@ -12,6 +12,7 @@ use super::config::LlamaConfig;
 use super::rope::{RotaryEmbedding, apply_rotary};
 use crate::cache::{KvCache, MaskLayout};
 use crate::error::{ModelError, Result};
+use crate::linear::{DenseFactory, LinearFactory, LinearLayer, LinearSpec, load_checked};
 
 /// Root-mean-square layer norm, computed in f32 as transformers does.
 #[derive(Module, Debug)]
@@ -40,11 +41,11 @@ impl RmsNorm {
 #[derive(Module, Debug)]
 pub struct Mlp {
     /// Gate projection.
-    pub gate_proj: Linear,
+    pub gate_proj: LinearLayer,
     /// Up projection.
-    pub up_proj: Linear,
+    pub up_proj: LinearLayer,
     /// Down projection.
-    pub down_proj: Linear,
+    pub down_proj: LinearLayer,
 }
 
 impl Mlp {
@@ -59,13 +60,13 @@ impl Mlp {
 #[derive(Module, Debug)]
 pub struct Attention {
     /// Query projection.
-    pub q_proj: Linear,
+    pub q_proj: LinearLayer,
     /// Key projection.
-    pub k_proj: Linear,
+    pub k_proj: LinearLayer,
     /// Value projection.
-    pub v_proj: Linear,
+    pub v_proj: LinearLayer,
     /// Output projection.
-    pub o_proj: Linear,
+    pub o_proj: LinearLayer,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -235,7 +236,7 @@ pub struct Llama {
     /// Final norm.
     pub norm: RmsNorm,
     /// Output projection; `None` when tied to the embeddings.
-    pub lm_head: Option<Linear>,
+    pub lm_head: Option<LinearLayer>,
     /// RoPE frequencies.
     #[module(skip)]
     pub rotary: RotaryEmbedding,
@@ -266,11 +267,24 @@ impl Llama {
         device: &Device,
         precision: Precision,
     ) -> Result<Self> {
+        Self::load_with(config, checkpoint, device, precision, &DenseFactory)
+    }
+
+    /// Like [`Llama::load`], with `factory` building every projection (q/k/v/o, the MLP and
+    /// `lm_head`): the hook quantizers use to load straight into quantized layers.
+    pub fn load_with(
+        config: LlamaConfig,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        precision: Precision,
+        factory: &dyn LinearFactory,
+    ) -> Result<Self> {
         ensure_supported(device, precision)?;
         let loader = Loader {
             checkpoint,
             device,
             dtype: precision.dtype(),
+            factory,
         };
         let (hidden, heads, kv_heads, head_dim) = (
             config.hidden_size,
@@ -455,47 +469,27 @@ pub fn default_position_ids(attention_mask: Tensor<2, Int>) -> Tensor<2, Int> {
     positions.mask_fill(attention_mask.equal_elem(0), 1)
 }
 
-/// Loads named tensors with shape checks.
+/// Loads named tensors with shape checks, and projections through the factory.
 struct Loader<'a> {
     checkpoint: &'a Checkpoint,
     device: &'a Device,
     dtype: DType,
+    factory: &'a dyn LinearFactory,
 }
 
 impl Loader<'_> {
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        let info = self
-            .checkpoint
-            .info(name)
-            .ok_or_else(|| ModelError::MissingWeight {
-                name: name.to_string(),
-                module: name.rsplit_once('.').map_or(name, |(m, _)| m).to_string(),
-            })?;
-        if info.shape != shape {
-            return Err(ModelError::WeightShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: info.shape.clone(),
-            });
-        }
-        Ok(self
-            .checkpoint
-            .load_float::<D>(name, self.device, self.dtype)?)
+        load_checked(self.checkpoint, name, shape, self.device, self.dtype)
     }
 
-    /// A linear layer from HF's `[out, in]` weight, stored as burn's `[in, out]`.
-    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
-        let weight = self.tensor::<2>(&format!("{prefix}.weight"), [d_out, d_in])?;
-        let bias = if bias {
-            Some(Param::from_tensor(
-                self.tensor::<1>(&format!("{prefix}.bias"), [d_out])?,
-            ))
-        } else {
-            None
-        };
-        Ok(Linear {
-            weight: Param::from_tensor(weight.transpose()),
+    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LinearLayer> {
+        let spec = LinearSpec {
+            name: prefix.to_string(),
+            in_features: d_in,
+            out_features: d_out,
             bias,
-        })
+        };
+        self.factory
+            .build(&spec, self.checkpoint, self.device, self.dtype)
     }
 }
