@@ -47,9 +47,9 @@ pub enum ModelError {
     /// The inputs of a forward call are inconsistent.
     #[error("invalid input: {0}")]
     Input(String),
-    /// The KV cache refused an update (full, wrong shape...).
+    /// The KV cache refused an update (full, wrong shape, bad position...).
     #[error("kv cache: {0}")]
-    Cache(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Cache(#[from] cachet_kv::KvError),
     /// A tensor-layer error (device, dtype).
     #[error(transparent)]
     Tensor(#[from] TensorError),

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
-use crate::cache::KvCache;
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
+use cachet_kv::Cache;
 
 /// Options of [`greedy`].
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ pub fn greedy(
     model: &Llama,
     prompts: &[Vec<u32>],
     options: &GreedyOptions,
-    mut cache: Option<&mut dyn KvCache>,
+    mut cache: Option<&mut dyn Cache>,
 ) -> Result<Generation> {
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Input(

@@ -2,18 +2,16 @@
 //!
 //! [`llama`] is a decoder-only transformer that loads Hugging Face checkpoints of
 //! `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (config.json + safetensors)
-//! and matches transformers' logits. Its attention takes an optional [`KvCache`]: the seam where
-//! the caches of `cachet-kv` plug in. [`generate`] decodes greedily; [`embedded`] ships a tiny
+//! and matches transformers' logits. Its attention takes an optional [`Cache`] from `cachet-kv`. [`generate`] decodes greedily; [`embedded`] ships a tiny
 //! checkpoint for offline demos.
 
-pub mod cache;
 pub mod embedded;
 pub mod error;
 pub mod generate;
 pub mod linear;
 pub mod llama;
 
-pub use cache::{KvCache, MaskLayout};
+pub use cachet_kv::{Cache, MaskLayout};
 pub use error::{ModelError, Result};
 pub use generate::{Generation, GreedyOptions, greedy};
 pub use linear::{DenseFactory, LinearFactory, LinearLayer, LinearOp, LinearSpec};

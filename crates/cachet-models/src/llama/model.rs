@@ -10,9 +10,9 @@ use cachet_tensor::{Checkpoint, Precision, ensure_supported};
 
 use super::config::LlamaConfig;
 use super::rope::{RotaryEmbedding, apply_rotary};
-use crate::cache::{KvCache, MaskLayout};
 use crate::error::{ModelError, Result};
 use crate::linear::{DenseFactory, LinearFactory, LinearLayer, LinearSpec, load_checked};
+use cachet_kv::{Cache, MaskLayout};
 
 /// Root-mean-square layer norm, computed in f32 as transformers does.
 #[derive(Module, Debug)]
@@ -92,7 +92,7 @@ impl Attention {
         &self,
         x: Tensor<3>,
         ctx: &ForwardContext,
-        cache: Option<&mut dyn KvCache>,
+        cache: Option<&mut dyn Cache>,
     ) -> Result<Tensor<3>> {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -104,17 +104,8 @@ impl Attention {
         let k = apply_rotary(k, &ctx.cos, &ctx.sin);
 
         let (k, v, layout) = match cache {
-            Some(cache) => cache
-                .update(self.layer, k, v, &ctx.cache_position)
-                .map_err(ModelError::Cache)?,
-            None => {
-                let layout = MaskLayout {
-                    kv_length: seq,
-                    kv_offset: ctx.cache_position[0],
-                    valid_length: seq,
-                };
-                (k, v, layout)
-            }
+            Some(cache) => cache.update(self.layer, k, v, &ctx.cache_position)?,
+            None => (k, v, MaskLayout::contiguous(ctx.cache_position[0], seq)),
         };
         let kv_len = k.dims()[2];
         if kv_len != layout.kv_length {
@@ -154,7 +145,7 @@ fn attention_mask(
     let mut blocked = Vec::with_capacity(seq * kv_len);
     for &query in &ctx.cache_position {
         for j in 0..kv_len {
-            let key = layout.kv_offset + j;
+            let key = layout.position(j);
             let outside_window = window.is_some_and(|w| query >= key + w);
             blocked.push(key > query || outside_window || j >= layout.valid_length);
         }
@@ -170,25 +161,35 @@ fn attention_mask(
             "attention_mask has batch {mask_batch}, input_ids {batch}"
         )));
     }
-    let end = layout.kv_offset + kv_len;
-    if mask_len < layout.kv_offset + layout.valid_length.min(kv_len) {
-        return Err(ModelError::Input(format!(
-            "attention_mask covers {mask_len} positions, but keys reach position {}",
-            layout.kv_offset + layout.valid_length.min(kv_len)
-        )));
-    }
-    let covered = end.min(mask_len);
-    let mut pad = padding
-        .clone()
-        .slice([0..batch, layout.kv_offset..covered])
-        .equal_elem(0);
-    if covered < end {
-        let tail = Tensor::<2, Bool>::from_data(
-            TensorData::new(vec![false; batch * (end - covered)], [batch, end - covered]),
-            device,
-        );
-        pad = Tensor::cat(vec![pad, tail], 1);
-    }
+    // Padding flags of the keys, by their absolute positions: the sinks, then a contiguous run.
+    let columns = |from: usize, to: usize| -> Result<Tensor<2, Bool>> {
+        let covered = to.min(mask_len).max(from);
+        if covered < to && covered < layout.valid_length.min(to) {
+            return Err(ModelError::Input(format!(
+                "attention_mask covers {mask_len} positions, but keys reach position {}",
+                to - 1
+            )));
+        }
+        let mut part = padding
+            .clone()
+            .slice([0..batch, from..covered])
+            .equal_elem(0);
+        if covered < to {
+            let tail = Tensor::<2, Bool>::from_data(
+                TensorData::new(vec![false; batch * (to - covered)], [batch, to - covered]),
+                device,
+            );
+            part = Tensor::cat(vec![part, tail], 1);
+        }
+        Ok(part)
+    };
+    let sinks = layout.sink_tokens.min(kv_len);
+    let rest = columns(layout.kv_offset, layout.kv_offset + kv_len - sinks)?;
+    let pad = if sinks > 0 {
+        Tensor::cat(vec![columns(0, sinks)?, rest], 1)
+    } else {
+        rest
+    };
     let pad = pad.reshape([batch, 1, 1, kv_len]);
     Ok(structural
         .repeat_dim(0, batch)
@@ -213,7 +214,7 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         ctx: &ForwardContext,
-        cache: Option<&mut dyn KvCache>,
+        cache: Option<&mut dyn Cache>,
     ) -> Result<Tensor<3>> {
         let h = self
             .self_attn
@@ -381,6 +382,23 @@ impl Llama {
         })
     }
 
+    /// What a KV cache needs to know about this model.
+    pub fn cache_info(&self) -> cachet_kv::ModelCacheInfo {
+        cachet_kv::ModelCacheInfo {
+            num_layers: self.layers.len(),
+            sliding_window: self
+                .config
+                .sliding_window_for(self.layers.len().saturating_sub(1)),
+            rope_inv_freq: {
+                let rope = self.config.rope().expect("validated at load");
+                let (freqs, position_scale) =
+                    super::rope::inverse_frequencies(rope, self.config.head_dim());
+                // Linear scaling divides positions; dividing the frequencies gives the same angles.
+                freqs.into_iter().map(|f| f / position_scale).collect()
+            },
+        }
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.embed_tokens.weight.device()
@@ -407,7 +425,7 @@ impl Llama {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         position_ids: Option<Tensor<2, Int>>,
-        mut cache: Option<&mut dyn KvCache>,
+        mut cache: Option<&mut dyn Cache>,
     ) -> Result<Tensor<3>> {
         let [batch, seq] = input_ids.dims();
         if seq == 0 {
@@ -450,7 +468,7 @@ impl Llama {
         };
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
-            let cache = cache.as_mut().map(|c| &mut **c as &mut dyn KvCache);
+            let cache = cache.as_mut().map(|c| &mut **c as &mut dyn Cache);
             x = layer.forward(x, &ctx, cache)?;
         }
         let x = self.norm.forward(x);

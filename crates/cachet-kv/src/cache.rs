@@ -1,0 +1,107 @@
+//! The [`Cache`] trait every cache implements, and the [`MaskLayout`] it reports.
+
+use burn::tensor::Tensor;
+
+use crate::error::Result;
+
+/// How the keys a cache returns map to absolute token positions, so the model can mask them.
+///
+/// Key `j` sits at absolute position `j` if `j < sink_tokens`, else at
+/// `kv_offset + (j - sink_tokens)`; keys at or past `valid_length` are unused slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskLayout {
+    /// Keys in the returned tensors (their `seq` dimension).
+    pub kv_length: usize,
+    /// Absolute position of the first non-sink key.
+    pub kv_offset: usize,
+    /// Leading keys that hold positions `0..sink_tokens` (attention sinks); 0 for most caches.
+    pub sink_tokens: usize,
+    /// Keys `>= valid_length` are padding slots of a preallocated cache and never attended.
+    pub valid_length: usize,
+}
+
+impl MaskLayout {
+    /// `len` keys at positions `offset..offset + len`, all valid.
+    pub fn contiguous(offset: usize, len: usize) -> Self {
+        Self {
+            kv_length: len,
+            kv_offset: offset,
+            sink_tokens: 0,
+            valid_length: len,
+        }
+    }
+
+    /// Absolute position of key `j`.
+    pub fn position(&self, j: usize) -> usize {
+        if j < self.sink_tokens {
+            j
+        } else {
+            self.kv_offset + (j - self.sink_tokens)
+        }
+    }
+}
+
+/// Per-layer key/value storage, shapes `[batch, kv_heads, seq, head_dim]`.
+///
+/// Positions: `cache_position` lists the absolute positions of the new tokens (not affected by
+/// padding, one more per token). They must continue exactly where the cache stopped
+/// ([`Cache::seq_length`]); rewind with [`Cache::crop`].
+pub trait Cache: Send + std::fmt::Debug {
+    /// Stores the new keys and values of `layer` and returns what attention should use.
+    fn update(
+        &mut self,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        cache_position: &[usize],
+    ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)>;
+
+    /// Tokens `layer` has seen: the absolute position of the next token.
+    fn seq_length(&self, layer: usize) -> usize;
+
+    /// Most tokens the cache can hold, `None` when unbounded (or when it evicts instead).
+    fn max_length(&self) -> Option<usize>;
+
+    /// The mask layout a query of `query_length` new tokens will get at `layer`, before updating
+    /// (the kv length and offset a model needs to build its mask ahead of the forward).
+    fn mask_layout(&self, layer: usize, query_length: usize) -> MaskLayout;
+
+    /// Keeps only the first `max_length` tokens (rewinds the cache).
+    fn crop(&mut self, max_length: usize) -> Result<()>;
+
+    /// Reorders the batch for beam search: row `i` becomes old row `beam_indices[i]`.
+    fn reorder(&mut self, beam_indices: &[usize]) -> Result<()>;
+
+    /// Repeats every batch row `n` times in place (`[a, b]` → `[a, a, b, b]` for n = 2).
+    fn batch_repeat_interleave(&mut self, n: usize) -> Result<()> {
+        let batch = self.batch_size().unwrap_or(0);
+        let indices: Vec<usize> = (0..batch).flat_map(|i| std::iter::repeat_n(i, n)).collect();
+        self.reorder(&indices)
+    }
+
+    /// Keeps only the batch rows in `indices`, in that order.
+    fn batch_select(&mut self, indices: &[usize]) -> Result<()> {
+        self.reorder(indices)
+    }
+
+    /// Batch size of the stored tensors, once something is stored.
+    fn batch_size(&self) -> Option<usize>;
+
+    /// Empties the cache, keeping its configuration (and preallocated memory where it has any).
+    fn reset(&mut self);
+
+    /// Bytes the cache holds (allocated capacity, including quantization scales and residuals).
+    fn memory_bytes(&self) -> usize;
+
+    /// A copy sharing storage until either side writes (for prefix caching).
+    fn boxed_clone(&self) -> Box<dyn Cache>;
+
+    /// Short name, as transformers' `cache_implementation` spells it.
+    fn name(&self) -> &'static str;
+}
+
+impl Clone for Box<dyn Cache> {
+    fn clone(&self) -> Self {
+        self.boxed_clone()
+    }
+}

@@ -1,0 +1,27 @@
+//! KV caches for autoregressive generation on burn: every cache type of transformers' KV cache
+//! guide behind one [`Cache`] trait.
+//!
+//! A model calls [`Cache::update`] once per layer per forward with the keys and values of the new
+//! tokens (`[batch, kv_heads, seq, head_dim]`) and attends to what it returns; the returned
+//! [`MaskLayout`] says which absolute positions the keys hold, so the model can build the mask.
+//! Appending is O(1) amortised (no per-step concatenation of the whole cache), clones are cheap
+//! (copy-on-write storage) for prefix reuse, and every misuse is a typed [`KvError`].
+
+pub mod cache;
+pub mod config;
+pub mod dynamic;
+pub mod error;
+pub mod offloaded;
+pub mod sink;
+pub mod sliding;
+pub mod static_cache;
+mod store;
+
+pub use cache::{Cache, MaskLayout};
+pub use config::{CacheConfig, CacheImplementation, ModelCacheInfo, build_cache};
+pub use dynamic::DynamicCache;
+pub use error::{KvError, Result};
+pub use offloaded::{OffloadStats, OffloadedCache, OffloadedStaticCache};
+pub use sink::SinkCache;
+pub use sliding::SlidingWindowCache;
+pub use static_cache::StaticCache;

@@ -1,0 +1,164 @@
+//! [`SlidingWindowCache`]: Mistral's sliding-window attention with static-shaped storage: each
+//! layer keeps only the last `sliding_window - 1` tokens, all a future query can still see.
+
+use burn::tensor::Tensor;
+use cachet_tensor::MemoryFootprint;
+
+use crate::cache::{Cache, MaskLayout};
+use crate::error::{KvError, Result};
+use crate::store::{LayerStore, check_layer_order, check_pair, check_positions};
+
+#[derive(Debug, Clone)]
+struct WindowLayer {
+    store: LayerStore,
+    seen: usize,
+}
+
+/// A cache bounded by the model's attention window; generation length is unbounded.
+#[derive(Debug, Clone)]
+pub struct SlidingWindowCache {
+    window: usize,
+    layers: Vec<WindowLayer>,
+}
+
+impl SlidingWindowCache {
+    /// A cache for a model whose queries see the last `sliding_window` positions (itself included).
+    pub fn new(sliding_window: usize) -> Result<Self> {
+        if sliding_window < 2 {
+            return Err(KvError::Config(format!(
+                "sliding_window must be at least 2, got {sliding_window}"
+            )));
+        }
+        Ok(Self {
+            window: sliding_window,
+            layers: Vec::new(),
+        })
+    }
+
+    /// The attention window.
+    pub fn sliding_window(&self) -> usize {
+        self.window
+    }
+
+    fn kept(&self) -> usize {
+        self.window - 1
+    }
+}
+
+impl Cache for SlidingWindowCache {
+    fn update(
+        &mut self,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        cache_position: &[usize],
+    ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)> {
+        check_layer_order(layer, self.layers.len())?;
+        let kept = self.kept();
+        if layer == self.layers.len() {
+            check_pair(layer, &keys, &values)?;
+            self.layers.push(WindowLayer {
+                store: LayerStore::with_capacity(&keys, &values, kept),
+                seen: 0,
+            });
+        }
+        let entry = &mut self.layers[layer];
+        entry.store.check(layer, &keys, &values)?;
+        let new = keys.dims()[2];
+        check_positions(layer, entry.seen, cache_position, new)?;
+        let stored = entry.store.len();
+        // Attend to the stored tail plus the new tokens; the model's mask applies the window.
+        let (full_k, full_v) = if stored == 0 {
+            (keys, values)
+        } else {
+            let (k, v) = entry.store.view();
+            (
+                Tensor::cat(vec![k, keys], 2),
+                Tensor::cat(vec![v, values], 2),
+            )
+        };
+        let total = stored + new;
+        let layout = MaskLayout::contiguous(entry.seen - stored, total);
+        // Keep the last `window - 1` tokens in the static buffer.
+        let keep = total.min(kept);
+        let [b, h, _, dk] = full_k.dims();
+        let dv = full_v.dims()[3];
+        let tail_k = full_k
+            .clone()
+            .slice([0..b, 0..h, total - keep..total, 0..dk]);
+        let tail_v = full_v
+            .clone()
+            .slice([0..b, 0..h, total - keep..total, 0..dv]);
+        entry.store.truncate(0);
+        entry.store.write_at(0, tail_k, tail_v);
+        entry.store.truncate(keep);
+        entry.seen += new;
+        Ok((full_k, full_v, layout))
+    }
+
+    fn seq_length(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.seen)
+    }
+
+    fn max_length(&self) -> Option<usize> {
+        None
+    }
+
+    fn mask_layout(&self, layer: usize, query_length: usize) -> MaskLayout {
+        let (seen, stored) = self
+            .layers
+            .get(layer)
+            .map_or((0, 0), |l| (l.seen, l.store.len()));
+        MaskLayout::contiguous(seen - stored, stored + query_length)
+    }
+
+    fn crop(&mut self, max_length: usize) -> Result<()> {
+        for layer in &mut self.layers {
+            if max_length >= layer.seen {
+                continue;
+            }
+            let dropped = layer.seen - max_length;
+            if dropped > 0 && layer.seen - layer.store.len() < max_length {
+                let stored = layer.store.len();
+                layer.store.truncate(stored.saturating_sub(dropped));
+                layer.seen = max_length;
+            } else {
+                // The tokens before the window are gone: cropping into them cannot be undone.
+                return Err(KvError::Unsupported {
+                    cache: "sliding_window cache",
+                    op: "crop to a length before the stored window",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn reorder(&mut self, beam_indices: &[usize]) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|l| l.store.select(beam_indices))
+    }
+
+    fn batch_size(&self) -> Option<usize> {
+        self.layers.first().map(|l| l.store.batch())
+    }
+
+    fn reset(&mut self) {
+        for layer in &mut self.layers {
+            layer.store.truncate(0);
+            layer.seen = 0;
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.store.memory_bytes()).sum()
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Cache> {
+        Box::new(self.clone())
+    }
+
+    fn name(&self) -> &'static str {
+        "sliding_window"
+    }
+}

@@ -1,0 +1,213 @@
+//! Growable per-layer key/value buffers shared by the cache types.
+//!
+//! Keys and values live in buffers `[batch, heads, capacity, head_dim]` written in place with
+//! `slice_assign` (burn backends write in place when the buffer is not shared), so appending a
+//! token costs O(new tokens), and growing doubles the capacity: O(1) amortised per token.
+//! Clones share the buffers; the first write after a clone copies (copy-on-write).
+
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use cachet_tensor::MemoryFootprint;
+
+use crate::error::{KvError, Result};
+
+/// Keys and values of one layer with their fill level.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerStore {
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    len: usize,
+}
+
+impl LayerStore {
+    /// An empty store shaped like `keys`/`values` with room for `capacity` tokens.
+    pub fn with_capacity(keys: &Tensor<4>, values: &Tensor<4>, capacity: usize) -> Self {
+        let alloc = |t: &Tensor<4>| {
+            let [b, h, _, d] = t.dims();
+            Tensor::<4>::zeros([b, h, capacity, d], (&t.device(), t.dtype()))
+        };
+        Self {
+            keys: alloc(keys),
+            values: alloc(values),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.keys.dims()[2]
+    }
+
+    pub fn batch(&self) -> usize {
+        self.keys.dims()[0]
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.keys.dtype()
+    }
+
+    /// Checks that new keys/values fit this store's batch, heads, widths and dtype.
+    pub fn check(&self, layer: usize, keys: &Tensor<4>, values: &Tensor<4>) -> Result<()> {
+        check_pair(layer, keys, values)?;
+        let [b, h, _, dk] = self.keys.dims();
+        let [_, _, _, dv] = self.values.dims();
+        let [kb, kh, _, kd] = keys.dims();
+        let vd = values.dims()[3];
+        if (kb, kh, kd, vd) != (b, h, dk, dv) {
+            return Err(KvError::Shape {
+                layer,
+                what: format!(
+                    "new keys [{kb}, {kh}, _, {kd}] / values head_dim {vd} do not match the cached [{b}, {h}, _, {dk}] / {dv}"
+                ),
+            });
+        }
+        if keys.dtype() != self.dtype() {
+            return Err(KvError::DType {
+                layer,
+                expected: self.dtype(),
+                got: keys.dtype(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Ensures room for `extra` more tokens, doubling the capacity when it must grow.
+    pub fn reserve(&mut self, extra: usize) {
+        let needed = self.len + extra;
+        if needed <= self.capacity() {
+            return;
+        }
+        let capacity = needed.max(self.capacity() * 2).max(16);
+        let mut grown = Self::with_capacity(&self.keys, &self.values, capacity);
+        if self.len > 0 {
+            let (k, v) = self.view();
+            grown.write_at(0, k, v);
+        }
+        grown.len = self.len;
+        *self = grown;
+    }
+
+    /// Writes `keys`/`values` at token offset `at` (the caller guarantees capacity).
+    pub fn write_at(&mut self, at: usize, keys: Tensor<4>, values: Tensor<4>) {
+        let n = keys.dims()[2];
+        let [b, h, _, dk] = self.keys.dims();
+        let dv = self.values.dims()[3];
+        // Take the buffers out so they are uniquely owned and written in place.
+        let k = std::mem::replace(&mut self.keys, keys.clone().slice([0..0, 0..0, 0..0, 0..0]));
+        let v = std::mem::replace(
+            &mut self.values,
+            values.clone().slice([0..0, 0..0, 0..0, 0..0]),
+        );
+        self.keys = k.slice_assign([0..b, 0..h, at..at + n, 0..dk], keys);
+        self.values = v.slice_assign([0..b, 0..h, at..at + n, 0..dv], values);
+        self.len = self.len.max(at + n);
+    }
+
+    /// Appends after the stored tokens, growing if needed.
+    pub fn append(&mut self, keys: Tensor<4>, values: Tensor<4>) {
+        self.reserve(keys.dims()[2]);
+        let at = self.len;
+        self.write_at(at, keys, values);
+    }
+
+    /// The stored tokens (views of the buffers).
+    pub fn view(&self) -> (Tensor<4>, Tensor<4>) {
+        self.view_range(0, self.len)
+    }
+
+    /// Tokens `from..to` (views of the buffers).
+    pub fn view_range(&self, from: usize, to: usize) -> (Tensor<4>, Tensor<4>) {
+        let [b, h, _, dk] = self.keys.dims();
+        let dv = self.values.dims()[3];
+        (
+            self.keys.clone().slice([0..b, 0..h, from..to, 0..dk]),
+            self.values.clone().slice([0..b, 0..h, from..to, 0..dv]),
+        )
+    }
+
+    /// Forgets tokens past `len`.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Keeps batch rows `indices` in that order.
+    pub fn select(&mut self, indices: &[usize]) -> Result<()> {
+        let batch = self.batch();
+        if let Some(&index) = indices.iter().find(|&&i| i >= batch) {
+            return Err(KvError::BatchIndex { index, batch });
+        }
+        let device = self.keys.device();
+        let ids: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [indices.len()]), &device);
+        self.keys = self.keys.clone().select(0, ids.clone());
+        self.values = self.values.clone().select(0, ids);
+        Ok(())
+    }
+}
+
+impl MemoryFootprint for LayerStore {
+    fn memory_bytes(&self) -> usize {
+        self.keys.memory_bytes() + self.values.memory_bytes()
+    }
+}
+
+/// Checks that keys and values agree on batch, heads and sequence length.
+pub(crate) fn check_pair(layer: usize, keys: &Tensor<4>, values: &Tensor<4>) -> Result<()> {
+    let [kb, kh, ks, _] = keys.dims();
+    let [vb, vh, vs, _] = values.dims();
+    if (kb, kh, ks) != (vb, vh, vs) {
+        return Err(KvError::Shape {
+            layer,
+            what: format!(
+                "keys {:?} and values {:?} disagree on batch, heads or length",
+                keys.dims(),
+                values.dims()
+            ),
+        });
+    }
+    if keys.dtype() != values.dtype() {
+        return Err(KvError::DType {
+            layer,
+            expected: keys.dtype(),
+            got: values.dtype(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `positions` are `expected, expected + 1, ...` for `new` tokens.
+pub(crate) fn check_positions(
+    layer: usize,
+    expected: usize,
+    positions: &[usize],
+    new: usize,
+) -> Result<()> {
+    let contiguous = positions.len() == new
+        && positions
+            .iter()
+            .enumerate()
+            .all(|(i, &p)| p == expected + i);
+    if contiguous {
+        Ok(())
+    } else {
+        Err(KvError::Position {
+            layer,
+            expected,
+            got: positions.iter().take(8).copied().collect(),
+        })
+    }
+}
+
+/// Checks that layers are created in order.
+pub(crate) fn check_layer_order(layer: usize, existing: usize) -> Result<()> {
+    if layer > existing {
+        Err(KvError::LayerOrder {
+            layer,
+            expected: existing,
+        })
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! Every cache type plugged into the Llama-family model: feeding tokens through a cache gives
+//! the logits of one forward over the whole sequence, and greedy decoding gives the same tokens.
+
+use cachet_integration_tests::{fixture, max_abs_diff, test_device};
+use cachet_kv::{
+    Cache, CacheConfig, CacheImplementation, DynamicCache, OffloadedCache, build_cache,
+};
+use cachet_models::{GreedyOptions, Llama, greedy};
+use cachet_tensor::{Device, Int, Precision, Tensor, TensorData};
+
+fn ids(rows: &[&[i64]], device: &Device) -> Tensor<2, Int> {
+    let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), rows[0].len()]), device)
+}
+
+fn to_vec(t: Tensor<3>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().unwrap()
+}
+
+/// Prefill 3 tokens, then feed the rest one at a time; compare with the full forward.
+fn incremental_matches_full(model: &Llama, cache: &mut dyn Cache, device: &Device) -> f32 {
+    let tokens: &[i64] = &[5, 17, 42, 9, 100, 3, 77, 250, 11, 12];
+    let full = to_vec(model.forward(ids(&[tokens], device), None, None).unwrap());
+    let mut got = to_vec(
+        model
+            .forward_with_cache(ids(&[&tokens[..3]], device), None, None, Some(cache))
+            .unwrap(),
+    );
+    for t in 3..tokens.len() {
+        let step = model
+            .forward_with_cache(ids(&[&tokens[t..t + 1]], device), None, None, Some(cache))
+            .unwrap();
+        got.extend(to_vec(step));
+    }
+    max_abs_diff(&got, &full)
+}
+
+#[test]
+fn every_exact_cache_type_matches_the_uncached_forward() {
+    let Some(device) = test_device() else { return };
+    for name in ["llama", "mistral", "qwen2"] {
+        let model = Llama::from_pretrained(fixture(name), &device, Precision::F32).unwrap();
+        let info = model.cache_info();
+        for implementation in [
+            CacheImplementation::Dynamic,
+            CacheImplementation::Static,
+            CacheImplementation::Offloaded,
+            CacheImplementation::OffloadedStatic,
+            CacheImplementation::SlidingWindow,
+        ] {
+            if implementation == CacheImplementation::SlidingWindow && info.sliding_window.is_none()
+            {
+                continue;
+            }
+            let mut cache =
+                build_cache(implementation, &CacheConfig::default(), &info, &device, 32).unwrap();
+            let diff = incremental_matches_full(&model, cache.as_mut(), &device);
+            assert!(
+                diff <= 1e-4,
+                "{name} with {implementation}: max |Δ| = {diff}"
+            );
+            assert_eq!(cache.seq_length(0), 10, "{name} {implementation}");
+        }
+    }
+}
+
+#[test]
+fn sliding_window_cache_is_bounded_and_rejects_models_without_a_window() {
+    let Some(device) = test_device() else { return };
+    let mistral = Llama::from_pretrained(fixture("mistral"), &device, Precision::F32).unwrap();
+    let info = mistral.cache_info();
+    let mut cache = build_cache(
+        CacheImplementation::SlidingWindow,
+        &CacheConfig::default(),
+        &info,
+        &device,
+        0,
+    )
+    .unwrap();
+    let options = GreedyOptions {
+        max_new_tokens: 20,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+    };
+    let with_window = greedy(&mistral, &[vec![3, 4, 5]], &options, Some(cache.as_mut())).unwrap();
+    let mut dynamic = DynamicCache::new();
+    let with_dynamic = greedy(&mistral, &[vec![3, 4, 5]], &options, Some(&mut dynamic)).unwrap();
+    assert_eq!(with_window.tokens, with_dynamic.tokens);
+    assert!(
+        cache.memory_bytes() < dynamic.memory_bytes(),
+        "window keeps fewer tokens"
+    );
+
+    let llama = Llama::from_pretrained(fixture("llama"), &device, Precision::F32).unwrap();
+    let err = build_cache(
+        CacheImplementation::SlidingWindow,
+        &CacheConfig::default(),
+        &llama.cache_info(),
+        &device,
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("sliding_window"), "{err}");
+}
+
+#[test]
+fn static_cache_overflow_is_a_clear_error() {
+    let Some(device) = test_device() else { return };
+    let model = Llama::from_pretrained(fixture("llama"), &device, Precision::F32).unwrap();
+    let config = CacheConfig {
+        max_cache_len: Some(6),
+        ..Default::default()
+    };
+    let mut cache = build_cache(
+        CacheImplementation::Static,
+        &config,
+        &model.cache_info(),
+        &device,
+        6,
+    )
+    .unwrap();
+    let options = GreedyOptions {
+        max_new_tokens: 10,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+    };
+    let err = greedy(&model, &[vec![1, 2, 3]], &options, Some(cache.as_mut()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("static cache is full") && err.contains("capacity 6"),
+        "{err}"
+    );
+}
+
+#[test]
+fn batched_left_padded_greedy_is_the_same_with_every_cache() {
+    let Some(device) = test_device() else { return };
+    let model = Llama::from_pretrained(fixture("mistral"), &device, Precision::F32).unwrap();
+    let prompts = vec![vec![3, 4, 5, 6, 7, 8], vec![9, 10]];
+    let options = GreedyOptions {
+        max_new_tokens: 6,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+    };
+    let plain = greedy(&model, &prompts, &options, None).unwrap();
+    for implementation in [
+        CacheImplementation::Dynamic,
+        CacheImplementation::Static,
+        CacheImplementation::SlidingWindow,
+    ] {
+        let mut cache = build_cache(
+            implementation,
+            &CacheConfig::default(),
+            &model.cache_info(),
+            &device,
+            16,
+        )
+        .unwrap();
+        let cached = greedy(&model, &prompts, &options, Some(cache.as_mut())).unwrap();
+        assert_eq!(plain.tokens, cached.tokens, "{implementation}");
+    }
+    for (row, prompt) in prompts.iter().enumerate() {
+        let alone = greedy(&model, std::slice::from_ref(prompt), &options, None).unwrap();
+        assert_eq!(alone.tokens[0], plain.tokens[row], "row {row}");
+    }
+}
+
+#[test]
+fn prefix_cache_clones_are_independent() {
+    let Some(device) = test_device() else { return };
+    let model = Llama::from_pretrained(fixture("llama"), &device, Precision::F32).unwrap();
+    let mut prefix = DynamicCache::new();
+    model
+        .forward_with_cache(
+            ids(&[&[1, 2, 3, 4]], &device),
+            None,
+            None,
+            Some(&mut prefix),
+        )
+        .unwrap();
+    let mut a = prefix.clone();
+    let mut b = prefix.clone();
+    let la = to_vec(
+        model
+            .forward_with_cache(ids(&[&[7]], &device), None, None, Some(&mut a))
+            .unwrap(),
+    );
+    let lb = to_vec(
+        model
+            .forward_with_cache(ids(&[&[8]], &device), None, None, Some(&mut b))
+            .unwrap(),
+    );
+    let fa = to_vec(
+        model
+            .forward(ids(&[&[1, 2, 3, 4, 7]], &device), None, None)
+            .unwrap(),
+    );
+    let fb = to_vec(
+        model
+            .forward(ids(&[&[1, 2, 3, 4, 8]], &device), None, None)
+            .unwrap(),
+    );
+    let vocab = model.config.vocab_size;
+    assert!(max_abs_diff(&la, &fa[4 * vocab..]) <= 1e-4);
+    assert!(max_abs_diff(&lb, &fb[4 * vocab..]) <= 1e-4);
+    assert_eq!(
+        prefix.seq_length(0),
+        4,
+        "the prefix is untouched by its clones"
+    );
+}
+
+#[test]
+fn offloaded_cache_reports_its_transfers() {
+    let Some(device) = test_device() else { return };
+    let model = Llama::from_pretrained(fixture("llama"), &device, Precision::F32).unwrap();
+    let host = cachet_tensor::DeviceSpec::Cpu.init().unwrap();
+    let mut cache = OffloadedCache::new(&device, &host);
+    let options = GreedyOptions {
+        max_new_tokens: 5,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+    };
+    let out = greedy(&model, &[vec![1, 2, 3]], &options, Some(&mut cache)).unwrap();
+    let mut dynamic = DynamicCache::new();
+    let reference = greedy(&model, &[vec![1, 2, 3]], &options, Some(&mut dynamic)).unwrap();
+    assert_eq!(out.tokens, reference.tokens);
+    if device != host {
+        let stats = cache.stats();
+        assert!(stats.uploads > 0 && stats.prefetched > 0, "{stats:?}");
+    }
+}
+
+#[test]
+fn a_bad_cache_position_surfaces_as_a_model_error() {
+    let Some(device) = test_device() else { return };
+    let model = Llama::from_pretrained(fixture("llama"), &device, Precision::F32).unwrap();
+    let mut cache = DynamicCache::new();
+    model
+        .forward_with_cache(ids(&[&[1, 2]], &device), None, None, Some(&mut cache))
+        .unwrap();
+    let err = model
+        .forward_with_cache(
+            ids(&[&[3]], &device),
+            Some(ids(&[&[1, 1]], &device)),
+            None,
+            Some(&mut cache),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("attention_mask"), "{err}");
+}
