@@ -13,6 +13,8 @@ pub mod llama;
 
 pub use cachet_kv::{Cache, MaskLayout};
 pub use error::{ModelError, Result};
-pub use generate::{Generation, GreedyOptions, greedy};
+pub use generate::{
+    Generation, GenerationConfig, GenerationOutput, GreedyOptions, generate, greedy,
+};
 pub use linear::{DenseFactory, LinearFactory, LinearLayer, LinearOp, LinearSpec};
 pub use llama::{Llama, LlamaConfig, ModelFamily};

@@ -480,11 +480,11 @@ impl Llama {
     }
 }
 
-/// Position ids from an attention mask, as generate computes them: `cumsum(mask) - 1`, with
-/// padding positions set to 1 (transformers' convention; they are masked anyway).
+/// Position ids from an attention mask, as transformers 5's generate computes them:
+/// `cumsum(mask) - 1`, with padding positions set to 0 (they are masked anyway).
 pub fn default_position_ids(attention_mask: Tensor<2, Int>) -> Tensor<2, Int> {
     let positions = attention_mask.clone().cumsum(1).sub_scalar(1);
-    positions.mask_fill(attention_mask.equal_elem(0), 1)
+    positions.mask_fill(attention_mask.equal_elem(0), 0)
 }
 
 /// Loads named tensors with shape checks, and projections through the factory.
