@@ -18,6 +18,9 @@ pub struct MaskLayout {
     pub sink_tokens: usize,
     /// Keys `>= valid_length` are padding slots of a preallocated cache and never attended.
     pub valid_length: usize,
+    /// An attention window the cache imposes (a sliding-window cache on a model without one):
+    /// a query at position `p` only sees keys at positions `> p - window`.
+    pub window: Option<usize>,
 }
 
 impl MaskLayout {
@@ -28,6 +31,7 @@ impl MaskLayout {
             kv_offset: offset,
             sink_tokens: 0,
             valid_length: len,
+            window: None,
         }
     }
 

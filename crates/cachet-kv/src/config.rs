@@ -15,6 +15,9 @@ use crate::sink::SinkCache;
 use crate::sliding::SlidingWindowCache;
 use crate::static_cache::StaticCache;
 
+/// Sink window when `cache_config.window_length` is not given (the guide's example value).
+pub const DEFAULT_SINK_WINDOW: usize = 256;
+
 /// transformers' `cache_implementation` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -183,14 +186,12 @@ pub fn build_cache(
         )?),
         CacheImplementation::SlidingWindow => {
             let window = config.sliding_window.or(model.sliding_window).ok_or_else(|| {
-                KvError::Config("sliding_window cache needs a model with a sliding_window (e.g. Mistral) or cache_config.sliding_window".into())
+                KvError::Config("sliding_window cache needs a model with a sliding_window (e.g. Mistral) or cache_config.sliding_window (which then limits the model's attention to that window)".into())
             })?;
             Box::new(SlidingWindowCache::new(window)?)
         }
         CacheImplementation::Sink => Box::new(SinkCache::new(
-            config.window_length.ok_or_else(|| {
-                KvError::Config("sink cache needs cache_config.window_length".into())
-            })?,
+            config.window_length.unwrap_or(DEFAULT_SINK_WINDOW),
             config.num_sink_tokens.unwrap_or(4),
             model.rope_inv_freq.clone(),
         )?),

@@ -205,6 +205,7 @@ impl Cache for SinkCache {
                 kv_offset: entry.seen - (len - sinks),
                 sink_tokens: sinks,
                 valid_length: len,
+                window: None,
             }
         };
         Ok((k, v, layout))
@@ -232,6 +233,7 @@ impl Cache for SinkCache {
                         kv_offset: l.seen + query_length - (len - self.num_sink_tokens),
                         sink_tokens: self.num_sink_tokens,
                         valid_length: len,
+                        window: None,
                     }
                 }
             }

@@ -78,7 +78,10 @@ impl Cache for SlidingWindowCache {
             )
         };
         let total = stored + new;
-        let layout = MaskLayout::contiguous(entry.seen - stored, total);
+        let layout = MaskLayout {
+            window: Some(self.window),
+            ..MaskLayout::contiguous(entry.seen - stored, total)
+        };
         // Keep the last `window - 1` tokens in the static buffer.
         let keep = total.min(kept);
         let [b, h, _, dk] = full_k.dims();
@@ -109,7 +112,10 @@ impl Cache for SlidingWindowCache {
             .layers
             .get(layer)
             .map_or((0, 0), |l| (l.seen, l.store.len()));
-        MaskLayout::contiguous(seen - stored, stored + query_length)
+        MaskLayout {
+            window: Some(self.window),
+            ..MaskLayout::contiguous(seen - stored, stored + query_length)
+        }
     }
 
     fn crop(&mut self, max_length: usize) -> Result<()> {

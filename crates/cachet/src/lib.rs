@@ -4,5 +4,6 @@
 //! on a single crate (e.g. `cachet-tensor`) to pull in only what it needs. Backends are cargo
 //! features: `flex` (CPU, default) and `wgpu`.
 
+pub use cachet_kv as kv;
 pub use cachet_models as models;
 pub use cachet_tensor as tensor;

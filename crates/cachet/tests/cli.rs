@@ -59,6 +59,114 @@ fn generate_on_the_embedded_default_matches_transformers() {
 }
 
 #[test]
+fn every_cache_type_runs_on_the_embedded_default_and_reports_its_bytes() {
+    let reference = embedded_reference_tokens();
+    for cache in [
+        "dynamic",
+        "static",
+        "offloaded",
+        "offloaded_static",
+        "sliding_window",
+        "sink",
+    ] {
+        let output = cachet(&[
+            "generate",
+            "--json",
+            "--cache",
+            cache,
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+        ]);
+        let json = stdout_json(&output);
+        let tokens: Vec<u64> = json["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            tokens, reference,
+            "{cache}: the window (64/256) is longer than the sequence, so tokens are exact"
+        );
+        assert_eq!(json["cache"], cache);
+        assert!(json["cache_bytes"].as_u64().unwrap() > 0, "{cache}");
+    }
+    let output = cachet(&[
+        "generate",
+        "--json",
+        "--cache",
+        "none",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(stdout_json(&output)["cache_bytes"], 0);
+}
+
+#[test]
+fn beams_and_batches_print_lists_of_lists() {
+    let output = cachet(&[
+        "generate",
+        "--json",
+        "--num-beams",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+    ]);
+    let json = stdout_json(&output);
+    let tokens = json["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 3);
+    assert!(tokens.iter().all(|t| t.as_array().unwrap().len() == 4));
+    assert_eq!(json["sequence_scores"].as_array().unwrap().len(), 3);
+    let output = cachet(&[
+        "generate",
+        "--json",
+        "--prompt-ids",
+        "1,2,3",
+        "--prompt-ids",
+        "4",
+        "--max-new-tokens",
+        "2",
+    ]);
+    let json = stdout_json(&output);
+    assert_eq!(json["tokens"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn static_cache_overflow_and_bad_cache_config_fail_clearly() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "generate",
+                "--cache",
+                "static",
+                "--cache-config",
+                r#"{"max_cache_len": 6}"#,
+                "--max-new-tokens",
+                "8",
+                "--ignore-eos",
+            ],
+            "static cache is full",
+        ),
+        (
+            &["generate", "--cache-config", r#"{"max_cache_lenn": 6}"#],
+            "unknown field `max_cache_lenn`",
+        ),
+        (
+            &["generate", "--cache", "paged"],
+            "unknown cache implementation",
+        ),
+    ];
+    for (args, needle) in cases {
+        let output = cachet(args);
+        assert!(!output.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn generate_reads_a_checkpoint_directory() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2");
     let output = cachet(&[

@@ -146,6 +146,10 @@ fn attention_mask(
     for &query in &ctx.cache_position {
         for j in 0..kv_len {
             let key = layout.position(j);
+            let window = match (window, layout.window) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let outside_window = window.is_some_and(|w| query >= key + w);
             blocked.push(key > query || outside_window || j >= layout.valid_length);
         }
