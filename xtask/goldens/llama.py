@@ -449,7 +449,9 @@ def write_fixture(
         else:
             raise RuntimeError("no seed gives a robust greedy continuation of the fixed prompt")
     vectors, info = make_vectors(model, seed, cases, new_tokens, fixed_prompt)
-    tmp = Path(tempfile.mkdtemp(prefix=f"goldens-{name}-", dir=str(out_dir.parent)))
+    # Staged in the system temp dir (never inside the source tree, where a half-written
+    # directory could be committed), then copied over the previous outputs once verified.
+    tmp = Path(tempfile.mkdtemp(prefix=f"cachet-goldens-{name}-"))
     try:
         to_save = model
         if save_bf16:
@@ -480,7 +482,7 @@ def write_fixture(
                 raise RuntimeError(f"unexpected file written by save_pretrained: {f.name}")
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        shutil.copytree(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

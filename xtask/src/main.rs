@@ -185,6 +185,8 @@ fn ci(root: &Path, wgpu: bool, quick: bool) -> Result<()> {
                 "--no-default-features",
                 "--features",
                 "wgpu",
+                "--",
+                "--nocapture",
             ],
             env: &[],
         });
