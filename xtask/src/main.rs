@@ -182,7 +182,6 @@ fn ci(root: &Path, wgpu: bool, quick: bool) -> Result<()> {
                 "test",
                 "-p",
                 "cachet-integration-tests",
-                "--no-default-features",
                 "--features",
                 "wgpu",
                 "--",

@@ -11,6 +11,7 @@ use crate::cache::Cache;
 use crate::dynamic::DynamicCache;
 use crate::error::{KvError, Result};
 use crate::offloaded::{OffloadedCache, OffloadedStaticCache};
+use crate::quantized::{QuantizedCache, QuantizedCacheConfig};
 use crate::sink::SinkCache;
 use crate::sliding::SlidingWindowCache;
 use crate::static_cache::StaticCache;
@@ -110,12 +111,13 @@ pub struct CacheConfig {
     /// quantized: bits per value (2, 4 or 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbits: Option<u8>,
-    /// quantized: axis keys are quantized along.
+    /// quantized: axis keys are grouped along, in the backend's numbering (quanto: 0 per token,
+    /// -1 per channel; hqq: 1 per token, 0 per channel). Default: per channel (KIVI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub axis_key: Option<usize>,
-    /// quantized: axis values are quantized along.
+    pub axis_key: Option<i64>,
+    /// quantized: axis values are grouped along (numbering as `axis_key`). Default: per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub axis_value: Option<usize>,
+    pub axis_value: Option<i64>,
     /// quantized: group size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub q_group_size: Option<usize>,
@@ -195,11 +197,8 @@ pub fn build_cache(
             config.num_sink_tokens.unwrap_or(4),
             model.rope_inv_freq.clone(),
         )?),
-        CacheImplementation::Quantized => {
-            return Err(KvError::Unsupported {
-                cache: "this build",
-                op: "the quantized cache yet",
-            });
-        }
+        CacheImplementation::Quantized => Box::new(QuantizedCache::new(
+            QuantizedCacheConfig::from_cache_config(config)?,
+        )?),
     })
 }

@@ -14,6 +14,8 @@ struct SinkLayer {
     keys: Tensor<4>,
     values: Tensor<4>,
     seen: usize,
+    /// Whether tokens were ever evicted (the sinks then no longer precede contiguous keys).
+    shifted: bool,
 }
 
 /// Attention-sink cache with RoPE re-rotation of shifted keys.
@@ -126,6 +128,7 @@ impl Cache for SinkCache {
                 keys: keys.clone(),
                 values: values.clone(),
                 seen: new,
+                shifted: false,
             });
             return Ok((keys, values, MaskLayout::contiguous(0, new)));
         }
@@ -166,6 +169,7 @@ impl Cache for SinkCache {
             }
         };
         let entry = &mut self.layers[layer];
+        let rotation_applied = rotation.is_some();
         let (k, v) = match rotation {
             None => (
                 Tensor::cat(vec![entry.keys.clone(), keys], 2),
@@ -193,10 +197,11 @@ impl Cache for SinkCache {
             }
         };
         entry.seen += new;
+        entry.shifted |= rotation_applied;
         entry.keys = k.clone();
         entry.values = v.clone();
         let len = k.dims()[2];
-        let layout = if entry.seen == len {
+        let layout = if !entry.shifted {
             MaskLayout::contiguous(0, len)
         } else {
             // Sinks hold positions 0..sinks; the rest are the most recent tokens.
@@ -224,7 +229,7 @@ impl Cache for SinkCache {
             None => MaskLayout::contiguous(0, query_length),
             Some(l) => {
                 let stored = l.keys.dims()[2];
-                if stored + query_length < self.window_length {
+                if !l.shifted && stored + query_length < self.window_length {
                     MaskLayout::contiguous(0, stored + query_length)
                 } else {
                     let len = self.window_length;
@@ -245,7 +250,7 @@ impl Cache for SinkCache {
             if max_length >= layer.seen {
                 continue;
             }
-            if layer.seen != layer.keys.dims()[2] {
+            if layer.shifted {
                 return Err(KvError::Unsupported {
                     cache: "sink cache",
                     op: "crop after tokens were evicted",

@@ -1,0 +1,318 @@
+//! Cache semantics and bad input, for every cache type: what is stored, what is returned,
+//! cheap clones, beam reordering, and a typed error for each misuse.
+
+use burn::tensor::{DType, Device, Distribution, Tensor};
+use cachet_kv::{
+    Cache, CacheConfig, CacheImplementation, DynamicCache, KvError, OffloadedCache, SinkCache,
+    SlidingWindowCache, StaticCache, build_cache,
+};
+
+fn kv(batch: usize, len: usize, device: &Device) -> Tensor<4> {
+    Tensor::random([batch, 2, len, 4], Distribution::Default, device)
+}
+
+fn values(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().unwrap()
+}
+
+fn all_caches(device: &Device) -> Vec<Box<dyn Cache>> {
+    vec![
+        Box::new(DynamicCache::new()),
+        Box::new(StaticCache::new(64).unwrap()),
+        Box::new(SlidingWindowCache::new(8).unwrap()),
+        Box::new(SinkCache::new(16, 2, vec![1.0, 0.1]).unwrap()),
+        Box::new(OffloadedCache::new(device, device)),
+    ]
+}
+
+#[test]
+fn update_returns_past_and_new_tokens_in_order() {
+    let device = Device::flex();
+    for mut cache in all_caches(&device) {
+        let a = kv(1, 3, &device);
+        let b = kv(1, 1, &device);
+        cache.update(0, a.clone(), a.clone(), &[0, 1, 2]).unwrap();
+        let (k, v, layout) = cache.update(0, b.clone(), b.clone(), &[3]).unwrap();
+        let name = cache.name();
+        assert_eq!(k.dims()[2], 4, "{name}");
+        assert_eq!(layout.kv_length, 4, "{name}");
+        assert_eq!(layout.position(3), 3, "{name}");
+        let expect: Vec<f32> = {
+            let both = Tensor::cat(vec![a, b], 2);
+            values(both)
+        };
+        assert_eq!(values(k), expect, "{name} keys");
+        assert_eq!(values(v), expect, "{name} values");
+        assert_eq!(cache.seq_length(0), 4, "{name}");
+    }
+}
+
+#[test]
+fn positions_may_not_skip_or_rewind() {
+    let device = Device::flex();
+    for mut cache in all_caches(&device) {
+        let a = kv(1, 2, &device);
+        cache.update(0, a.clone(), a.clone(), &[0, 1]).unwrap();
+        for bad in [[3usize], [1]] {
+            let err = cache
+                .update(0, kv(1, 1, &device), kv(1, 1, &device), &bad)
+                .unwrap_err();
+            assert!(
+                matches!(err, KvError::Position { expected: 2, .. }),
+                "{}: {err}",
+                cache.name()
+            );
+        }
+        let err = cache.update(2, a.clone(), a, &[0, 1]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KvError::LayerOrder {
+                    layer: 2,
+                    expected: 1
+                }
+            ),
+            "{}: {err}",
+            cache.name()
+        );
+    }
+}
+
+#[test]
+fn shapes_and_dtypes_must_match_the_cache() {
+    let device = Device::flex();
+    for mut cache in all_caches(&device) {
+        let a = kv(1, 2, &device);
+        cache.update(0, a.clone(), a, &[0, 1]).unwrap();
+        let wrong_heads = Tensor::<4>::zeros([1, 3, 1, 4], &device);
+        let err = cache
+            .update(0, wrong_heads.clone(), wrong_heads, &[2])
+            .unwrap_err();
+        assert!(
+            matches!(err, KvError::Shape { .. }),
+            "{}: {err}",
+            cache.name()
+        );
+        let half = Tensor::<4>::zeros([1, 2, 1, 4], (&device, DType::F16));
+        let err = cache.update(0, half.clone(), half, &[2]).unwrap_err();
+        assert!(
+            matches!(err, KvError::DType { .. }),
+            "{}: {err}",
+            cache.name()
+        );
+        let k = kv(1, 1, &device);
+        let v = kv(1, 2, &device);
+        let err = cache.update(0, k, v, &[2]).unwrap_err();
+        assert!(
+            matches!(err, KvError::Shape { .. }),
+            "{}: keys/values disagree: {err}",
+            cache.name()
+        );
+    }
+}
+
+#[test]
+fn reorder_follows_beams_and_rejects_bad_indices() {
+    let device = Device::flex();
+    for mut cache in all_caches(&device) {
+        let a = kv(3, 2, &device);
+        cache.update(0, a.clone(), a.clone(), &[0, 1]).unwrap();
+        cache.reorder(&[2, 2, 0]).unwrap();
+        let (k, _, _) = cache
+            .update(0, kv(3, 1, &device), kv(3, 1, &device), &[2])
+            .unwrap();
+        let rows = |t: Tensor<4>, r: usize| values(t.slice([r..r + 1, 0..2, 0..2, 0..4]));
+        assert_eq!(rows(k.clone(), 0), rows(a.clone(), 2), "{}", cache.name());
+        assert_eq!(rows(k.clone(), 1), rows(a.clone(), 2), "{}", cache.name());
+        assert_eq!(rows(k, 2), rows(a, 0), "{}", cache.name());
+        let err = cache.reorder(&[0, 3]).unwrap_err();
+        assert!(
+            matches!(err, KvError::BatchIndex { index: 3, batch: 3 }),
+            "{}: {err}",
+            cache.name()
+        );
+        cache.batch_repeat_interleave(2).unwrap();
+        assert_eq!(cache.batch_size(), Some(6), "{}", cache.name());
+        cache.batch_select(&[5, 0]).unwrap();
+        assert_eq!(cache.batch_size(), Some(2), "{}", cache.name());
+    }
+}
+
+#[test]
+fn clones_do_not_see_each_others_writes() {
+    let device = Device::flex();
+    for mut cache in all_caches(&device) {
+        let a = kv(1, 3, &device);
+        cache.update(0, a.clone(), a, &[0, 1, 2]).unwrap();
+        let mut copy = cache.clone();
+        let x = kv(1, 1, &device);
+        let y = kv(1, 1, &device);
+        let (kx, _, _) = cache.update(0, x.clone(), x, &[3]).unwrap();
+        let (ky, _, _) = copy.update(0, y.clone(), y.clone(), &[3]).unwrap();
+        assert_ne!(values(kx.clone()), values(ky.clone()), "{}", cache.name());
+        assert_eq!(
+            values(ky.slice([0..1, 0..2, 3..4, 0..4])),
+            values(y),
+            "{}",
+            cache.name()
+        );
+    }
+}
+
+#[test]
+fn crop_rewinds_and_reset_empties() {
+    let device = Device::flex();
+    for implementation in [CacheImplementation::Dynamic, CacheImplementation::Static] {
+        let info = cachet_kv::ModelCacheInfo {
+            num_layers: 1,
+            sliding_window: None,
+            rope_inv_freq: vec![1.0, 0.1],
+        };
+        let mut cache =
+            build_cache(implementation, &CacheConfig::default(), &info, &device, 16).unwrap();
+        let a = kv(1, 5, &device);
+        cache
+            .update(0, a.clone(), a.clone(), &[0, 1, 2, 3, 4])
+            .unwrap();
+        cache.crop(2).unwrap();
+        assert_eq!(cache.seq_length(0), 2);
+        let (k, _, _) = cache
+            .update(0, kv(1, 1, &device), kv(1, 1, &device), &[2])
+            .unwrap();
+        assert_eq!(
+            values(k.slice([0..1, 0..2, 0..2, 0..4])),
+            values(a.slice([0..1, 0..2, 0..2, 0..4]))
+        );
+        cache.reset();
+        assert_eq!(cache.seq_length(0), 0);
+    }
+}
+
+#[test]
+fn static_cache_full_is_an_error_and_keeps_its_contents() {
+    let device = Device::flex();
+    let mut cache = StaticCache::new(4).unwrap();
+    let a = kv(1, 3, &device);
+    cache.update(0, a.clone(), a, &[0, 1, 2]).unwrap();
+    let err = cache
+        .update(0, kv(1, 2, &device), kv(1, 2, &device), &[3, 4])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KvError::Full {
+                capacity: 4,
+                stored: 3,
+                new: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(cache.seq_length(0), 3, "a refused update loses nothing");
+    assert_eq!(cache.max_length(), Some(4));
+    let bytes = cache.memory_bytes();
+    assert_eq!(
+        bytes,
+        2 * 4 * 2 * 4 * 4,
+        "preallocated [1, 2, 4, 4] keys and values in f32"
+    );
+}
+
+#[test]
+fn dynamic_cache_grows_geometrically() {
+    let device = Device::flex();
+    let mut cache = DynamicCache::new();
+    let mut allocations = std::collections::BTreeSet::new();
+    for t in 0..300 {
+        let x = kv(1, 1, &device);
+        cache.update(0, x.clone(), x, &[t]).unwrap();
+        allocations.insert(cache.memory_bytes());
+    }
+    assert!(allocations.len() <= 6, "capacity doubles: {allocations:?}");
+}
+
+#[test]
+fn sliding_window_keeps_window_minus_one_tokens() {
+    let device = Device::flex();
+    let mut cache = SlidingWindowCache::new(4).unwrap();
+    let a = kv(1, 6, &device);
+    let (k, _, layout) = cache
+        .update(0, a.clone(), a.clone(), &[0, 1, 2, 3, 4, 5])
+        .unwrap();
+    assert_eq!(k.dims()[2], 6, "a long prefill attends to all of itself");
+    assert_eq!(layout.window, Some(4));
+    let (k, _, layout) = cache
+        .update(0, kv(1, 1, &device), kv(1, 1, &device), &[6])
+        .unwrap();
+    assert_eq!(k.dims()[2], 4, "3 kept + 1 new");
+    assert_eq!(layout.kv_offset, 3);
+    assert_eq!(
+        values(k.slice([0..1, 0..2, 0..3, 0..4])),
+        values(a.slice([0..1, 0..2, 3..6, 0..4]))
+    );
+}
+
+#[test]
+fn sink_cache_keeps_sinks_and_rerotates_the_rest() {
+    let device = Device::flex();
+    let mut cache = SinkCache::new(4, 1, vec![0.5, 0.05]).unwrap();
+    let a = kv(1, 3, &device);
+    cache.update(0, a.clone(), a.clone(), &[0, 1, 2]).unwrap();
+    let (k, v, layout) = cache
+        .update(0, kv(1, 1, &device), kv(1, 1, &device), &[3])
+        .unwrap();
+    assert_eq!(k.dims()[2], 4);
+    assert_eq!(layout.sink_tokens, 1);
+    assert_eq!(
+        values(v.clone().slice([0..1, 0..2, 0..1, 0..4])),
+        values(a.clone().slice([0..1, 0..2, 0..1, 0..4])),
+        "sink kept"
+    );
+    // Values are never rotated: the kept window is the last two of the three stored.
+    assert_eq!(
+        values(v.slice([0..1, 0..2, 1..3, 0..4])),
+        values(a.clone().slice([0..1, 0..2, 1..3, 0..4]))
+    );
+    // Keys are rotated back by one position: their norm per rotation pair is unchanged.
+    let kept = values(k.slice([0..1, 0..2, 1..3, 0..4]));
+    let orig = values(a.slice([0..1, 0..2, 1..3, 0..4]));
+    assert_ne!(kept, orig);
+    for (row_k, row_o) in kept.chunks(4).zip(orig.chunks(4)) {
+        for j in 0..2 {
+            let nk = row_k[j].hypot(row_k[j + 2]);
+            let no = row_o[j].hypot(row_o[j + 2]);
+            assert!((nk - no).abs() < 1e-5);
+        }
+    }
+    let too_long = kv(1, 5, &device);
+    let mut fresh = SinkCache::new(4, 1, vec![0.5, 0.05]).unwrap();
+    let err = fresh
+        .update(0, too_long.clone(), too_long, &[0, 1, 2, 3, 4])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("longer than the sink cache window"), "{err}");
+}
+
+#[test]
+fn cache_names_and_configs_are_validated() {
+    assert_eq!(
+        "offloaded_static".parse::<CacheImplementation>().unwrap(),
+        CacheImplementation::OffloadedStatic
+    );
+    let err = "hybrid"
+        .parse::<CacheImplementation>()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown cache implementation \"hybrid\""),
+        "{err}"
+    );
+    let err = CacheConfig::from_json(r#"{"window_lenght": 3}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("window_lenght"), "{err}");
+    assert!(StaticCache::new(0).is_err());
+    assert!(SlidingWindowCache::new(1).is_err());
+    assert!(SinkCache::new(4, 4, vec![1.0]).is_err());
+}
