@@ -18,6 +18,9 @@ pub struct MaskLayout {
     pub sink_tokens: usize,
     /// Keys `>= valid_length` are padding slots of a preallocated cache and never attended.
     pub valid_length: usize,
+    /// Ring buffers: the non-sink keys are the contiguous run starting at `kv_offset`, rotated so
+    /// that the oldest sits at index `sink_tokens + rotation` (0 = in order).
+    pub rotation: usize,
     /// An attention window the cache imposes (a sliding-window cache on a model without one):
     /// a query at position `p` only sees keys at positions `> p - window`.
     pub window: Option<usize>,
@@ -31,6 +34,7 @@ impl MaskLayout {
             kv_offset: offset,
             sink_tokens: 0,
             valid_length: len,
+            rotation: 0,
             window: None,
         }
     }
@@ -38,10 +42,11 @@ impl MaskLayout {
     /// Absolute position of key `j`.
     pub fn position(&self, j: usize) -> usize {
         if j < self.sink_tokens {
-            j
-        } else {
-            self.kv_offset + (j - self.sink_tokens)
+            return j;
         }
+        let n = self.kv_length - self.sink_tokens;
+        let index = j - self.sink_tokens;
+        self.kv_offset + (index + n - self.rotation % n.max(1)) % n.max(1)
     }
 }
 

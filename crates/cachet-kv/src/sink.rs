@@ -210,6 +210,7 @@ impl Cache for SinkCache {
                 kv_offset: entry.seen - (len - sinks),
                 sink_tokens: sinks,
                 valid_length: len,
+                rotation: 0,
                 window: None,
             }
         };
@@ -238,6 +239,7 @@ impl Cache for SinkCache {
                         kv_offset: l.seen + query_length - (len - self.num_sink_tokens),
                         sink_tokens: self.num_sink_tokens,
                         valid_length: len,
+                        rotation: 0,
                         window: None,
                     }
                 }

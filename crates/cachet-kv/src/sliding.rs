@@ -1,5 +1,9 @@
 //! [`SlidingWindowCache`]: Mistral's sliding-window attention with static-shaped storage: each
-//! layer keeps only the last `sliding_window - 1` tokens, all a future query can still see.
+//! layer keeps only the last `sliding_window` tokens, all a future query can still see.
+//!
+//! Decoding one token writes it over the oldest slot of a ring buffer (O(1), no shifting) and
+//! returns the buffer in ring order with a rotated [`MaskLayout`]; multi-token updates (prefill,
+//! chunks) attend to the stored tail plus all new tokens, then keep the last window.
 
 use burn::tensor::Tensor;
 use cachet_tensor::MemoryFootprint;
@@ -10,7 +14,9 @@ use crate::store::{LayerStore, check_layer_order, check_pair, check_positions};
 
 #[derive(Debug, Clone)]
 struct WindowLayer {
+    /// `window` slots; logical token `i` of the stored run is at slot `(head + i) % window`.
     store: LayerStore,
+    head: usize,
     seen: usize,
 }
 
@@ -19,6 +25,31 @@ struct WindowLayer {
 pub struct SlidingWindowCache {
     window: usize,
     layers: Vec<WindowLayer>,
+}
+
+/// The stored run in logical order (oldest first).
+fn ordered(store: &LayerStore, head: usize, stored: usize) -> (Tensor<4>, Tensor<4>) {
+    if head == 0 {
+        return store.view_range(0, stored);
+    }
+    let (k1, v1) = store.view_range(head, stored);
+    let (k0, v0) = store.view_range(0, head);
+    (Tensor::cat(vec![k1, k0], 2), Tensor::cat(vec![v1, v0], 2))
+}
+
+impl WindowLayer {
+    /// Rewrites the ring in logical order (head 0).
+    fn linearize(&mut self) {
+        if self.head == 0 {
+            return;
+        }
+        let stored = self.store.len();
+        let (k, v) = ordered(&self.store, self.head, stored);
+        self.store.truncate(0);
+        self.store.write_at(0, k, v);
+        self.store.truncate(stored);
+        self.head = 0;
+    }
 }
 
 impl SlidingWindowCache {
@@ -39,10 +70,6 @@ impl SlidingWindowCache {
     pub fn sliding_window(&self) -> usize {
         self.window
     }
-
-    fn kept(&self) -> usize {
-        self.window - 1
-    }
 }
 
 impl Cache for SlidingWindowCache {
@@ -54,11 +81,12 @@ impl Cache for SlidingWindowCache {
         cache_position: &[usize],
     ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)> {
         check_layer_order(layer, self.layers.len())?;
-        let kept = self.kept();
+        let window = self.window;
         if layer == self.layers.len() {
             check_pair(layer, &keys, &values)?;
             self.layers.push(WindowLayer {
-                store: LayerStore::with_capacity(&keys, &values, kept),
+                store: LayerStore::with_capacity(&keys, &values, window),
+                head: 0,
                 seen: 0,
             });
         }
@@ -67,23 +95,41 @@ impl Cache for SlidingWindowCache {
         let new = keys.dims()[2];
         check_positions(layer, entry.seen, cache_position, new)?;
         let stored = entry.store.len();
-        // Attend to the stored tail plus the new tokens; the model's mask applies the window.
+        let windowed = |layout: MaskLayout| MaskLayout {
+            window: Some(window),
+            ..layout
+        };
+        if new == 1 {
+            // Ring write: the new token takes the slot after the newest (the oldest, once full).
+            let slot = (entry.head + stored) % window;
+            let len_before = entry.store.len();
+            entry.store.write_at(slot, keys, values);
+            let filled = (stored + 1).min(window);
+            entry.store.truncate(len_before.max(filled));
+            if stored == window {
+                entry.head = (entry.head + 1) % window;
+            }
+            entry.seen += 1;
+            let (k, v) = entry.store.view_range(0, filled);
+            let layout = MaskLayout {
+                rotation: entry.head,
+                ..MaskLayout::contiguous(entry.seen - filled, filled)
+            };
+            return Ok((k, v, windowed(layout)));
+        }
+        // Several tokens: attend to the stored run (in order) plus all new tokens.
         let (full_k, full_v) = if stored == 0 {
             (keys, values)
         } else {
-            let (k, v) = entry.store.view();
+            let (k, v) = ordered(&entry.store, entry.head, stored);
             (
                 Tensor::cat(vec![k, keys], 2),
                 Tensor::cat(vec![v, values], 2),
             )
         };
         let total = stored + new;
-        let layout = MaskLayout {
-            window: Some(self.window),
-            ..MaskLayout::contiguous(entry.seen - stored, total)
-        };
-        // Keep the last `window - 1` tokens in the static buffer.
-        let keep = total.min(kept);
+        let layout = windowed(MaskLayout::contiguous(entry.seen - stored, total));
+        let keep = total.min(window);
         let [b, h, _, dk] = full_k.dims();
         let dv = full_v.dims()[3];
         let tail_k = full_k
@@ -95,6 +141,7 @@ impl Cache for SlidingWindowCache {
         entry.store.truncate(0);
         entry.store.write_at(0, tail_k, tail_v);
         entry.store.truncate(keep);
+        entry.head = 0;
         entry.seen += new;
         Ok((full_k, full_v, layout))
     }
@@ -112,6 +159,21 @@ impl Cache for SlidingWindowCache {
             .layers
             .get(layer)
             .map_or((0, 0), |l| (l.seen, l.store.len()));
+        if query_length == 1 {
+            let filled = (stored + 1).min(self.window);
+            let head = self.layers.get(layer).map_or(0, |l| {
+                if stored == self.window {
+                    (l.head + 1) % self.window
+                } else {
+                    l.head
+                }
+            });
+            return MaskLayout {
+                rotation: head,
+                window: Some(self.window),
+                ..MaskLayout::contiguous(seen + 1 - filled, filled)
+            };
+        }
         MaskLayout {
             window: Some(self.window),
             ..MaskLayout::contiguous(seen - stored, stored + query_length)
@@ -120,6 +182,7 @@ impl Cache for SlidingWindowCache {
 
     fn crop(&mut self, max_length: usize) -> Result<()> {
         for layer in &mut self.layers {
+            layer.linearize();
             if max_length >= layer.seen {
                 continue;
             }
@@ -152,6 +215,7 @@ impl Cache for SlidingWindowCache {
     fn reset(&mut self) {
         for layer in &mut self.layers {
             layer.store.truncate(0);
+            layer.head = 0;
             layer.seen = 0;
         }
     }

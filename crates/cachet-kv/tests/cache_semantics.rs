@@ -233,7 +233,7 @@ fn dynamic_cache_grows_geometrically() {
 }
 
 #[test]
-fn sliding_window_keeps_window_minus_one_tokens() {
+fn sliding_window_is_a_ring_of_window_tokens() {
     let device = Device::flex();
     let mut cache = SlidingWindowCache::new(4).unwrap();
     let a = kv(1, 6, &device);
@@ -242,15 +242,34 @@ fn sliding_window_keeps_window_minus_one_tokens() {
         .unwrap();
     assert_eq!(k.dims()[2], 6, "a long prefill attends to all of itself");
     assert_eq!(layout.window, Some(4));
-    let (k, _, layout) = cache
-        .update(0, kv(1, 1, &device), kv(1, 1, &device), &[6])
-        .unwrap();
-    assert_eq!(k.dims()[2], 4, "3 kept + 1 new");
-    assert_eq!(layout.kv_offset, 3);
+    let new = kv(1, 1, &device);
+    let predicted = cache.mask_layout(0, 1);
+    let (k, _, layout) = cache.update(0, new.clone(), new.clone(), &[6]).unwrap();
+    assert_eq!(layout, predicted, "mask_layout predicts the update");
+    assert_eq!(k.dims()[2], 4, "the last 4 tokens, new one included");
+    // The new token overwrote the oldest slot: ring order [6, 3, 4, 5].
+    assert_eq!(layout.rotation, 1);
     assert_eq!(
-        values(k.slice([0..1, 0..2, 0..3, 0..4])),
-        values(a.slice([0..1, 0..2, 3..6, 0..4]))
+        (0..4).map(|j| layout.position(j)).collect::<Vec<_>>(),
+        vec![6, 3, 4, 5]
     );
+    let slot = |t: &Tensor<4>, j: usize| values(t.clone().slice([0..1, 0..2, j..j + 1, 0..4]));
+    assert_eq!(slot(&k, 0), values(new));
+    for j in 1..4 {
+        assert_eq!(slot(&k, j), slot(&a, j + 2), "slot {j}");
+    }
+    assert_eq!(
+        cache.memory_bytes(),
+        2 * 4 * 2 * 4 * 4,
+        "storage stays at the window"
+    );
+    for t in 7..20 {
+        let x = kv(1, 1, &device);
+        let (_, _, layout) = cache.update(0, x.clone(), x, &[t]).unwrap();
+        let mut positions: Vec<usize> = (0..4).map(|j| layout.position(j)).collect();
+        positions.sort();
+        assert_eq!(positions, vec![t - 3, t - 2, t - 1, t]);
+    }
 }
 
 #[test]

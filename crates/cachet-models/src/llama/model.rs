@@ -188,7 +188,19 @@ fn attention_mask(
         Ok(part)
     };
     let sinks = layout.sink_tokens.min(kv_len);
-    let rest = columns(layout.kv_offset, layout.kv_offset + kv_len - sinks)?;
+    let n = kv_len - sinks;
+    let mut rest = columns(layout.kv_offset, layout.kv_offset + n)?;
+    let rotation = if n > 0 { layout.rotation % n } else { 0 };
+    if rotation > 0 {
+        // Physical key j holds logical key (j - rotation) mod n: rotate the flags the same way.
+        rest = Tensor::cat(
+            vec![
+                rest.clone().slice([0..batch, n - rotation..n]),
+                rest.slice([0..batch, 0..n - rotation]),
+            ],
+            1,
+        );
+    }
     let pad = if sinks > 0 {
         Tensor::cat(vec![columns(0, sinks)?, rest], 1)
     } else {
