@@ -20,7 +20,11 @@ pub fn test_device() -> Option<Device> {
         .parse()
         .expect("CACHET_TEST_DEVICE must be a device string");
     match spec.init() {
-        Ok(device) => Some(device),
+        Ok(device) => {
+            static ANNOUNCED: std::sync::Once = std::sync::Once::new();
+            ANNOUNCED.call_once(|| eprintln!("cachet integration tests run on {spec}: {device:?}"));
+            Some(device)
+        }
         Err(err) => {
             eprintln!("SKIPPED: cannot open test device {spec}: {err}");
             None

@@ -17,7 +17,13 @@ fn multi_turn_chat_reusing_one_cache_equals_a_fresh_run() {
     let config = GenerationConfig::greedy(5);
     let mut cache = DynamicCache::new();
     let turn1 = vec![1, 5, 9, 14];
-    let first = generate(&model, &[turn1.clone()], &config, Some(&mut cache)).unwrap();
+    let first = generate(
+        &model,
+        std::slice::from_ref(&turn1),
+        &config,
+        Some(&mut cache),
+    )
+    .unwrap();
     // Second turn: the whole conversation so far plus the new user tokens.
     let mut turn2 = turn1.clone();
     turn2.extend(&first.sequences[0]);

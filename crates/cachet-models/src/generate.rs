@@ -151,7 +151,7 @@ impl GenerationConfig {
                 self.num_return_sequences, self.num_beams
             ));
         }
-        if self.do_sample && !(self.temperature > 0.0) {
+        if self.do_sample && (self.temperature.is_nan() || self.temperature <= 0.0) {
             return bad(format!(
                 "temperature must be positive, got {}",
                 self.temperature
