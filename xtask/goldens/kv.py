@@ -84,6 +84,9 @@ def load(fx: Path):
     ) if TV >= (5, 0) else AutoModelForCausalLM.from_pretrained(
         str(fx), config=config, torch_dtype=torch.float32, attn_implementation="eager"
     )
+    # EOS stopping off. (4.52 replaces an explicit `eos_token_id=None` of the GenerationConfig
+    # passed to `generate` by the model's default, so it must be cleared on the model itself.)
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
@@ -192,7 +195,10 @@ def main_523(r: Path) -> None:
         reference = fixture_greedy(fx)
         for set_name, (rows, mask) in prompt_sets(fx).items():
             impls: list[tuple[str, dict | None]] = [("dynamic", None), ("static", None), ("sliding_window", None)]
-            impls += [("quantized", c) for c in quantized_configs()]
+            if getattr(model.config, "sliding_window", None) is None:
+                # transformers 5.23: "`QuantizedCache` is only supported for models with only full
+                # attention layers" (Mistral's layers are sliding_attention): no quantized goldens.
+                impls += [("quantized", c) for c in quantized_configs()]
             for impl, cfg in impls:
                 kw = {"cache_implementation": impl}
                 if cfg is not None:

@@ -279,6 +279,49 @@ impl GroupQuantized {
     }
 }
 
+/// Writes codes `first..first + dst.len()` of `packed` into `dst` as floats.
+fn decode_codes(packed: &[u8], nbits: u8, first: usize, dst: &mut [f32]) {
+    let per = 8 / nbits as usize;
+    if !first.is_multiple_of(per) {
+        for (i, x) in dst.iter_mut().enumerate() {
+            *x = code_at(packed, nbits, first + i) as f32;
+        }
+        return;
+    }
+    let bytes = &packed[first / per..];
+    match nbits {
+        8 => {
+            for (x, &b) in dst.iter_mut().zip(bytes) {
+                *x = b as f32;
+            }
+        }
+        4 => {
+            for (pair, &b) in dst.chunks_mut(2).zip(bytes) {
+                pair[0] = (b & 0xF) as f32;
+                if let Some(x) = pair.get_mut(1) {
+                    *x = (b >> 4) as f32;
+                }
+            }
+        }
+        _ => {
+            for (quad, &b) in dst.chunks_mut(4).zip(bytes) {
+                for (j, x) in quad.iter_mut().enumerate() {
+                    *x = ((b >> (2 * j)) & 0x3) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// [`dequant`] of a code already converted to `f32` (same arithmetic).
+#[inline(always)]
+fn dequant_code(backend: QuantBackend, code: f32, scale: f32, zero: f32) -> f32 {
+    match backend {
+        QuantBackend::Quanto => scale * code - zero,
+        QuantBackend::Hqq => (code - zero) * scale,
+    }
+}
+
 #[inline]
 fn dequant(backend: QuantBackend, code: u8, scale: f32, zero: f32) -> f32 {
     match backend {
@@ -297,7 +340,7 @@ pub fn quantize_groups(
     param_dtype: DType,
 ) -> GroupQuantized {
     assert!(
-        group > 0 && values.len() % group == 0,
+        group > 0 && values.len().is_multiple_of(group),
         "values must be whole groups"
     );
     match backend {
@@ -453,15 +496,6 @@ struct Layout {
 }
 
 impl Layout {
-    /// Index of the group of element `(row, t, d)` of a block of `n` tokens.
-    #[inline]
-    fn param_index(&self, n: usize, row: usize, t: usize, d: usize) -> usize {
-        match self.axis {
-            QuantAxis::PerToken => (row * n + t) * (self.dim / self.group) + d / self.group,
-            QuantAxis::PerChannel => (row * (n / self.group) + t / self.group) * self.dim + d,
-        }
-    }
-
     /// Quantizes `n` tokens given as `[rows, n, dim]` f32.
     fn quantize(&self, data: &[f32], n: usize, dtype: DType) -> Block {
         debug_assert_eq!(data.len(), self.rows * n * self.dim);
@@ -523,20 +557,48 @@ impl Layout {
             .for_each(|(row, dst)| {
                 let mut at = 0;
                 for block in blocks {
-                    let n = block.tokens;
-                    let base = row * n * self.dim;
-                    for t in 0..n {
-                        for d in 0..self.dim {
-                            let p = self.param_index(n, row, t, d);
-                            let c = code_at(&block.codes, self.nbits, base + t * self.dim + d);
-                            dst[at + t * self.dim + d] =
-                                dequant(self.backend, c, block.scale.get(p), block.zero.get(p));
-                        }
-                    }
-                    at += n * self.dim;
+                    let len = block.tokens * self.dim;
+                    self.dequantize_row(block, row, &mut dst[at..at + len]);
+                    at += len;
                 }
             });
         out
+    }
+
+    /// Dequantizes the tokens of batch-head `row` of `block` into `dst` (`tokens * dim`).
+    fn dequantize_row(&self, block: &Block, row: usize, dst: &mut [f32]) {
+        let (n, dim, group) = (block.tokens, self.dim, self.group);
+        decode_codes(&block.codes, self.nbits, row * n * dim, dst);
+        let backend = self.backend;
+        match self.axis {
+            QuantAxis::PerToken => {
+                let per_token = dim / group;
+                for (t, token) in dst.chunks_mut(dim).enumerate() {
+                    let first = (row * n + t) * per_token;
+                    for (g, values) in token.chunks_mut(group).enumerate() {
+                        let (s, z) = (block.scale.get(first + g), block.zero.get(first + g));
+                        for x in values {
+                            *x = dequant_code(backend, *x, s, z);
+                        }
+                    }
+                }
+            }
+            QuantAxis::PerChannel => {
+                let (mut scales, mut zeros) = (vec![0f32; dim], vec![0f32; dim]);
+                for (tg, tokens) in dst.chunks_mut(group * dim).enumerate() {
+                    let first = (row * (n / group) + tg) * dim;
+                    for d in 0..dim {
+                        scales[d] = block.scale.get(first + d);
+                        zeros[d] = block.zero.get(first + d);
+                    }
+                    for token in tokens.chunks_mut(dim) {
+                        for ((x, &s), &z) in token.iter_mut().zip(&scales).zip(&zeros) {
+                            *x = dequant_code(backend, *x, s, z);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Keeps batch rows `indices` (each `rows / batch` heads) of a block, in that order.
@@ -696,7 +758,7 @@ impl QuantizedCache {
             QuantAxis::PerToken => self.config.q_group_size.min(dim),
             QuantAxis::PerChannel => self.config.q_group_size,
         };
-        if axis == QuantAxis::PerToken && dim % group != 0 {
+        if axis == QuantAxis::PerToken && !dim.is_multiple_of(group) {
             return Err(KvError::Shape {
                 layer,
                 what: format!(
@@ -996,6 +1058,61 @@ mod tests {
         // Bit order: value j of a byte sits at bits j * nbits (quanto's and hqq's convention).
         assert_eq!(pack_codes(&[0, 1, 2, 3], 2), vec![0b1110_0100]);
         assert_eq!(pack_codes(&[0xA, 0x5], 4), vec![0x5A]);
+    }
+
+    #[test]
+    fn block_dequantization_matches_the_group_reference() {
+        // Odd sizes so that rows start in the middle of a byte (the slow decoding path) too.
+        for (rows, n, dim, group) in [(3, 8, 16, 4), (3, 6, 6, 3), (2, 4, 10, 2)] {
+            let data = host(random([1, rows, n, dim], 9, DType::F32));
+            for backend in [QuantBackend::Quanto, QuantBackend::Hqq] {
+                for nbits in [2u8, 4, 8] {
+                    for axis in [QuantAxis::PerToken, QuantAxis::PerChannel] {
+                        let layout = Layout {
+                            rows,
+                            dim,
+                            group,
+                            axis,
+                            nbits,
+                            backend,
+                        };
+                        let block = Arc::new(layout.quantize(&data, n, DType::F32));
+                        let got = layout.dequantize(&[block.clone(), block]);
+                        // Reference: the element-wise formula on unpacked codes.
+                        let b = layout.quantize(&data, n, DType::F32);
+                        let codes = unpack_codes(&b.codes, nbits, data.len());
+                        for row in 0..rows {
+                            for copy in 0..2 {
+                                for t in 0..n {
+                                    for d in 0..dim {
+                                        let p = match axis {
+                                            QuantAxis::PerToken => {
+                                                (row * n + t) * (dim / group) + d / group
+                                            }
+                                            QuantAxis::PerChannel => {
+                                                (row * (n / group) + t / group) * dim + d
+                                            }
+                                        };
+                                        let e = (row * n + t) * dim + d;
+                                        let want = dequant(
+                                            backend,
+                                            codes[e],
+                                            b.scale.get(p),
+                                            b.zero.get(p),
+                                        );
+                                        let at = (row * 2 * n + copy * n + t) * dim + d;
+                                        assert_eq!(
+                                            got[at], want,
+                                            "{backend:?} {nbits} {axis:?} {rows}x{n}x{dim}"
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
