@@ -16,7 +16,9 @@ With `--hub-server URL` it also checks the fidelity of the loopback Hub test ser
 `huggingface_hub` client creates a repo, uploads a folder, lists the tree and downloads files
 through the server, and the outcomes are written to `tests/fixtures/hub_fidelity.json`.
 
-Run from the workspace root: `python xtask/goldens/compile_cache.py [--hub-server URL]`.
+Run from the workspace root: `python xtask/goldens/compile_cache.py [--hub-server URL|auto]`;
+`auto` starts the server with `cargo run -q -p cachet-compile --example loopback_hub` and stops
+it at the end.
 """
 
 from __future__ import annotations
@@ -280,7 +282,27 @@ def main():
     out.write_text(json.dumps(goldens, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {out.relative_to(ROOT)}")
     if args.hub_server:
-        results, failed = hub_fidelity(args.hub_server)
+        server = None
+        url = args.hub_server
+        if url == "auto":
+            import subprocess
+
+            server = subprocess.Popen(
+                ["cargo", "run", "-q", "-p", "cachet-compile", "--example", "loopback_hub"],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            url = server.stdout.readline().strip()
+            if not url.startswith("http://127.0.0.1:"):
+                sys.exit(f"loopback Hub server did not start: {url!r}")
+        try:
+            results, failed = hub_fidelity(url)
+        finally:
+            if server is not None:
+                server.stdin.close()
+                server.wait(timeout=30)
         out = FIXTURES / "hub_fidelity.json"
         out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {out.relative_to(ROOT)}")

@@ -4,6 +4,10 @@
 //! on a single crate (e.g. `cachet-tensor`) to pull in only what it needs. Backends are cargo
 //! features: `flex` (CPU, default) and `wgpu`.
 
+#[cfg(feature = "compile")]
+pub use cachet_compile as compile;
 pub use cachet_kv as kv;
 pub use cachet_models as models;
+#[cfg(feature = "quant")]
+pub use cachet_quant as quant;
 pub use cachet_tensor as tensor;

@@ -1,6 +1,11 @@
 //! The `cachet` command line: a thin layer over the library crates.
 
+#[cfg(feature = "compile")]
+mod compile_cmd;
 mod generate_cmd;
+mod kv_memory_cmd;
+#[cfg(feature = "quant")]
+mod quantize_cmd;
 
 use anyhow::Result;
 use cachet::tensor::available_backends;
@@ -25,6 +30,14 @@ enum Command {
     },
     /// Generate tokens with a Llama-family model (greedy, sampling or beam search) through a KV cache.
     Generate(generate_cmd::GenerateArgs),
+    /// Plot KV-cache memory versus context length for every cache type to a PNG (measured).
+    KvMemory(kv_memory_cmd::KvMemoryArgs),
+    /// Compile cache: hash, status, cleanup, wrap, and a Hub cache (create/set/lookup/synchronize).
+    #[cfg(feature = "compile")]
+    CompileCache(compile_cmd::CompileCacheArgs),
+    /// Quantize a checkpoint to bitsandbytes 4-bit (NF4/FP4) or LLM.int8 and save it.
+    #[cfg(feature = "quant")]
+    Quantize(quantize_cmd::QuantizeArgs),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +50,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Info { json } => info(json),
         Command::Generate(args) => generate_cmd::run(args),
+        Command::KvMemory(args) => kv_memory_cmd::run(args),
+        #[cfg(feature = "compile")]
+        Command::CompileCache(args) => compile_cmd::run(args),
+        #[cfg(feature = "quant")]
+        Command::Quantize(args) => quantize_cmd::run(args),
     }
 }
 

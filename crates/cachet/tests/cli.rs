@@ -235,3 +235,67 @@ fn info_lists_the_cpu_backend() {
         .unwrap();
     assert_eq!(flex["compiled"], true);
 }
+
+#[test]
+fn kv_memory_plots_measured_memory_of_every_cache_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.png");
+    let output = cachet(&[
+        "kv-memory",
+        "--out",
+        out.to_str().unwrap(),
+        "--max-context",
+        "1024",
+        "--points",
+        "4",
+        "--window",
+        "256",
+        "--json",
+    ]);
+    let json = stdout_json(&output);
+
+    // A PNG whose IHDR gives the dimensions reported.
+    let png = std::fs::read(&out).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&png[12..16], b"IHDR");
+    let be32 = |at: usize| u64::from(u32::from_be_bytes(png[at..at + 4].try_into().unwrap()));
+    assert_eq!(be32(16), json["width"].as_u64().unwrap());
+    assert_eq!(be32(20), json["height"].as_u64().unwrap());
+    assert!(be32(16) >= 640 && be32(20) >= 400);
+
+    let context: Vec<u64> = serde_json::from_value(json["context"].clone()).unwrap();
+    assert_eq!(context, [256, 512, 768, 1024]);
+    let layers = json["layers"].as_u64().unwrap();
+    assert_eq!(layers, 32);
+    let series = |name: &str| -> Vec<u64> {
+        let entry = json["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["cache"] == name)
+            .unwrap_or_else(|| panic!("no {name} series in {json}"));
+        let bytes: Vec<u64> = serde_json::from_value(entry["bytes"].clone()).unwrap();
+        let layer: Vec<u64> = serde_json::from_value(entry["layer_bytes"].clone()).unwrap();
+        assert_eq!(bytes.len(), context.len(), "{name}");
+        assert!(bytes.iter().zip(&layer).all(|(b, l)| *b == l * layers));
+        bytes
+    };
+
+    // Dynamic grows with the context and ends at least as big as the keys and values themselves
+    // (8 kv heads x head_dim 128 x f32, keys and values).
+    let dynamic = series("dynamic");
+    assert!(dynamic.windows(2).all(|w| w[0] <= w[1]), "{dynamic:?}");
+    assert!(dynamic[3] > dynamic[0], "{dynamic:?}");
+    assert!(dynamic[3] >= 1024 * 8 * 128 * 4 * 2 * layers, "{dynamic:?}");
+    // Static holds its full length from the first token on.
+    let stat = series("static");
+    assert!(stat.iter().all(|&b| b == stat[0] && b > 0), "{stat:?}");
+    assert_eq!(series("offloaded_static"), stat);
+    assert_eq!(series("offloaded"), dynamic);
+    // Sliding window and sink stop growing past their 256-token window.
+    let sliding = series("sliding_window");
+    assert!(sliding.iter().all(|&b| b == sliding[0]), "{sliding:?}");
+    assert!(sliding[0] < stat[0], "{sliding:?} vs {stat:?}");
+    let sink = series("sink");
+    assert!(sink.iter().all(|&b| b == sink[0]), "{sink:?}");
+}

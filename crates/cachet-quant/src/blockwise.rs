@@ -1,0 +1,564 @@
+//! Blockwise quantization kernels, bit-exact with bitsandbytes 0.50.2 on CPU: 4-bit NF4/FP4
+//! (`quantize_4bit`, with double quantization of the absmax) and 8-bit on the dynamic map
+//! (`quantize_blockwise`).
+//!
+//! Both work on the flattened tensor in blocks of `blocksize` values with one f32 absmax per
+//! block; a trailing partial block gets its own absmax.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use crate::codes::{DYNAMIC_MAP, QuantType, midpoints};
+use crate::error::{QuantError, Result};
+
+/// Block sizes bnb accepts for 4-bit quantization.
+pub const VALID_4BIT_BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+/// Block size of the nested (double) quantization of the absmax, fixed by bnb.
+pub const NESTED_BLOCKSIZE: usize = 256;
+/// Default block size of 8-bit blockwise quantization.
+pub const DEFAULT_8BIT_BLOCKSIZE: usize = 4096;
+
+/// Checks a 4-bit block size: a power of two in 32..=4096.
+pub fn check_4bit_blocksize(blocksize: usize) -> Result<()> {
+    if VALID_4BIT_BLOCKSIZES.contains(&blocksize) {
+        Ok(())
+    } else {
+        Err(QuantError::InvalidBlocksize {
+            blocksize,
+            reason: "4-bit block sizes are powers of two from 32 to 4096".into(),
+        })
+    }
+}
+
+fn check_8bit_blocksize(blocksize: usize) -> Result<()> {
+    if blocksize >= 2 && blocksize.is_power_of_two() && blocksize <= 1 << 20 {
+        Ok(())
+    } else {
+        Err(QuantError::InvalidBlocksize {
+            blocksize,
+            reason: "8-bit block sizes are powers of two from 2 to 2^20".into(),
+        })
+    }
+}
+
+fn check_finite(what: &str, data: &[f32]) -> Result<()> {
+    match data.par_iter().position_any(|v| !v.is_finite()) {
+        Some(index) => Err(QuantError::NonFinite {
+            tensor: what.to_string(),
+            index,
+            value: data[index],
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The per-block scales of a 4-bit tensor: plain f32, or double-quantized.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AbsMax {
+    /// One f32 absmax per block.
+    Plain(Vec<f32>),
+    /// `absmax - offset` quantized to 8 bits on the dynamic map (bnb `compress_statistics`).
+    Nested(NestedAbsMax),
+}
+
+/// Double-quantized absmax (`weight.absmax` u8, `weight.nested_absmax`, `nested_offset`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NestedAbsMax {
+    /// 8-bit codes of `absmax - offset`, one per 4-bit block.
+    pub quantized: Vec<u8>,
+    /// f32 absmax of each nested block of [`NESTED_BLOCKSIZE`] codes.
+    pub absmax: Vec<f32>,
+    /// The mean of the original absmax, added back after dequantization.
+    pub offset: f32,
+    /// Nested block size (always 256 for bnb).
+    pub blocksize: usize,
+    /// The 8-bit code (`nested_quant_map`).
+    pub code: Vec<f32>,
+}
+
+impl AbsMax {
+    /// Number of 4-bit blocks these scales cover.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Plain(v) => v.len(),
+            Self::Nested(n) => n.quantized.len(),
+        }
+    }
+
+    /// Whether there are no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The f32 absmax of every block (dequantizing nested statistics as bnb does).
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match self {
+            Self::Plain(v) => Cow::Borrowed(v),
+            Self::Nested(n) => {
+                let mut out =
+                    dequantize_blockwise_with(&n.quantized, &n.absmax, &n.code, n.blocksize);
+                for v in &mut out {
+                    *v += n.offset;
+                }
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// Bytes these statistics take in memory.
+    pub fn memory_bytes(&self) -> usize {
+        match self {
+            Self::Plain(v) => v.len() * 4,
+            Self::Nested(n) => n.quantized.len() + n.absmax.len() * 4 + n.code.len() * 4 + 4,
+        }
+    }
+}
+
+/// A tensor quantized to 4 bits (bnb `Params4bit` data + `QuantState`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized4bit {
+    /// Two codes per byte, first element in the high nibble; `ceil(n / 2)` bytes.
+    pub packed: Vec<u8>,
+    /// Per-block scales.
+    pub absmax: AbsMax,
+    /// Shape of the original tensor (`[out, in]` for a weight).
+    pub shape: Vec<usize>,
+    /// Elements per block.
+    pub blocksize: usize,
+    /// NF4 or FP4.
+    pub quant_type: QuantType,
+}
+
+impl Quantized4bit {
+    /// Number of elements of the original tensor.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Dequantizes to f32 (`code[q] * absmax[block]`, exactly as bnb).
+    ///
+    /// FP4 code 8 (which bnb's quantizer emits for tiny positive values) decodes to +0.0 as in
+    /// `get_4bit_type`; bnb's own CPU kernels give -0.0 or +0.0 for it depending on the SIMD path
+    /// the shape selects (AVX2 and scalar: -0.0; AVX-512 and the torch fallback: +0.0).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let absmax = self.absmax.to_f32();
+        let mut out = vec![0.0f32; self.numel()];
+        // Chunks of whole blocks (block sizes are even, so chunks start on a byte).
+        let chunk = self.blocksize * 64;
+        let code = self.quant_type.code();
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+            dequantize_4bit_with(&self.packed, &absmax, self.blocksize, code, i * chunk, o);
+        });
+        out
+    }
+
+    /// Bytes the quantized tensor takes in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.packed.len() + self.absmax.memory_bytes()
+    }
+
+    /// Checks that the parts agree with each other (after loading from a file).
+    pub fn validate(&self, tensor: &str) -> Result<()> {
+        check_4bit_blocksize(self.blocksize)?;
+        let n = self.numel();
+        let bad = |reason: String| QuantError::InconsistentState {
+            tensor: tensor.to_string(),
+            reason,
+        };
+        if self.packed.len() != n.div_ceil(2) {
+            return Err(bad(format!(
+                "{} packed bytes for shape {:?} ({} values need {})",
+                self.packed.len(),
+                self.shape,
+                n,
+                n.div_ceil(2)
+            )));
+        }
+        let blocks = n.div_ceil(self.blocksize);
+        if self.absmax.len() != blocks {
+            return Err(bad(format!(
+                "{} absmax values for {} blocks of {} (shape {:?})",
+                self.absmax.len(),
+                blocks,
+                self.blocksize,
+                self.shape
+            )));
+        }
+        if let AbsMax::Nested(nested) = &self.absmax {
+            if nested.blocksize != NESTED_BLOCKSIZE {
+                return Err(bad(format!(
+                    "nested blocksize {} (bnb only supports {NESTED_BLOCKSIZE})",
+                    nested.blocksize
+                )));
+            }
+            let nested_blocks = blocks.div_ceil(nested.blocksize);
+            if nested.absmax.len() != nested_blocks {
+                return Err(bad(format!(
+                    "{} nested absmax values, {} blocks of absmax need {}",
+                    nested.absmax.len(),
+                    blocks,
+                    nested_blocks
+                )));
+            }
+            if nested.code.len() != 256 {
+                return Err(bad(format!(
+                    "nested quant map has {} values, expected 256",
+                    nested.code.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Quantizes `data` (a tensor of `shape`, flattened row-major) to 4 bits like bnb's
+/// `quantize_4bit(A, blocksize, compress_statistics=double_quant, quant_type)`.
+pub fn quantize_4bit(
+    tensor: &str,
+    data: &[f32],
+    shape: &[usize],
+    blocksize: usize,
+    quant_type: QuantType,
+    double_quant: bool,
+) -> Result<Quantized4bit> {
+    check_4bit_blocksize(blocksize)?;
+    let n: usize = shape.iter().product();
+    if n != data.len() {
+        return Err(QuantError::InconsistentState {
+            tensor: tensor.to_string(),
+            reason: format!("{} values for shape {shape:?}", data.len()),
+        });
+    }
+    let (bounds, order) = midpoints(quant_type);
+    let non_finite = std::sync::atomic::AtomicBool::new(false);
+    let mut packed = vec![0u8; n.div_ceil(2)];
+    let mut absmax = vec![0.0f32; n.div_ceil(blocksize)];
+    packed
+        .par_chunks_mut(blocksize / 2)
+        .zip(absmax.par_iter_mut())
+        .zip(data.par_chunks(blocksize))
+        .for_each(|((out, am), block)| {
+            // Non-finite values are detected here (one pass over the data) and reported below.
+            // `a > m || a != a` lets a NaN through (f32::max would drop it).
+            #[allow(clippy::eq_op)]
+            let max = block.iter().fold(0.0f32, |m, v| {
+                let a = v.abs();
+                if a > m || a != a { a } else { m }
+            });
+            if !max.is_finite() {
+                non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            // Full blocks multiply by the reciprocal; bnb's trailing block divides (and stores
+            // the clamped absmax).
+            let full = block.len() == blocksize;
+            let clamped = max.max(1e-38);
+            *am = if full { max } else { clamped };
+            let recip = 1.0f32 / clamped;
+            let code = |v: f32| -> u8 {
+                let scaled = if full { v * recip } else { v / clamped }.clamp(-1.0, 1.0);
+                // torch.bucketize(right=False): the number of boundaries strictly below.
+                let mut idx = 0u8;
+                for b in &bounds {
+                    idx += u8::from(*b < scaled);
+                }
+                order[idx as usize]
+            };
+            if full {
+                // Full blocks: 16 values (8 bytes) at a time, compares laid out lane-wise so
+                // the bucket count vectorises.
+                for (bytes, vals) in out.chunks_exact_mut(8).zip(block.chunks_exact(16)) {
+                    let mut scaled = [0.0f32; 16];
+                    for (s, &v) in scaled.iter_mut().zip(vals) {
+                        *s = (v * recip).clamp(-1.0, 1.0);
+                    }
+                    let mut idx = [0u8; 16];
+                    for b in &bounds {
+                        for (i, &s) in idx.iter_mut().zip(&scaled) {
+                            *i += u8::from(*b < s);
+                        }
+                    }
+                    for (j, byte) in bytes.iter_mut().enumerate() {
+                        *byte = (order[idx[2 * j] as usize] << 4) | order[idx[2 * j + 1] as usize];
+                    }
+                }
+                return;
+            }
+            let pad = code(0.0);
+            for (byte, pair) in out.iter_mut().zip(block.chunks(2)) {
+                let hi = code(pair[0]);
+                let lo = if pair.len() == 2 { code(pair[1]) } else { pad };
+                *byte = (hi << 4) | lo;
+            }
+        });
+    if non_finite.into_inner() {
+        check_finite(tensor, data)?;
+    }
+    let absmax = if double_quant {
+        AbsMax::Nested(double_quantize(tensor, &absmax)?)
+    } else {
+        AbsMax::Plain(absmax)
+    };
+    Ok(Quantized4bit {
+        packed,
+        absmax,
+        shape: shape.to_vec(),
+        blocksize,
+        quant_type,
+    })
+}
+
+/// `torch.mean` of a float32 vector on CPU, reproduced operation by operation: torch's cascade
+/// sum (`SumKernel.cpp`: 8-lane vectors, 4 interleaved accumulators, 4 cascade levels, tail
+/// added first), then one f32 division. Exact for up to 32768 values, where torch reduces on one
+/// thread; beyond that torch splits the sum per thread, so its last bit depends on the thread
+/// count and no single answer exists.
+pub fn torch_mean_f32(values: &[f32]) -> f32 {
+    torch_sum_f32(values) / values.len() as f32
+}
+
+/// The float32 sum of `torch.sum` on CPU for a contiguous vector (see [`torch_mean_f32`]).
+pub fn torch_sum_f32(values: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let n = values.len();
+    if n < LANES {
+        let items: Vec<[f32; 1]> = values.iter().map(|&v| [v]).collect();
+        return row_sum(&items)[0];
+    }
+    let vectors = n / LANES;
+    let items: Vec<[f32; LANES]> = values[..vectors * LANES]
+        .chunks_exact(LANES)
+        .map(|c| std::array::from_fn(|l| c[l]))
+        .collect();
+    let lanes = row_sum(&items);
+    let mut total = 0.0f32;
+    for &v in &values[vectors * LANES..] {
+        total += v;
+    }
+    for l in lanes {
+        total += l;
+    }
+    total
+}
+
+fn add<const W: usize>(a: &mut [f32; W], b: &[f32; W]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+/// torch's `row_sum`: the items as a `(-1, 4)` array summed by `multi_row_sum`, the leftover
+/// items into accumulator 0, then accumulators 1..4 into 0.
+fn row_sum<const W: usize>(items: &[[f32; W]]) -> [f32; W] {
+    const ILP: usize = 4;
+    const LEVELS: usize = 4;
+    let size = items.len() / ILP;
+    let ceil_log2 = if size <= 1 {
+        0
+    } else {
+        usize::BITS - (size - 1).leading_zeros()
+    } as usize;
+    let level_power = 4.max(ceil_log2 / LEVELS);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = [[[0.0f32; W]; ILP]; LEVELS];
+    let mut i = 0;
+    while i + level_step <= size {
+        for _ in 0..level_step {
+            for (a, item) in acc[0].iter_mut().zip(&items[i * ILP..(i + 1) * ILP]) {
+                add(a, item);
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            let (lower, upper) = acc.split_at_mut(j);
+            for (u, l) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
+                add(u, l);
+                *l = [0.0; W];
+            }
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    while i < size {
+        for (a, item) in acc[0].iter_mut().zip(&items[i * ILP..(i + 1) * ILP]) {
+            add(a, item);
+        }
+        i += 1;
+    }
+    for j in 1..LEVELS {
+        let (first, rest) = acc.split_at_mut(1);
+        for (a, u) in first[0].iter_mut().zip(&rest[j - 1]) {
+            add(a, u);
+        }
+    }
+    let mut partial = acc[0];
+    for item in &items[size * ILP..] {
+        add(&mut partial[0], item);
+    }
+    let mut out = partial[0];
+    for p in &partial[1..] {
+        add(&mut out, p);
+    }
+    out
+}
+
+fn double_quantize(tensor: &str, absmax: &[f32]) -> Result<NestedAbsMax> {
+    let offset = torch_mean_f32(absmax);
+    let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+    let q = quantize_blockwise(tensor, &centered, NESTED_BLOCKSIZE)?;
+    Ok(NestedAbsMax {
+        quantized: q.quantized,
+        absmax: q.absmax,
+        offset,
+        blocksize: NESTED_BLOCKSIZE,
+        code: DYNAMIC_MAP.to_vec(),
+    })
+}
+
+/// Dequantizes packed 4-bit codes into `out`, where `out[0]` is element `start` of the tensor.
+/// `start` must be even (byte-aligned).
+pub fn dequantize_4bit_into(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    quant_type: QuantType,
+    start: usize,
+    out: &mut [f32],
+) {
+    dequantize_4bit_with(packed, absmax, blocksize, quant_type.code(), start, out);
+}
+
+fn dequantize_4bit_with(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 16],
+    start: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(start.is_multiple_of(2));
+    let lut: [[f32; 2]; 256] = std::array::from_fn(|b| [code[b >> 4], code[b & 0x0f]]);
+    let mut e = start;
+    let end = start + out.len();
+    let mut pos = 0;
+    while e < end {
+        let block = e / blocksize;
+        let seg_end = ((block + 1) * blocksize).min(end);
+        let scale = absmax[block];
+        let bytes = &packed[e / 2..seg_end.div_ceil(2)];
+        let dst = &mut out[pos..pos + (seg_end - e)];
+        let (pairs, rest) = dst.as_chunks_mut::<2>();
+        for (pair, &b) in pairs.iter_mut().zip(bytes) {
+            let v = lut[b as usize];
+            pair[0] = v[0] * scale;
+            pair[1] = v[1] * scale;
+        }
+        if let [last] = rest {
+            *last = lut[bytes[pairs.len()] as usize][0] * scale;
+        }
+        pos += seg_end - e;
+        e = seg_end;
+    }
+}
+
+/// A tensor quantized blockwise to 8 bits on the dynamic map (bnb `quantize_blockwise`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blockwise8bit {
+    /// One code per value.
+    pub quantized: Vec<u8>,
+    /// f32 absmax per block.
+    pub absmax: Vec<f32>,
+    /// Elements per block.
+    pub blocksize: usize,
+}
+
+impl Blockwise8bit {
+    /// Dequantizes with the dynamic map.
+    pub fn dequantize(&self) -> Vec<f32> {
+        dequantize_blockwise_with(&self.quantized, &self.absmax, &DYNAMIC_MAP, self.blocksize)
+    }
+}
+
+/// Entries of bnb's quantization lookup table over [-1, 1].
+const LUT_SIZE: usize = 65536;
+
+/// bnb 0.50.2's CPU 8-bit quantizer does not search the code: it maps the normalised value to
+/// one of 65536 evenly spaced bins and reads the code index the bin was assigned (nearest code
+/// to the bin's value, by f32 midpoints). Reproduced exactly, bins included.
+fn dynamic_lut() -> &'static [u8; LUT_SIZE] {
+    static LUT: std::sync::OnceLock<Box<[u8; LUT_SIZE]>> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| {
+        let code = &DYNAMIC_MAP;
+        let mids: [f32; 255] = std::array::from_fn(|i| 0.5f32 * (code[i] + code[i + 1]));
+        let mut lut = Box::new([0u8; LUT_SIZE]);
+        let mut idx = 0usize;
+        for (i, entry) in lut.iter_mut().enumerate() {
+            let val = -1.0f32 + (2.0f32 * i as f32) / (LUT_SIZE - 1) as f32;
+            while idx < 255 && mids[idx] < val {
+                idx += 1;
+            }
+            *entry = idx as u8;
+        }
+        lut
+    })
+}
+
+/// The bin of a normalised value: `((v + 1) * 0.5) * 65535 + 0.5`, truncated, in f32.
+#[inline]
+fn lut_index(v: f32) -> usize {
+    let v = v.clamp(-1.0, 1.0);
+    ((v + 1.0f32) * 0.5f32 * (LUT_SIZE - 1) as f32 + 0.5f32) as u16 as usize
+}
+
+/// Quantizes `data` blockwise to 8 bits on the dynamic map exactly like bnb 0.50.2's CPU kernel
+/// (`x * (1 / absmax)`, then its 65536-bin lookup table; an all-zero block stores code 0).
+pub fn quantize_blockwise(tensor: &str, data: &[f32], blocksize: usize) -> Result<Blockwise8bit> {
+    check_8bit_blocksize(blocksize)?;
+    check_finite(tensor, data)?;
+    let lut = dynamic_lut();
+    let mut quantized = vec![0u8; data.len()];
+    let mut absmax = vec![0.0f32; data.len().div_ceil(blocksize)];
+    quantized
+        .par_chunks_mut(blocksize)
+        .zip(absmax.par_iter_mut())
+        .zip(data.par_chunks(blocksize))
+        .for_each(|((out, am), block)| {
+            let max = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            *am = max;
+            if max == 0.0 {
+                out.fill(0);
+                return;
+            }
+            let inv = 1.0f32 / max;
+            for (o, &v) in out.iter_mut().zip(block) {
+                *o = lut[lut_index(v * inv)];
+            }
+        });
+    Ok(Blockwise8bit {
+        quantized,
+        absmax,
+        blocksize,
+    })
+}
+
+/// `code[q] * absmax[block]` for every value.
+pub fn dequantize_blockwise_with(
+    quantized: &[u8],
+    absmax: &[f32],
+    code: &[f32],
+    blocksize: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; quantized.len()];
+    out.par_chunks_mut(blocksize)
+        .zip(quantized.par_chunks(blocksize))
+        .zip(absmax.par_iter())
+        .for_each(|((o, q), &scale)| {
+            for (o, &q) in o.iter_mut().zip(q) {
+                *o = code[q as usize] * scale;
+            }
+        });
+    out
+}

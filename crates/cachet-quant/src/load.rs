@@ -1,0 +1,529 @@
+//! `load_and_quantize_model`: build a Llama-family model straight into quantized layers while
+//! streaming its checkpoint, reload quantized checkpoints (transformers' layout) and save them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::tensor::{DType, Device};
+use cachet_models::{DenseFactory, LinearFactory, LinearLayer, LinearSpec, Llama, LlamaConfig};
+use cachet_tensor::{Checkpoint, Precision};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use crate::blockwise::quantize_4bit;
+use crate::config::BnbQuantizationConfig;
+use crate::device_map::{DeviceMap, Placement};
+use crate::error::{QuantError, Result};
+use crate::int8::Int8Weight;
+use crate::linear::{Linear4bit, Linear8bitLt};
+use crate::offload::DiskLinear;
+use crate::serialize::{
+    StoredLayout, four_bit_tensors, int8_tensors, read_float, read_four_bit, read_int8,
+    stored_layout,
+};
+
+/// A quantized projection of a loaded model, kept for saving and inspection.
+#[derive(Debug, Clone)]
+pub enum QuantizedLinear {
+    /// NF4/FP4 layer, and the dtype its weight had before quantization.
+    FourBit(Arc<Linear4bit>, Precision),
+    /// LLM.int8 layer.
+    Int8(Arc<Linear8bitLt>),
+}
+
+impl QuantizedLinear {
+    /// Bytes of the quantized weights (and bias).
+    pub fn memory_bytes(&self) -> usize {
+        use cachet_models::LinearOp;
+        match self {
+            Self::FourBit(l, _) => l.memory_bytes(),
+            Self::Int8(l) => l.memory_bytes(),
+        }
+    }
+
+    /// The tensors this layer saves under `prefix`, in transformers' layout (bias excluded).
+    pub fn tensors(&self, prefix: &str) -> Vec<(String, burn::tensor::TensorData)> {
+        match self {
+            Self::FourBit(l, dtype) => four_bit_tensors(prefix, &l.weight, *dtype),
+            Self::Int8(l) => int8_tensors(prefix, &l.weight),
+        }
+    }
+}
+
+fn round_values(values: &mut [f32], p: Precision) {
+    match p {
+        Precision::F32 => {}
+        Precision::F16 => values
+            .iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+        Precision::BF16 => values
+            .iter_mut()
+            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+    }
+}
+
+/// The [`LinearFactory`] that quantizes each projection as the model loads (or reads it
+/// pre-quantized), recording what it built.
+pub struct QuantizingFactory {
+    config: BnbQuantizationConfig,
+    origin: String,
+    /// dtype of the floating-point parts (weights are rounded to it before quantizing, as
+    /// transformers loads them in `torch_dtype` first).
+    torch_dtype: Precision,
+    compute_dtype: Precision,
+    device_map: Option<DeviceMap>,
+    offload_folder: Option<PathBuf>,
+    built: Mutex<BTreeMap<String, QuantizedLinear>>,
+    progress: ProgressBar,
+}
+
+impl std::fmt::Debug for QuantizingFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuantizingFactory")
+            .field("config", &self.config)
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+impl QuantizingFactory {
+    /// A factory for `config` (validated); `origin` names the checkpoint in errors.
+    pub fn new(
+        config: BnbQuantizationConfig,
+        origin: &str,
+        torch_dtype: Precision,
+    ) -> Result<Self> {
+        config.validate(origin)?;
+        let compute_dtype = if config.load_in_4bit {
+            config.compute_dtype(origin)?
+        } else {
+            torch_dtype
+        };
+        Ok(Self {
+            config,
+            origin: origin.to_string(),
+            torch_dtype,
+            compute_dtype,
+            device_map: None,
+            offload_folder: None,
+            built: Mutex::new(BTreeMap::new()),
+            progress: ProgressBar::hidden(),
+        })
+    }
+
+    /// Places modules per `device_map`; `disk` modules go to `offload_folder`.
+    pub fn with_device_map(mut self, map: DeviceMap, offload_folder: Option<PathBuf>) -> Self {
+        self.device_map = Some(map);
+        self.offload_folder = offload_folder;
+        self
+    }
+
+    /// Reports progress on `bar` (one tick per projection).
+    pub fn with_progress(mut self, bar: ProgressBar) -> Self {
+        self.progress = bar;
+        self
+    }
+
+    /// The quantized layers built so far, by module name.
+    pub fn into_layers(self) -> BTreeMap<String, QuantizedLinear> {
+        self.progress.finish_and_clear();
+        self.built.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bias(&self, spec: &LinearSpec, checkpoint: &Checkpoint) -> Result<Option<Vec<f32>>> {
+        if !spec.bias {
+            return Ok(None);
+        }
+        let (b, _) = read_float(checkpoint, &format!("{}.bias", spec.name))?;
+        Ok(Some(b))
+    }
+
+    fn build_quantized(
+        &self,
+        spec: &LinearSpec,
+        checkpoint: &Checkpoint,
+    ) -> Result<Option<QuantizedLinear>> {
+        let shape = [spec.out_features, spec.in_features];
+        let layer = match stored_layout(checkpoint, &spec.name) {
+            StoredLayout::FourBit(qt) => {
+                let (weight, dtype) = read_four_bit(checkpoint, &spec.name, qt, shape)?;
+                QuantizedLinear::FourBit(
+                    Arc::new(Linear4bit {
+                        weight,
+                        bias: self.bias(spec, checkpoint)?,
+                        compute_dtype: self.compute_dtype,
+                        weight_dtype: dtype,
+                    }),
+                    dtype,
+                )
+            }
+            StoredLayout::Int8 => QuantizedLinear::Int8(Arc::new(Linear8bitLt {
+                weight: read_int8(checkpoint, &spec.name, shape)?,
+                bias: self.bias(spec, checkpoint)?,
+                threshold: self.config.llm_int8_threshold,
+            })),
+            StoredLayout::Float => {
+                if !self.config.converts(&spec.name) {
+                    return Ok(None);
+                }
+                let name = format!("{}.weight", spec.name);
+                let (mut values, stored_shape) = read_float(checkpoint, &name)?;
+                if stored_shape != shape {
+                    return Err(QuantError::InconsistentState {
+                        tensor: name,
+                        reason: format!("shape {stored_shape:?}, the config implies {shape:?}"),
+                    });
+                }
+                round_values(&mut values, self.torch_dtype);
+                let _span = tracing::debug_span!("quantize", tensor = name.as_str()).entered();
+                if self.config.load_in_4bit {
+                    let weight = quantize_4bit(
+                        &name,
+                        &values,
+                        &shape,
+                        self.config.bnb_4bit_blocksize,
+                        self.config.quant_type(),
+                        self.config.bnb_4bit_use_double_quant,
+                    )?;
+                    QuantizedLinear::FourBit(
+                        Arc::new(Linear4bit {
+                            weight,
+                            bias: self.bias(spec, checkpoint)?,
+                            compute_dtype: self.compute_dtype,
+                            weight_dtype: self.torch_dtype,
+                        }),
+                        self.torch_dtype,
+                    )
+                } else {
+                    QuantizedLinear::Int8(Arc::new(Linear8bitLt {
+                        weight: Int8Weight::quantize(&name, &values, shape[0], shape[1])?,
+                        bias: self.bias(spec, checkpoint)?,
+                        threshold: self.config.llm_int8_threshold,
+                    }))
+                }
+            }
+        };
+        Ok(Some(layer))
+    }
+
+    fn build_layer(
+        &self,
+        spec: &LinearSpec,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<LinearLayer> {
+        let placement = self
+            .device_map
+            .as_ref()
+            .map_or(Placement::Device, |m| m.placement(&spec.name));
+        let Some(layer) = self.build_quantized(spec, checkpoint)? else {
+            return Ok(DenseFactory.build(spec, checkpoint, device, dtype)?);
+        };
+        let op: Arc<dyn cachet_models::LinearOp> = match (&placement, &layer) {
+            (Placement::Disk, _) => {
+                let folder =
+                    self.offload_folder
+                        .as_deref()
+                        .ok_or_else(|| QuantError::DeviceMap {
+                            reason: format!(
+                                "{} is placed on disk but no offload folder was given",
+                                spec.name
+                            ),
+                        })?;
+                Arc::new(DiskLinear::write(folder, &spec.name, &layer)?)
+            }
+            (_, QuantizedLinear::FourBit(l, _)) => l.clone(),
+            (_, QuantizedLinear::Int8(l)) => l.clone(),
+        };
+        self.built
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(spec.name.clone(), layer);
+        Ok(LinearLayer::custom(op))
+    }
+}
+
+impl LinearFactory for QuantizingFactory {
+    fn build(
+        &self,
+        spec: &LinearSpec,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> cachet_models::Result<LinearLayer> {
+        let out = self.build_layer(spec, checkpoint, device, dtype);
+        self.progress.inc(1);
+        self.progress.set_message(spec.name.clone());
+        Ok(out?)
+    }
+}
+
+/// A loaded model with quantized projections, and what is needed to save it.
+#[derive(Debug)]
+pub struct QuantizedModel {
+    /// The model, ready for `forward` / `generate::greedy`.
+    pub model: Llama,
+    /// Quantized projections by module name (the others are dense).
+    pub layers: BTreeMap<String, QuantizedLinear>,
+    /// The quantization options in effect.
+    pub config: BnbQuantizationConfig,
+    /// The checkpoint directory it was loaded from.
+    pub source: PathBuf,
+    /// Seconds spent loading and quantizing.
+    pub load_seconds: f64,
+    /// Bytes of the floating-point parts (embeddings, norms, skipped projections) in
+    /// `torch_dtype`.
+    pub dense_bytes: usize,
+    /// dtype of the floating-point parts (they are saved in it, as transformers does).
+    pub torch_dtype: Precision,
+}
+
+/// Loading options beyond the quantization config.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// dtype of the non-quantized parts; `None`: the config's `torch_dtype` rule.
+    pub torch_dtype: Option<Precision>,
+    /// Per-module placement (`cpu`, `disk`, or the compute device).
+    pub device_map: Option<DeviceMap>,
+    /// Where `disk` modules are written (must be writable).
+    pub offload_folder: Option<PathBuf>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Whether checkpoint tensor `name` belongs to one of the quantized `layers` (their weight and
+/// quantization state; biases stay as stored).
+fn owned_by(layers: &BTreeMap<String, QuantizedLinear>, name: &str) -> bool {
+    layers.keys().any(|p| {
+        name.strip_prefix(p.as_str())
+            .is_some_and(|rest| rest.starts_with(".weight") || rest == ".SCB")
+    })
+}
+
+/// Number of projections `Llama::load_with` builds for `config`.
+fn projection_names(config: &LlamaConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..config.num_hidden_layers {
+        for m in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            out.push(format!("model.layers.{i}.{m}"));
+        }
+    }
+    if !config.tie_word_embeddings {
+        out.push("lm_head".into());
+    }
+    out
+}
+
+/// Module names of the Llama-family model (every prefix a device_map may name).
+pub fn module_names(config: &LlamaConfig) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = [
+        "model",
+        "model.embed_tokens",
+        "model.norm",
+        "model.layers",
+        "model.rotary_emb",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect();
+    for name in projection_names(config) {
+        let parts: Vec<&str> = name.split('.').collect();
+        for i in 1..=parts.len() {
+            out.insert(parts[..i].join("."));
+        }
+    }
+    for i in 0..config.num_hidden_layers {
+        out.insert(format!("model.layers.{i}.input_layernorm"));
+        out.insert(format!("model.layers.{i}.post_attention_layernorm"));
+    }
+    out
+}
+
+/// accelerate's `load_and_quantize_model` for a Llama-family checkpoint directory (single or
+/// sharded safetensors): every projection is quantized as it is read — one weight at a time, so
+/// peak memory stays near the quantized size — except `lm_head`, `skip_modules` and
+/// `keep_in_fp32_modules`. Already-quantized checkpoints (transformers' layout) load as they are.
+pub fn load_and_quantize_model(
+    weights_location: impl AsRef<Path>,
+    config: &BnbQuantizationConfig,
+    options: &LoadOptions,
+    device: &Device,
+) -> Result<QuantizedModel> {
+    let dir = weights_location.as_ref();
+    let start = Instant::now();
+    let origin = dir.display().to_string();
+    let _span = tracing::info_span!("load_and_quantize_model", dir = origin.as_str()).entered();
+    let model_config = LlamaConfig::from_file(dir.join("config.json"))?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let torch_dtype = match options.torch_dtype {
+        Some(p) => p,
+        None => config.torch_dtype(&origin)?,
+    };
+    let mut factory = QuantizingFactory::new(config.clone(), &origin, torch_dtype)?;
+    if let Some(map) = &options.device_map {
+        map.validate(&module_names(&model_config))?;
+        if map.uses_disk() {
+            let folder =
+                options
+                    .offload_folder
+                    .as_deref()
+                    .ok_or_else(|| QuantError::DeviceMap {
+                        reason:
+                            "the device_map places modules on disk but no offload folder was given"
+                                .into(),
+                    })?;
+            crate::offload::check_folder(folder)?;
+        }
+        factory = factory.with_device_map(map.clone(), options.offload_folder.clone());
+    }
+    if options.progress {
+        let bar = ProgressBar::new(projection_names(&model_config).len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} quantizing [{bar:30}] {pos}/{len} {elapsed} {wide_msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        factory = factory.with_progress(bar);
+    }
+    let model = Llama::load_with(model_config, &checkpoint, device, torch_dtype, &factory)?;
+    let layers = factory.into_layers();
+    let dense_bytes = checkpoint
+        .names()
+        .into_iter()
+        .filter(|n| !owned_by(&layers, n))
+        .filter_map(|n| checkpoint.info(n))
+        .filter(|i| i.dtype.is_loadable_float())
+        .map(|i| i.num_elements() * torch_dtype.size())
+        .sum();
+    Ok(QuantizedModel {
+        model,
+        dense_bytes,
+        torch_dtype,
+        layers,
+        config: config.clone(),
+        source: dir.to_path_buf(),
+        load_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Loads `dir` for inference: a checkpoint with a bitsandbytes `quantization_config` in its
+/// config.json loads quantized (as transformers would), any other one as a dense [`Llama`].
+pub fn load_pretrained(
+    dir: impl AsRef<Path>,
+    device: &Device,
+    precision: Precision,
+) -> Result<Llama> {
+    let dir = dir.as_ref();
+    match BnbQuantizationConfig::from_model_dir(dir)? {
+        Some(config) => {
+            let options = LoadOptions {
+                torch_dtype: Some(precision),
+                ..LoadOptions::default()
+            };
+            Ok(load_and_quantize_model(dir, &config, &options, device)?.model)
+        }
+        None => Ok(Llama::from_pretrained(dir, device, precision)?),
+    }
+}
+
+impl QuantizedModel {
+    /// Bytes of all weights: quantized projections plus the floating-point parts.
+    pub fn memory_bytes(&self) -> usize {
+        self.dense_bytes
+            + self
+                .layers
+                .values()
+                .map(QuantizedLinear::memory_bytes)
+                .sum::<usize>()
+    }
+
+    /// Writes `config.json` (with `quantization_config`) and `model.safetensors` in
+    /// transformers' layout to `dir`; files are staged in a temporary sibling directory and
+    /// moved in only once complete, so a failed save leaves no half-written checkpoint.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let _span = tracing::info_span!("save_pretrained", dir = %dir.display()).entered();
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| QuantError::Io { op, path, source }
+        };
+        let checkpoint = Checkpoint::open(&self.source)?;
+        let mut tensors = Vec::new();
+        for name in checkpoint.names() {
+            if !owned_by(&self.layers, name) {
+                let data = checkpoint.tensor_data(name)?;
+                let stored_float = checkpoint
+                    .info(name)
+                    .is_some_and(|i| i.dtype.is_loadable_float());
+                let data = if stored_float && data.dtype() != self.torch_dtype.dtype() {
+                    data.convert_dtype(self.torch_dtype.dtype())
+                } else {
+                    data
+                };
+                tensors.push((name.to_string(), data));
+            }
+        }
+        for (prefix, layer) in &self.layers {
+            tensors.extend(layer.tensors(prefix));
+        }
+        let config_path = self.source.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(io("reading", &config_path))?;
+        let mut config: Value = serde_json::from_str(&text).map_err(|e| QuantError::Config {
+            origin: config_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if let Value::Object(map) = &mut config {
+            map.insert("quantization_config".into(), self.config.to_transformers());
+        }
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let staging = parent.join(format!(".{name}.cachet-tmp-{}", std::process::id()));
+        let result = (|| -> Result<()> {
+            std::fs::create_dir_all(&staging).map_err(io("creating", &staging))?;
+            let mut metadata = BTreeMap::new();
+            metadata.insert("format".to_string(), "pt".to_string());
+            cachet_tensor::safetensors::save(
+                staging.join("model.safetensors"),
+                &tensors,
+                Some(&metadata),
+            )?;
+            let cfg = serde_json::to_string_pretty(&config).expect("JSON value serializes") + "\n";
+            let cfg_path = staging.join("config.json");
+            std::fs::write(&cfg_path, cfg).map_err(io("writing", &cfg_path))?;
+            let gen_cfg = self.source.join("generation_config.json");
+            if gen_cfg.exists() {
+                let to = staging.join("generation_config.json");
+                std::fs::copy(&gen_cfg, &to).map_err(io("copying", &to))?;
+            }
+            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+            for entry in std::fs::read_dir(&staging).map_err(io("listing", &staging))? {
+                let entry = entry.map_err(io("listing", &staging))?;
+                let to = dir.join(entry.file_name());
+                std::fs::rename(entry.path(), &to).map_err(io("moving into", &to))?;
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+}

@@ -1,0 +1,367 @@
+//! The checkpoint layout transformers + bitsandbytes write for quantized linear layers, both
+//! ways: `weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+//! `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__{nf4,fp4}` (JSON bytes) for
+//! 4-bit; `weight` (int8), `SCB`, `weight_format` for LLM.int8.
+
+use burn::tensor::{DType, TensorData};
+use cachet_tensor::safetensors::StoredDType;
+use cachet_tensor::{Checkpoint, Precision};
+use serde_json::Value;
+
+use crate::blockwise::{AbsMax, NestedAbsMax, Quantized4bit};
+use crate::codes::QuantType;
+use crate::error::{QuantError, Result};
+use crate::int8::Int8Weight;
+
+/// Formats an f64 like Python's `repr(float)` (what `json.dumps` writes), so the quant-state
+/// JSON cachet writes is byte-identical to bitsandbytes'.
+pub fn python_float_repr(x: f64) -> String {
+    if x == 0.0 {
+        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+    }
+    if !x.is_finite() {
+        return if x.is_nan() {
+            "NaN".into()
+        } else if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    // Shortest round-trip digits, as `d.ddde±x`.
+    let sci = format!("{:e}", x.abs());
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("an integer exponent");
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let sign = if x < 0.0 { "-" } else { "" };
+    if (-4..16).contains(&exp) {
+        let n = digits.len() as i32;
+        let body = if exp < 0 {
+            format!("0.{}{}", "0".repeat((-exp - 1) as usize), digits)
+        } else if exp + 1 >= n {
+            format!("{}{}.0", digits, "0".repeat((exp + 1 - n) as usize))
+        } else {
+            let (a, b) = digits.split_at((exp + 1) as usize);
+            format!("{a}.{b}")
+        };
+        format!("{sign}{body}")
+    } else {
+        let m = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits
+        };
+        format!(
+            "{sign}{m}e{}{:02}",
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
+    }
+}
+
+/// The quant-state JSON of a 4-bit tensor, key order and spacing as `json.dumps` writes it.
+pub fn quant_state_json(q: &Quantized4bit, dtype: Precision) -> String {
+    let dtype_name = dtype.torch_name().trim_start_matches("torch.");
+    let shape = q
+        .shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut s = format!(
+        "{{\"quant_type\": \"{}\", \"blocksize\": {}, \"dtype\": \"{}\", \"shape\": [{}]",
+        q.quant_type, q.blocksize, dtype_name, shape
+    );
+    if let AbsMax::Nested(n) = &q.absmax {
+        s.push_str(&format!(
+            ", \"nested_blocksize\": {}, \"nested_dtype\": \"float32\", \"nested_offset\": {}",
+            n.blocksize,
+            python_float_repr(f64::from(n.offset))
+        ));
+    }
+    s.push('}');
+    s
+}
+
+fn f32_data(values: &[f32], shape: Vec<usize>) -> TensorData {
+    TensorData::new(values.to_vec(), shape)
+}
+
+fn u8_data(values: &[u8], shape: Vec<usize>) -> TensorData {
+    TensorData::from_bytes_vec(values.to_vec(), shape, DType::U8)
+}
+
+/// The tensors of a 4-bit layer `prefix` (e.g. `model.layers.0.mlp.up_proj`).
+pub fn four_bit_tensors(
+    prefix: &str,
+    q: &Quantized4bit,
+    dtype: Precision,
+) -> Vec<(String, TensorData)> {
+    let w = format!("{prefix}.weight");
+    let mut out = vec![(w.clone(), u8_data(&q.packed, vec![q.packed.len(), 1]))];
+    match &q.absmax {
+        AbsMax::Plain(a) => out.push((format!("{w}.absmax"), f32_data(a, vec![a.len()]))),
+        AbsMax::Nested(n) => {
+            out.push((
+                format!("{w}.absmax"),
+                u8_data(&n.quantized, vec![n.quantized.len()]),
+            ));
+            out.push((
+                format!("{w}.nested_absmax"),
+                f32_data(&n.absmax, vec![n.absmax.len()]),
+            ));
+            out.push((
+                format!("{w}.nested_quant_map"),
+                f32_data(&n.code, vec![n.code.len()]),
+            ));
+        }
+    }
+    out.push((
+        format!("{w}.quant_map"),
+        f32_data(q.quant_type.code(), vec![16]),
+    ));
+    let json = quant_state_json(q, dtype).into_bytes();
+    let len = json.len();
+    out.push((
+        format!("{w}.quant_state.bitsandbytes__{}", q.quant_type),
+        u8_data(&json, vec![len]),
+    ));
+    out
+}
+
+/// The tensors of an LLM.int8 layer `prefix`.
+pub fn int8_tensors(prefix: &str, w: &Int8Weight) -> Vec<(String, TensorData)> {
+    let cb: Vec<u8> = w.cb.iter().map(|&v| v as u8).collect();
+    vec![
+        (
+            format!("{prefix}.weight"),
+            TensorData::from_bytes_vec(cb, vec![w.rows, w.cols], DType::I8),
+        ),
+        (format!("{prefix}.SCB"), f32_data(&w.scb, vec![w.rows])),
+        (format!("{prefix}.weight_format"), u8_data(&[0], vec![])),
+    ]
+}
+
+/// How a layer is stored in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredLayout {
+    /// Plain float weight (quantize on load).
+    Float,
+    /// bnb 4-bit with its quant state.
+    FourBit(QuantType),
+    /// LLM.int8 (`SCB` present).
+    Int8,
+}
+
+/// Which layout the layer `prefix` has in `checkpoint`.
+pub fn stored_layout(checkpoint: &Checkpoint, prefix: &str) -> StoredLayout {
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        if checkpoint.contains(&format!("{prefix}.weight.quant_state.bitsandbytes__{qt}")) {
+            return StoredLayout::FourBit(qt);
+        }
+    }
+    if checkpoint.contains(&format!("{prefix}.SCB")) {
+        return StoredLayout::Int8;
+    }
+    StoredLayout::Float
+}
+
+fn bytes_of(
+    checkpoint: &Checkpoint,
+    name: &str,
+    want: StoredDType,
+) -> Result<(Vec<u8>, Vec<usize>)> {
+    let info = checkpoint
+        .info(name)
+        .ok_or_else(|| QuantError::InconsistentState {
+            tensor: name.to_string(),
+            reason: "missing from the checkpoint".into(),
+        })?;
+    if info.dtype != want {
+        return Err(QuantError::InconsistentState {
+            tensor: name.to_string(),
+            reason: format!("stored as {}, expected {want}", info.dtype),
+        });
+    }
+    let shape = info.shape.clone();
+    Ok((checkpoint.tensor_data(name)?.as_bytes().to_vec(), shape))
+}
+
+fn f32s_of(checkpoint: &Checkpoint, name: &str) -> Result<Vec<f32>> {
+    let (bytes, _) = bytes_of(checkpoint, name, StoredDType::F32)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Reads a 4-bit layer saved by transformers/bitsandbytes (or cachet), checking every part
+/// against the quant state JSON and the expected `[out, in]` shape.
+pub fn read_four_bit(
+    checkpoint: &Checkpoint,
+    prefix: &str,
+    quant_type: QuantType,
+    expected_shape: [usize; 2],
+) -> Result<(Quantized4bit, Precision)> {
+    let w = format!("{prefix}.weight");
+    let state_name = format!("{w}.quant_state.bitsandbytes__{quant_type}");
+    let bad = |reason: String| QuantError::InconsistentState {
+        tensor: state_name.clone(),
+        reason,
+    };
+    let (json, _) = bytes_of(checkpoint, &state_name, StoredDType::U8)?;
+    let state: Value = serde_json::from_slice(&json).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let field = |k: &str| state.get(k).ok_or_else(|| bad(format!("has no {k:?}")));
+    let state_type = field("quant_type")?.as_str().unwrap_or_default();
+    if state_type != quant_type.name() {
+        return Err(bad(format!(
+            "quant_type {state_type:?} disagrees with the key suffix {quant_type}"
+        )));
+    }
+    let blocksize = field("blocksize")?
+        .as_u64()
+        .ok_or_else(|| bad("blocksize is not an integer".into()))? as usize;
+    let dtype_name = field("dtype")?.as_str().unwrap_or_default();
+    let dtype: Precision = dtype_name.parse().map_err(|_| {
+        bad(format!(
+            "dtype {dtype_name:?} is not float32/float16/bfloat16"
+        ))
+    })?;
+    let shape: Vec<usize> = field("shape")?
+        .as_array()
+        .ok_or_else(|| bad("shape is not a list".into()))?
+        .iter()
+        .map(|v| v.as_u64().map(|d| d as usize))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("shape holds a non-integer".into()))?;
+    if shape != expected_shape {
+        return Err(bad(format!(
+            "shape {shape:?} disagrees with the layer's [out, in] = {expected_shape:?}"
+        )));
+    }
+    let (packed, _) = bytes_of(checkpoint, &w, StoredDType::U8)?;
+    let nested = state.get("nested_blocksize").is_some();
+    let absmax = if nested {
+        let nested_blocksize = field("nested_blocksize")?
+            .as_u64()
+            .ok_or_else(|| bad("nested_blocksize is not an integer".into()))?
+            as usize;
+        let offset = field("nested_offset")?
+            .as_f64()
+            .ok_or_else(|| bad("nested_offset is not a number".into()))?
+            as f32;
+        let (quantized, _) = bytes_of(checkpoint, &format!("{w}.absmax"), StoredDType::U8)?;
+        AbsMax::Nested(NestedAbsMax {
+            quantized,
+            absmax: f32s_of(checkpoint, &format!("{w}.nested_absmax"))?,
+            offset,
+            blocksize: nested_blocksize,
+            code: f32s_of(checkpoint, &format!("{w}.nested_quant_map"))?,
+        })
+    } else {
+        AbsMax::Plain(f32s_of(checkpoint, &format!("{w}.absmax"))?)
+    };
+    let quant_map = f32s_of(checkpoint, &format!("{w}.quant_map"))?;
+    if quant_map.len() != 16 {
+        return Err(QuantError::InconsistentState {
+            tensor: format!("{w}.quant_map"),
+            reason: format!("{} values, expected 16", quant_map.len()),
+        });
+    }
+    let q = Quantized4bit {
+        packed,
+        absmax,
+        shape,
+        blocksize,
+        quant_type,
+    };
+    q.validate(&w)?;
+    Ok((q, dtype))
+}
+
+/// Reads an LLM.int8 layer (`weight` int8, `SCB`, optional `weight_format` = 0 / row).
+pub fn read_int8(
+    checkpoint: &Checkpoint,
+    prefix: &str,
+    expected_shape: [usize; 2],
+) -> Result<Int8Weight> {
+    let w = format!("{prefix}.weight");
+    let (cb, shape) = bytes_of(checkpoint, &w, StoredDType::I8)?;
+    if shape != expected_shape {
+        return Err(QuantError::InconsistentState {
+            tensor: w,
+            reason: format!("shape {shape:?}, the layer is [out, in] = {expected_shape:?}"),
+        });
+    }
+    let fmt_name = format!("{prefix}.weight_format");
+    if let Some(info) = checkpoint.info(&fmt_name) {
+        let data = checkpoint.tensor_data(&fmt_name)?;
+        let ok = info.num_elements() == 1 && data.as_bytes().iter().all(|&b| b == 0);
+        if !ok {
+            return Err(QuantError::InconsistentState {
+                tensor: fmt_name,
+                reason: "only weight_format 0 (row-major) is supported, as in bitsandbytes".into(),
+            });
+        }
+    }
+    let weight = Int8Weight {
+        cb: cb.into_iter().map(|b| b as i8).collect(),
+        scb: f32s_of(checkpoint, &format!("{prefix}.SCB"))?,
+        rows: expected_shape[0],
+        cols: expected_shape[1],
+    };
+    weight.validate(&w)?;
+    Ok(weight)
+}
+
+/// Reads a float tensor as f32 values, refusing dtypes that cannot be quantized.
+pub fn read_float(checkpoint: &Checkpoint, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    let info = checkpoint
+        .info(name)
+        .ok_or_else(|| QuantError::InconsistentState {
+            tensor: name.to_string(),
+            reason: "missing from the checkpoint".into(),
+        })?;
+    if !matches!(
+        info.dtype,
+        StoredDType::F32 | StoredDType::F16 | StoredDType::BF16 | StoredDType::F64
+    ) {
+        return Err(QuantError::UnsupportedDType {
+            tensor: name.to_string(),
+            dtype: info.dtype.to_string(),
+        });
+    }
+    let shape = info.shape.clone();
+    let data = checkpoint.tensor_data(name)?.convert::<f32>();
+    let values = data
+        .try_into_vec::<f32>()
+        .map_err(|e| QuantError::InconsistentState {
+            tensor: name.to_string(),
+            reason: format!("{e:?}"),
+        })?;
+    Ok((values, shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::python_float_repr;
+
+    #[test]
+    fn float_repr_matches_python() {
+        // Expected strings are Python 3's repr() of the same doubles.
+        let cases = [
+            (f64::from(0.389_709_1_f32), "0.38970908522605896"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (1.5e-7, "1.5e-07"),
+            (123.0, "123.0"),
+            (1e16, "1e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (-2.5, "-2.5"),
+            (0.0, "0.0"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(python_float_repr(x), want, "{x}");
+        }
+    }
+}
