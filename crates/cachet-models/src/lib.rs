@@ -2,7 +2,7 @@
 //!
 //! [`llama`] is a decoder-only transformer that loads Hugging Face checkpoints of
 //! `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (config.json + safetensors)
-//! and matches transformers' logits. Its attention takes an optional [`Cache`] from `cachet-kv`. [`generate`] decodes greedily; [`embedded`] ships a tiny
+//! and matches transformers' logits. Its attention takes an optional [`Cache`] from `cachet-kv`. [`generate()`] decodes (greedy, sampling, beam search); [`embedded`] ships a tiny
 //! checkpoint for offline demos.
 
 pub mod embedded;

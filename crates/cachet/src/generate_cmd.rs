@@ -93,6 +93,23 @@ fn parse_prompts(raw: &[String]) -> Result<Vec<Vec<u32>>> {
         .collect()
 }
 
+/// Loads a checkpoint directory; bitsandbytes-quantized checkpoints (a `quantization_config` in
+/// config.json) load into quantized layers when the `quant` feature is on.
+fn load_model(
+    dir: &std::path::Path,
+    device: &cachet::tensor::Device,
+    precision: Precision,
+) -> Result<Llama> {
+    #[cfg(feature = "quant")]
+    {
+        Ok(cachet::quant::load_pretrained(dir, device, precision)?)
+    }
+    #[cfg(not(feature = "quant"))]
+    {
+        Ok(Llama::from_pretrained(dir, device, precision)?)
+    }
+}
+
 /// Runs `cachet generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let spec: DeviceSpec = args.device.parse()?;
@@ -103,7 +120,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let load_start = Instant::now();
     let (model, name) = match &args.model {
         Some(dir) => (
-            Llama::from_pretrained(dir, &device, precision)
+            load_model(dir, &device, precision)
                 .with_context(|| format!("loading model from {}", dir.display()))?,
             dir.display().to_string(),
         ),

@@ -299,3 +299,51 @@ fn kv_memory_plots_measured_memory_of_every_cache_type() {
     let sink = series("sink");
     assert!(sink.iter().all(|&b| b == sink[0]), "{sink:?}");
 }
+
+#[test]
+fn generate_runs_bitsandbytes_checkpoints_saved_by_transformers() {
+    for name in ["llama-nf4-dq", "llama-fp4", "llama-int8"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../cachet-quant/tests/fixtures")
+            .join(name);
+        let reference =
+            cachet::tensor::Checkpoint::open(dir.join("reference.safetensors")).unwrap();
+        let read = |key: &str| -> Vec<u64> {
+            let data = reference
+                .tensor_data(key)
+                .unwrap()
+                .try_cast(cachet::tensor::DType::I64)
+                .unwrap();
+            data.try_into_vec::<i64>()
+                .unwrap()
+                .into_iter()
+                .map(|t| t as u64)
+                .collect()
+        };
+        let prompt: Vec<String> = read("g.prompt_ids").iter().map(u64::to_string).collect();
+        let want = read("g.tokens");
+        let max = want.len().to_string();
+        let output = cachet(&[
+            "generate",
+            "--json",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt.join(","),
+            "--max-new-tokens",
+            &max,
+            "--ignore-eos",
+        ]);
+        let json = stdout_json(&output);
+        let tokens: Vec<u64> = json["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            tokens, want,
+            "{name}: greedy tokens equal transformers + bitsandbytes"
+        );
+    }
+}
