@@ -1,17 +1,15 @@
 //! [`DynamicCache`]: grows without bound, like transformers' default cache, but appends in
 //! O(1) amortised instead of concatenating the whole cache every step.
 
-use burn::tensor::Tensor;
-use cachet_tensor::MemoryFootprint;
-
 use crate::cache::{Cache, MaskLayout};
 use crate::error::Result;
-use crate::store::{LayerStore, check_layer_order, check_positions};
+use crate::store::Layers;
+use burn::tensor::Tensor;
 
 /// A cache that keeps every token; the default for generation.
 #[derive(Debug, Clone, Default)]
 pub struct DynamicCache {
-    layers: Vec<LayerStore>,
+    layers: Layers,
 }
 
 impl DynamicCache {
@@ -27,7 +25,7 @@ impl DynamicCache {
 
     /// Stored keys and values of `layer`, if any.
     pub fn layer(&self, layer: usize) -> Option<(Tensor<4>, Tensor<4>)> {
-        self.layers.get(layer).map(LayerStore::view)
+        self.layers.view(layer)
     }
 }
 
@@ -39,24 +37,12 @@ impl Cache for DynamicCache {
         values: Tensor<4>,
         cache_position: &[usize],
     ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)> {
-        check_layer_order(layer, self.layers.len())?;
-        let new = keys.dims()[2];
-        if layer == self.layers.len() {
-            crate::store::check_pair(layer, &keys, &values)?;
-            check_positions(layer, 0, cache_position, new)?;
-            self.layers
-                .push(LayerStore::with_capacity(&keys, &values, new.max(16)));
-        }
-        let store = &mut self.layers[layer];
-        store.check(layer, &keys, &values)?;
-        check_positions(layer, store.len(), cache_position, new)?;
-        store.append(keys, values);
-        let (k, v) = store.view();
-        Ok((k, v, MaskLayout::contiguous(0, store.len())))
+        self.layers
+            .append("dynamic cache", None, layer, keys, values, cache_position)
     }
 
     fn seq_length(&self, layer: usize) -> usize {
-        self.layers.get(layer).map_or(0, LayerStore::len)
+        self.layers.seq_length(layer)
     }
 
     fn max_length(&self) -> Option<usize> {
@@ -68,18 +54,16 @@ impl Cache for DynamicCache {
     }
 
     fn crop(&mut self, max_length: usize) -> Result<()> {
-        self.layers.iter_mut().for_each(|l| l.truncate(max_length));
+        self.layers.crop(max_length);
         Ok(())
     }
 
     fn reorder(&mut self, beam_indices: &[usize]) -> Result<()> {
-        self.layers
-            .iter_mut()
-            .try_for_each(|l| l.select(beam_indices))
+        self.layers.reorder(beam_indices)
     }
 
     fn batch_size(&self) -> Option<usize> {
-        self.layers.first().map(LayerStore::batch)
+        self.layers.batch_size()
     }
 
     fn reset(&mut self) {

@@ -1,18 +1,16 @@
 //! [`StaticCache`]: preallocated `[batch, heads, max_cache_len, head_dim]` per layer, written at
 //! `cache_position`; going past `max_cache_len` is an error, never a silent reallocation.
 
-use burn::tensor::Tensor;
-use cachet_tensor::MemoryFootprint;
-
 use crate::cache::{Cache, MaskLayout};
 use crate::error::{KvError, Result};
-use crate::store::{LayerStore, check_layer_order, check_pair, check_positions};
+use crate::store::Layers;
+use burn::tensor::Tensor;
 
 /// A fixed-capacity cache, allocated once (on the first update of each layer).
 #[derive(Debug, Clone)]
 pub struct StaticCache {
     max_cache_len: usize,
-    layers: Vec<LayerStore>,
+    layers: Layers,
 }
 
 impl StaticCache {
@@ -25,7 +23,7 @@ impl StaticCache {
         }
         Ok(Self {
             max_cache_len,
-            layers: Vec::new(),
+            layers: Layers::default(),
         })
     }
 
@@ -36,7 +34,7 @@ impl StaticCache {
 
     /// Stored keys and values of `layer`, if any.
     pub fn layer(&self, layer: usize) -> Option<(Tensor<4>, Tensor<4>)> {
-        self.layers.get(layer).map(LayerStore::view)
+        self.layers.view(layer)
     }
 
     /// Number of layers allocated so far.
@@ -53,36 +51,19 @@ impl Cache for StaticCache {
         values: Tensor<4>,
         cache_position: &[usize],
     ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)> {
-        check_layer_order(layer, self.layers.len())?;
-        if layer == self.layers.len() {
-            check_pair(layer, &keys, &values)?;
-            self.layers.push(LayerStore::with_capacity(
-                &keys,
-                &values,
-                self.max_cache_len,
-            ));
-        }
-        let store = &mut self.layers[layer];
-        store.check(layer, &keys, &values)?;
-        let new = keys.dims()[2];
-        check_positions(layer, store.len(), cache_position, new)?;
-        if store.len() + new > self.max_cache_len {
-            return Err(KvError::Full {
-                cache: "static cache",
-                layer,
-                stored: store.len(),
-                new,
-                capacity: self.max_cache_len,
-            });
-        }
-        let at = store.len();
-        store.write_at(at, keys, values);
-        let (k, v) = store.view();
-        Ok((k, v, MaskLayout::contiguous(0, store.len())))
+        let capacity = Some(self.max_cache_len);
+        self.layers.append(
+            "static cache",
+            capacity,
+            layer,
+            keys,
+            values,
+            cache_position,
+        )
     }
 
     fn seq_length(&self, layer: usize) -> usize {
-        self.layers.get(layer).map_or(0, LayerStore::len)
+        self.layers.seq_length(layer)
     }
 
     fn max_length(&self) -> Option<usize> {
@@ -94,23 +75,21 @@ impl Cache for StaticCache {
     }
 
     fn crop(&mut self, max_length: usize) -> Result<()> {
-        self.layers.iter_mut().for_each(|l| l.truncate(max_length));
+        self.layers.crop(max_length);
         Ok(())
     }
 
     fn reorder(&mut self, beam_indices: &[usize]) -> Result<()> {
-        self.layers
-            .iter_mut()
-            .try_for_each(|l| l.select(beam_indices))
+        self.layers.reorder(beam_indices)
     }
 
     fn batch_size(&self) -> Option<usize> {
-        self.layers.first().map(LayerStore::batch)
+        self.layers.batch_size()
     }
 
     fn reset(&mut self) {
         // Keep the allocation, forget the contents.
-        self.layers.iter_mut().for_each(|l| l.truncate(0));
+        self.layers.crop(0);
     }
 
     fn memory_bytes(&self) -> usize {

@@ -211,3 +211,81 @@ pub(crate) fn check_layer_order(layer: usize, existing: usize) -> Result<()> {
         Ok(())
     }
 }
+
+/// Per-layer stores appended in order: what dynamic and static caches share.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Layers(Vec<LayerStore>);
+
+impl Layers {
+    /// Appends the new tokens of `layer`; with `capacity`, a layer is allocated at exactly that
+    /// size once and overflowing it is [`KvError::Full`] (nothing stored), else it grows.
+    pub fn append(
+        &mut self,
+        cache: &'static str,
+        capacity: Option<usize>,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        cache_position: &[usize],
+    ) -> Result<(Tensor<4>, Tensor<4>, crate::cache::MaskLayout)> {
+        check_layer_order(layer, self.0.len())?;
+        let new = keys.dims()[2];
+        if layer == self.0.len() {
+            check_pair(layer, &keys, &values)?;
+            self.0.push(LayerStore::with_capacity(
+                &keys,
+                &values,
+                capacity.unwrap_or(new.max(16)),
+            ));
+        }
+        let store = &mut self.0[layer];
+        store.check(layer, &keys, &values)?;
+        check_positions(layer, store.len(), cache_position, new)?;
+        if let Some(capacity) = capacity
+            && store.len() + new > capacity
+        {
+            return Err(KvError::Full {
+                cache,
+                layer,
+                stored: store.len(),
+                new,
+                capacity,
+            });
+        }
+        store.append(keys, values);
+        let (k, v) = store.view();
+        Ok((k, v, crate::cache::MaskLayout::contiguous(0, store.len())))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn view(&self, layer: usize) -> Option<(Tensor<4>, Tensor<4>)> {
+        self.0.get(layer).map(LayerStore::view)
+    }
+
+    pub fn seq_length(&self, layer: usize) -> usize {
+        self.0.get(layer).map_or(0, LayerStore::len)
+    }
+
+    pub fn crop(&mut self, max_length: usize) {
+        self.0.iter_mut().for_each(|l| l.truncate(max_length));
+    }
+
+    pub fn reorder(&mut self, indices: &[usize]) -> Result<()> {
+        self.0.iter_mut().try_for_each(|l| l.select(indices))
+    }
+
+    pub fn batch_size(&self) -> Option<usize> {
+        self.0.first().map(LayerStore::batch)
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.0.memory_bytes()
+    }
+}
