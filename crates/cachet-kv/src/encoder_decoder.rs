@@ -6,7 +6,7 @@ use cachet_tensor::MemoryFootprint;
 
 use crate::cache::{Cache, MaskLayout};
 use crate::error::{KvError, Result};
-use crate::store::check_pair;
+use crate::store::{check_pair, select_rows};
 
 /// Decoder self-attention cache + per-layer cross-attention keys/values.
 #[derive(Debug, Clone)]
@@ -113,17 +113,8 @@ impl Cache for EncoderDecoderCache {
     fn reorder(&mut self, beam_indices: &[usize]) -> Result<()> {
         self.self_attention.reorder(beam_indices)?;
         for (k, v) in self.cross_attention.iter_mut().flatten() {
-            let batch = k.dims()[0];
-            if let Some(&index) = beam_indices.iter().find(|&&i| i >= batch) {
-                return Err(KvError::BatchIndex { index, batch });
-            }
-            let ids: Vec<i64> = beam_indices.iter().map(|&i| i as i64).collect();
-            let ids = Tensor::<1, burn::tensor::Int>::from_data(
-                burn::tensor::TensorData::new(ids, [beam_indices.len()]),
-                &k.device(),
-            );
-            *k = k.clone().select(0, ids.clone());
-            *v = v.clone().select(0, ids);
+            *k = select_rows(k.clone(), beam_indices)?;
+            *v = select_rows(v.clone(), beam_indices)?;
         }
         Ok(())
     }

@@ -1,10 +1,11 @@
 //! [`MambaCache`]: the state cache of Mamba-style models, a convolution window and an SSM state
 //! per layer instead of keys and values (transformers' `MambaCache`).
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 use cachet_tensor::MemoryFootprint;
 
 use crate::error::{KvError, Result};
+use crate::store::select_rows;
 
 /// Shapes of a Mamba state cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,24 +133,17 @@ impl MambaCache {
 
     /// Reorders the batch (beam search).
     pub fn reorder(&mut self, beam_indices: &[usize]) -> Result<()> {
+        // Validate once so a bad index leaves every state untouched.
         let batch = self.config.batch;
         if let Some(&index) = beam_indices.iter().find(|&&i| i >= batch) {
             return Err(KvError::BatchIndex { index, batch });
         }
-        let device = self.conv_states[0].device();
-        let ids = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                beam_indices.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-                [beam_indices.len()],
-            ),
-            &device,
-        );
         for t in self
             .conv_states
             .iter_mut()
             .chain(self.ssm_states.iter_mut())
         {
-            *t = t.clone().select(0, ids.clone());
+            *t = select_rows(t.clone(), beam_indices)?;
         }
         self.config.batch = beam_indices.len();
         Ok(())

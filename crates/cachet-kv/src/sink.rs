@@ -7,7 +7,7 @@ use cachet_tensor::MemoryFootprint;
 
 use crate::cache::{Cache, MaskLayout};
 use crate::error::{KvError, Result};
-use crate::store::{check_layer_order, check_pair, check_positions};
+use crate::store::{check_layer_order, check_pair, check_positions, select_rows};
 
 #[derive(Debug, Clone)]
 struct SinkLayer {
@@ -272,17 +272,8 @@ impl Cache for SinkCache {
 
     fn reorder(&mut self, beam_indices: &[usize]) -> Result<()> {
         for layer in &mut self.layers {
-            let batch = layer.keys.dims()[0];
-            if let Some(&index) = beam_indices.iter().find(|&&i| i >= batch) {
-                return Err(KvError::BatchIndex { index, batch });
-            }
-            let ids: Vec<i64> = beam_indices.iter().map(|&i| i as i64).collect();
-            let ids = Tensor::<1, burn::tensor::Int>::from_data(
-                burn::tensor::TensorData::new(ids, [beam_indices.len()]),
-                &layer.keys.device(),
-            );
-            layer.keys = layer.keys.clone().select(0, ids.clone());
-            layer.values = layer.values.clone().select(0, ids);
+            layer.keys = select_rows(layer.keys.clone(), beam_indices)?;
+            layer.values = select_rows(layer.values.clone(), beam_indices)?;
         }
         Ok(())
     }

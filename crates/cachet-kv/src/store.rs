@@ -134,15 +134,8 @@ impl LayerStore {
 
     /// Keeps batch rows `indices` in that order.
     pub fn select(&mut self, indices: &[usize]) -> Result<()> {
-        let batch = self.batch();
-        if let Some(&index) = indices.iter().find(|&&i| i >= batch) {
-            return Err(KvError::BatchIndex { index, batch });
-        }
-        let device = self.keys.device();
-        let ids: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [indices.len()]), &device);
-        self.keys = self.keys.clone().select(0, ids.clone());
-        self.values = self.values.clone().select(0, ids);
+        self.keys = select_rows(self.keys.clone(), indices)?;
+        self.values = select_rows(self.values.clone(), indices)?;
         Ok(())
     }
 }
@@ -151,6 +144,20 @@ impl MemoryFootprint for LayerStore {
     fn memory_bytes(&self) -> usize {
         self.keys.memory_bytes() + self.values.memory_bytes()
     }
+}
+
+/// Rows `indices` of `tensor` along the batch dimension, in that order (beam reordering).
+pub(crate) fn select_rows<const D: usize>(
+    tensor: Tensor<D>,
+    indices: &[usize],
+) -> Result<Tensor<D>> {
+    let batch = tensor.dims()[0];
+    if let Some(&index) = indices.iter().find(|&&i| i >= batch) {
+        return Err(KvError::BatchIndex { index, batch });
+    }
+    let ids: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+    let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [indices.len()]), &tensor.device());
+    Ok(tensor.select(0, ids))
 }
 
 /// Checks that keys and values agree on batch, heads and sequence length.
