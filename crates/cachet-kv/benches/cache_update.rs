@@ -11,7 +11,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use burn::tensor::{Distribution, Tensor};
-use cachet_kv::{Cache, DynamicCache, SlidingWindowCache, StaticCache};
+use cachet_kv::{
+    Cache, DynamicCache, OffloadedCache, QuantizedCache, QuantizedCacheConfig, SinkCache,
+    SlidingWindowCache, StaticCache,
+};
 use cachet_tensor::DeviceSpec;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
@@ -105,6 +108,11 @@ fn bench(c: &mut Criterion) {
         let mut caches: Vec<(&str, Box<dyn Cache>)> = vec![
             ("dynamic", Box::new(DynamicCache::new())),
             ("static", Box::new(StaticCache::new(context + 1).unwrap())),
+            ("offloaded", Box::new(OffloadedCache::new(&device, &device))),
+            (
+                "quantized_4bit",
+                Box::new(QuantizedCache::new(QuantizedCacheConfig::default()).unwrap()),
+            ),
         ];
         for (name, cache) in caches.iter_mut() {
             filled(cache.as_mut(), context, &device);
@@ -131,6 +139,18 @@ fn bench(c: &mut Criterion) {
                 })
             },
         );
+        // The sink cache at its window: every token evicts one and re-rotates the kept keys.
+        let inv_freq: Vec<f32> = (0..HEAD_DIM / 2)
+            .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / HEAD_DIM as f32))
+            .collect();
+        let mut sink = SinkCache::new(context, 4, inv_freq).unwrap();
+        filled(&mut sink, context - 1, &device);
+        group.bench_with_input(BenchmarkId::new("sink", context), &context, |b, _| {
+            b.iter(|| {
+                let at = sink.seq_length(0);
+                drop(sink.update(0, new.clone(), new.clone(), &[at]).unwrap());
+            })
+        });
     }
     group.finish();
 }
