@@ -19,18 +19,33 @@ fn stdout_json(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
 }
 
-/// The embedded model's greedy tokens, as transformers' generate produced them.
-fn embedded_reference_tokens() -> Vec<u64> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../cachet-models/assets/tiny-llama/reference.safetensors");
+/// Runs each command and checks it fails with a message containing its needle.
+fn assert_each_fails_with(cases: &[(&[&str], &str)]) {
+    for (args, needle) in cases {
+        let output = cachet(args);
+        assert!(!output.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+/// Integer tensor `key` of a reference safetensors file, as u64 token ids.
+fn reference_ids(path: &Path, key: &str) -> Vec<u64> {
     let checkpoint = cachet::tensor::Checkpoint::open(path).unwrap();
-    let data = checkpoint.tensor_data("g.tokens").unwrap();
+    let data = checkpoint.tensor_data(key).unwrap();
     let data = data.try_cast(cachet::tensor::DType::I64).unwrap();
     data.try_into_vec::<i64>()
         .unwrap()
         .into_iter()
         .map(|t| t as u64)
         .collect()
+}
+
+/// The embedded model's greedy tokens, as transformers' generate produced them.
+fn embedded_reference_tokens() -> Vec<u64> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cachet-models/assets/tiny-llama/reference.safetensors");
+    reference_ids(&path, "g.tokens")
 }
 
 #[test]
@@ -158,12 +173,7 @@ fn static_cache_overflow_and_bad_cache_config_fail_clearly() {
             "unknown cache implementation",
         ),
     ];
-    for (args, needle) in cases {
-        let output = cachet(args);
-        assert!(!output.status.success(), "{args:?} should fail");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(needle), "{args:?}: {stderr}");
-    }
+    assert_each_fails_with(&cases);
 }
 
 #[test]
@@ -198,12 +208,7 @@ fn bad_input_fails_with_a_message_naming_the_problem() {
             "outside the vocabulary",
         ),
     ];
-    for (args, needle) in cases {
-        let output = cachet(args);
-        assert!(!output.status.success(), "{args:?} should fail");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(needle), "{args:?}: {stderr}");
-    }
+    assert_each_fails_with(&cases);
 }
 
 #[test]
@@ -306,20 +311,8 @@ fn generate_runs_bitsandbytes_checkpoints_saved_by_transformers() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../cachet-quant/tests/fixtures")
             .join(name);
-        let reference =
-            cachet::tensor::Checkpoint::open(dir.join("reference.safetensors")).unwrap();
-        let read = |key: &str| -> Vec<u64> {
-            let data = reference
-                .tensor_data(key)
-                .unwrap()
-                .try_cast(cachet::tensor::DType::I64)
-                .unwrap();
-            data.try_into_vec::<i64>()
-                .unwrap()
-                .into_iter()
-                .map(|t| t as u64)
-                .collect()
-        };
+        let reference = dir.join("reference.safetensors");
+        let read = |key: &str| reference_ids(&reference, key);
         let prompt: Vec<String> = read("g.prompt_ids").iter().map(u64::to_string).collect();
         let want = read("g.tokens");
         let max = want.len().to_string();
