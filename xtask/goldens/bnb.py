@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from goldens_lib.safetensors_writer import save_file
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
@@ -52,36 +53,10 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 SEED = 20241124
 torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
 
-_ST = {
-    torch.float32: ("F32", np.float32),
-    torch.int64: ("I64", np.int64),
-    torch.uint8: ("U8", np.uint8),
-    torch.int8: ("I8", np.int8),
-}
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Byte-reproducible safetensors writer (sorted header)."""
-    header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        code, np_dtype = _ST[t.dtype]
-        data = t.numpy().astype(np.dtype(np_dtype).newbyteorder("<")).tobytes()
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for b in blobs:
-            f.write(b)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import safetensors
 import torch
+from goldens_lib.safetensors_writer import save_file
 import transformers
 from transformers import (
     GenerationConfig,
@@ -396,31 +397,6 @@ def verify(cls, out_dir: Path, model, vectors: dict, info: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-_ST_DTYPES = {torch.int64: ("I64", np.int64), torch.float32: ("F32", np.float32)}
-
-
-def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Byte-reproducible safetensors writer (sorted header; `safetensors.torch.save_file`
-    serialises `__metadata__` in hash order, which changes from run to run)."""
-    header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
-    blobs = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        code, np_dtype = _ST_DTYPES[t.dtype]
-        data = t.numpy().astype(np.dtype(np_dtype).newbyteorder("<")).tobytes()
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for b in blobs:
-            f.write(b)
 
 
 def write_fixture(

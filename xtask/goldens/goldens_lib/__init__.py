@@ -1,0 +1,1 @@
+"""Helpers shared by the golden generators in xtask/goldens/ (imported, never run by xtask)."""
