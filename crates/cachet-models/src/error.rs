@@ -56,4 +56,7 @@ pub enum ModelError {
     /// A safetensors error.
     #[error(transparent)]
     Safetensors(#[from] SafetensorsError),
+    /// A forward hook (a diffusion cache) failed; the source says which and why.
+    #[error("hook: {0}")]
+    Hook(Box<dyn std::error::Error + Send + Sync>),
 }

@@ -1,0 +1,11 @@
+//! Diffusion transformers (DiTs) and the hook seam that diffusion caches plug into.
+//!
+//! Each model runs its forward through [`hooks::DitHooks`], so `cachet-diffusion` can skip or
+//! approximate blocks and attention layers step by step without touching model code.
+
+pub mod hooks;
+
+pub use hooks::{
+    BlockFn, BlockGroup, BlockStates, DenoiserFn, DenoiserOutput, DitHooks, ForwardPattern,
+    HookPoint, HookableDit, ModuleFn, ModuleKind, ModulePath, NoHooks, hooked_module,
+};
