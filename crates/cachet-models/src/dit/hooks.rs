@@ -163,20 +163,34 @@ impl DenoiserOutput {
     }
 }
 
-/// Runs one block: `(block index, states) -> states`.
-pub type BlockFn<'a> = dyn FnMut(usize, BlockStates) -> Result<BlockStates> + 'a;
+/// Runs one block: `(hooks, block index, states) -> states`. The hooks are handed back in so the
+/// block can hook its sub-modules while the hooks drive the block loop.
+pub type BlockFn<'a> = dyn FnMut(&mut dyn DitHooks, usize, BlockStates) -> Result<BlockStates> + 'a;
 /// Runs one sub-module and returns its output tensors (attention returns one or two).
 pub type ModuleFn<'a> = dyn FnMut() -> Result<Vec<Tensor<3>>> + 'a;
 /// Runs the denoiser on the given batch rows of its inputs (`None`: all rows).
-pub type DenoiserFn<'a> = dyn FnMut(Option<Range<usize>>) -> Result<DenoiserOutput> + 'a;
+pub type DenoiserFn<'a> =
+    dyn FnMut(&mut dyn DitHooks, Option<Range<usize>>) -> Result<DenoiserOutput> + 'a;
+
+/// Lets default methods of [`DitHooks`] hand `self` to closures as `&mut dyn DitHooks`.
+pub trait AsDynHooks {
+    /// `self` as a trait object.
+    fn as_dyn_hooks(&mut self) -> &mut dyn DitHooks;
+}
+
+impl<T: DitHooks> AsDynHooks for T {
+    fn as_dyn_hooks(&mut self) -> &mut dyn DitHooks {
+        self
+    }
+}
 
 /// Hooks a DiT calls instead of running its denoiser, block lists and sub-modules directly.
-pub trait DitHooks {
+pub trait DitHooks: AsDynHooks {
     /// Wraps the whole forward; `batch` is the input batch size. May run only some batch rows
     /// (FasterCache's unconditional-branch skip) and fill in the others.
     fn run_denoiser(&mut self, batch: usize, run: &mut DenoiserFn<'_>) -> Result<DenoiserOutput> {
         let _ = batch;
-        run(None)
+        run(self.as_dyn_hooks(), None)
     }
 
     /// Runs a block list from `states`; the default runs every block in order.
@@ -186,7 +200,11 @@ pub trait DitHooks {
         states: BlockStates,
         block: &mut BlockFn<'_>,
     ) -> Result<BlockStates> {
-        (0..group.len).try_fold(states, |states, i| block(i, states))
+        let mut states = states;
+        for i in 0..group.len {
+            states = block(self.as_dyn_hooks(), i, states)?;
+        }
+        Ok(states)
     }
 
     /// Whether [`run_module`](Self::run_module) wants to see this module; models skip the call
@@ -234,4 +252,64 @@ pub trait HookableDit {
     fn block_groups(&self) -> Vec<BlockGroup<'static>>;
     /// Every hookable sub-module with its diffusers name.
     fn hook_points(&self) -> Vec<HookPoint>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_cache_dit_table() {
+        let table: Vec<(bool, bool, bool)> = ForwardPattern::ALL
+            .iter()
+            .map(|p| {
+                (
+                    p.returns_hidden_first(),
+                    p.returns_hidden_only(),
+                    p.forwards_hidden_only(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            table,
+            vec![
+                (true, false, false),
+                (false, false, false),
+                (false, true, false),
+                (false, true, true),
+                (true, false, true),
+                (false, false, true),
+            ]
+        );
+        let json = serde_json::to_string(&ForwardPattern::Pattern3).unwrap();
+        assert_eq!(json, "\"Pattern_3\"");
+    }
+
+    #[test]
+    fn default_hooks_run_every_block_in_order() {
+        let device = burn::tensor::Device::default();
+        let states = BlockStates {
+            hidden: Tensor::zeros([1, 2, 3], &device),
+            encoder: None,
+        };
+        let mut seen = Vec::new();
+        let group = BlockGroup {
+            name: "transformer_blocks",
+            index: 0,
+            len: 3,
+            pattern: ForwardPattern::Pattern3,
+        };
+        let out = NoHooks
+            .run_blocks(group, states, &mut |_, i, s| {
+                seen.push(i);
+                Ok(BlockStates {
+                    hidden: s.hidden + 1.0,
+                    encoder: s.encoder,
+                })
+            })
+            .unwrap();
+        assert_eq!(seen, vec![0, 1, 2]);
+        let sum: f32 = out.hidden.sum().into_scalar();
+        assert_eq!(sum, 18.0);
+    }
 }

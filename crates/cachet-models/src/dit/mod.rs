@@ -6,6 +6,7 @@
 pub mod hooks;
 
 pub use hooks::{
-    BlockFn, BlockGroup, BlockStates, DenoiserFn, DenoiserOutput, DitHooks, ForwardPattern,
-    HookPoint, HookableDit, ModuleFn, ModuleKind, ModulePath, NoHooks, hooked_module,
+    AsDynHooks, BlockFn, BlockGroup, BlockStates, DenoiserFn, DenoiserOutput, DitHooks,
+    ForwardPattern, HookPoint, HookableDit, ModuleFn, ModuleKind, ModulePath, NoHooks,
+    hooked_module,
 };
