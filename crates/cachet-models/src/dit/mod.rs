@@ -3,6 +3,7 @@
 //! Each model runs its forward through [`hooks::DitHooks`], so `cachet-diffusion` can skip or
 //! approximate blocks and attention layers step by step without touching model code.
 
+pub mod flux;
 pub mod hooks;
 
 pub use hooks::{
@@ -10,3 +11,4 @@ pub use hooks::{
     ForwardPattern, HookPoint, HookableDit, ModuleFn, ModuleKind, ModulePath, NoHooks,
     hooked_module,
 };
+pub use flux::{FluxConfig, FluxInputs, FluxTransformer};
