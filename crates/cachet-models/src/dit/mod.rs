@@ -6,9 +6,9 @@
 pub mod flux;
 pub mod hooks;
 
+pub use flux::{FluxConfig, FluxInputs, FluxTransformer};
 pub use hooks::{
     AsDynHooks, BlockFn, BlockGroup, BlockStates, DenoiserFn, DenoiserOutput, DitHooks,
     ForwardPattern, HookPoint, HookableDit, ModuleFn, ModuleKind, ModulePath, NoHooks,
     hooked_module,
 };
-pub use flux::{FluxConfig, FluxInputs, FluxTransformer};
