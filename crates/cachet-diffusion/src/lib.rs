@@ -1,0 +1,30 @@
+//! Cache hooks for diffusion transformers: the inference accelerations of diffusers' cache
+//! methods and cache-dit, on burn DiT models from `cachet-models`.
+//!
+//! Attach a method to a model with [`CacheHooks::new`] and pass the hooks to the model's
+//! forward; the loop tells them the step ([`CacheHooks::begin_step`]) and the cache context
+//! ([`CacheHooks::cache_context`]). Every decision is logged ([`DecisionLog`]) for
+//! [`summary`](crate::summary) and for the parity tests against the Python libraries.
+//!
+//! Methods: [`PyramidAttentionBroadcastConfig`], [`FasterCacheConfig`],
+//! [`FirstBlockCacheConfig`], [`DBCacheConfig`] (+ [`TaylorSeerCalibratorConfig`]) and
+//! [`TaylorSeerCacheConfig`].
+
+pub mod error;
+mod fft;
+pub mod hooks;
+pub mod log;
+mod matching;
+pub mod methods;
+pub mod steps_mask;
+
+pub use error::{DiffusionError, Result};
+pub use hooks::{CacheConfig, CacheHooks, ModuleHooks};
+pub use log::{Action, Decision, DecisionLog, StepInfo};
+pub use methods::GroupLayout;
+pub use methods::dbcache::{BlockAdapter, DBCacheConfig, UnitStats};
+pub use methods::faster_cache::{FasterCacheConfig, TensorFormat};
+pub use methods::first_block::FirstBlockCacheConfig;
+pub use methods::pab::PyramidAttentionBroadcastConfig;
+pub use methods::taylorseer::{TaylorSeerCacheConfig, TaylorSeerCalibratorConfig};
+pub use steps_mask::{steps_mask, steps_mask_from_bins};
