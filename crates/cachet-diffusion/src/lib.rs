@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod log;
 mod matching;
 pub mod methods;
+pub mod pipeline;
 pub mod steps_mask;
 
 pub use error::{DiffusionError, Result};
@@ -27,4 +28,7 @@ pub use methods::faster_cache::{FasterCacheConfig, TensorFormat};
 pub use methods::first_block::FirstBlockCacheConfig;
 pub use methods::pab::PyramidAttentionBroadcastConfig;
 pub use methods::taylorseer::{TaylorSeerCacheConfig, TaylorSeerCalibratorConfig};
+pub use pipeline::{
+    CogVideoXCond, Denoise, DenoiseOutput, FlowMatchEuler, FluxCond, Guidance, denoise,
+};
 pub use steps_mask::{steps_mask, steps_mask_from_bins};
