@@ -18,6 +18,7 @@ mod matching;
 pub mod methods;
 pub mod pipeline;
 pub mod steps_mask;
+pub mod summary;
 
 pub use error::{DiffusionError, Result};
 pub use hooks::{CacheConfig, CacheHooks, ModuleHooks};
@@ -32,3 +33,4 @@ pub use pipeline::{
     CogVideoXCond, Denoise, DenoiseOutput, FlowMatchEuler, FluxCond, Guidance, denoise,
 };
 pub use steps_mask::{steps_mask, steps_mask_from_bins};
+pub use summary::{Summary, steps_mask_png, summary};
