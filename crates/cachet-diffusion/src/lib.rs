@@ -33,4 +33,4 @@ pub use pipeline::{
     CogVideoXCond, Denoise, DenoiseOutput, FlowMatchEuler, FluxCond, Guidance, denoise,
 };
 pub use steps_mask::{steps_mask, steps_mask_from_bins};
-pub use summary::{Summary, steps_mask_png, summary};
+pub use summary::{Summary, latent_psnr, steps_mask_png, summary};

@@ -289,10 +289,38 @@ pub fn steps_mask_png(log: &DecisionLog, title: &str) -> Vec<u8> {
     canvas.to_png()
 }
 
+/// How far a cached result is from the uncached one: PSNR in dB with peak `max|reference|`
+/// (the latents are not images, so the peak is the reference's own range), and max |error|.
+pub fn latent_psnr(reference: &[f32], other: &[f32]) -> (f64, f64) {
+    let peak = reference.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let (mut sq, mut max_abs) = (0f64, 0f64);
+    for (a, b) in reference.iter().zip(other) {
+        let e = (*a as f64 - *b as f64).abs();
+        sq += e * e;
+        max_abs = max_abs.max(e);
+    }
+    let mse = sq / reference.len().max(1) as f64;
+    let psnr = if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (peak * peak / mse).log10()
+    };
+    (psnr, max_abs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::log::Decision;
+
+    #[test]
+    fn psnr_of_identical_and_offset_latents() {
+        assert_eq!(latent_psnr(&[1.0, -2.0], &[1.0, -2.0]).0, f64::INFINITY);
+        let (psnr, max_abs) = latent_psnr(&[2.0, -2.0], &[2.2, -2.0]);
+        // mse = 0.02, peak 2: 10 log10(4 / 0.02) = 23.01
+        assert!((psnr - 23.0103).abs() < 1e-3, "{psnr}");
+        assert!((max_abs - 0.2).abs() < 1e-6);
+    }
 
     #[test]
     fn percentiles_match_numpy() {

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "compile")]
 pub use cachet_compile as compile;
+pub use cachet_diffusion as diffusion;
 pub use cachet_kv as kv;
 pub use cachet_models as models;
 #[cfg(feature = "quant")]

@@ -2,6 +2,7 @@
 
 #[cfg(feature = "compile")]
 mod compile_cmd;
+mod denoise_cmd;
 mod generate_cmd;
 mod kv_memory_cmd;
 #[cfg(feature = "quant")]
@@ -30,6 +31,8 @@ enum Command {
     },
     /// Generate tokens with a Llama-family model (greedy, sampling or beam search) through a KV cache.
     Generate(generate_cmd::GenerateArgs),
+    /// Denoise with a DiT (embedded tiny Flux by default) through a diffusion cache; summary, plots, speedup.
+    Denoise(denoise_cmd::DenoiseArgs),
     /// Plot KV-cache memory versus context length for every cache type to a PNG (measured).
     KvMemory(kv_memory_cmd::KvMemoryArgs),
     /// Compile cache: hash, status, cleanup, wrap, and a Hub cache (create/set/lookup/synchronize).
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Info { json } => info(json),
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Denoise(args) => denoise_cmd::run(args),
         Command::KvMemory(args) => kv_memory_cmd::run(args),
         #[cfg(feature = "compile")]
         Command::CompileCache(args) => compile_cmd::run(args),

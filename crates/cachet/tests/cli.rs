@@ -340,3 +340,146 @@ fn generate_runs_bitsandbytes_checkpoints_saved_by_transformers() {
         );
     }
 }
+
+#[test]
+fn denoise_reports_cached_steps_speedup_and_quality_with_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("steps.png");
+    let image = dir.path().join("latent.png");
+    let config = r#"{"cache_config": {"Fn_compute_blocks": 2, "residual_diff_threshold": 0.95, "max_warmup_steps": 3}}"#;
+    let output = cachet(&[
+        "denoise",
+        "--json",
+        "--steps",
+        "10",
+        "--cache",
+        "dbcache",
+        "--cache-config",
+        config,
+        "--reference",
+        "--plot",
+        plot.to_str().unwrap(),
+        "--out",
+        image.to_str().unwrap(),
+    ]);
+    let json = stdout_json(&output);
+    assert_eq!(json["method"], "dbcache");
+    assert_eq!(json["steps"], 10);
+    let cached = json["cached_steps"].as_u64().unwrap();
+    let computed = json["computed_steps"].as_u64().unwrap();
+    assert_eq!(cached + computed, 10);
+    // Warm-up steps 0..3 always compute; with a 0.95 threshold on the embedded model some of
+    // the rest are cached, so the result differs from the uncached loop but stays close.
+    assert!(cached >= 1 && computed >= 3, "{json}");
+    assert!(json["seconds"].as_f64().unwrap() > 0.0);
+    assert!(json["speedup"].as_f64().unwrap() > 0.0);
+    let psnr = json["psnr_db"].as_f64().unwrap();
+    assert!(psnr.is_finite() && psnr > 10.0, "{json}");
+    assert!(json["max_abs_error"].as_f64().unwrap() > 0.0);
+    for png in [&plot, &image] {
+        let bytes = std::fs::read(png).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{}", png.display());
+    }
+}
+
+#[test]
+fn denoise_without_caching_matches_the_uncached_loop_exactly() {
+    let output = cachet(&[
+        "denoise",
+        "--json",
+        "--steps",
+        "4",
+        "--cache",
+        "none",
+        "--reference",
+    ]);
+    let json = stdout_json(&output);
+    assert_eq!(json["cached_steps"], 0);
+    assert_eq!(json["max_abs_error"].as_f64().unwrap(), 0.0);
+    assert!(
+        json["psnr_db"].is_null(),
+        "identical latents have infinite PSNR: {json}"
+    );
+}
+
+#[test]
+fn denoise_bad_cache_options_fail_clearly() {
+    assert_each_fails_with(&[
+        (
+            &["denoise", "--steps", "2", "--cache", "warp"],
+            "unknown variant `warp`",
+        ),
+        (
+            &[
+                "denoise",
+                "--steps",
+                "2",
+                "--cache",
+                "dbcache",
+                "--cache-config",
+                r#"{"cache_config": {"Fn_compute_blocks": 10, "Bn_compute_blocks": 4}}"#,
+            ],
+            "exceed the 12 blocks",
+        ),
+        (
+            &[
+                "denoise",
+                "--steps",
+                "2",
+                "--cache",
+                "fbcache",
+                "--cache-config",
+                r#"{"threshold": -0.1}"#,
+            ],
+            "threshold = -0.1: must not be negative",
+        ),
+        (
+            &[
+                "denoise",
+                "--steps",
+                "2",
+                "--cache",
+                "pab",
+                "--cache-config",
+                r#"{"spatial_attention_timestep_skip_range": [800, 100]}"#,
+            ],
+            "lower bound is greater",
+        ),
+        (
+            &[
+                "denoise",
+                "--steps",
+                "2",
+                "--cache",
+                "pab",
+                "--cache-config",
+                r#"{"spatial_attention_block_skip_range": 2, "spatial_attention_block_identifiers": ["^temporal_blocks"]}"#,
+            ],
+            "matches no attention module",
+        ),
+        (
+            &[
+                "denoise",
+                "--steps",
+                "2",
+                "--cache",
+                "fastercache",
+                "--cfg",
+                "3",
+            ],
+            "needs a rank-5 output",
+        ),
+        (
+            &[
+                "denoise",
+                "--steps",
+                "2",
+                "--cache",
+                "dbcache",
+                "--cache-config",
+                "{not json",
+            ],
+            "invalid cache config",
+        ),
+    ]);
+}
