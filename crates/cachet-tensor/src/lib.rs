@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod error;
 pub mod memory;
 pub mod offload;
+pub mod plot;
 pub mod safetensors;
 
 pub use burn::tensor::{Bool, DType, Device, Float, Int, Tensor, TensorData};

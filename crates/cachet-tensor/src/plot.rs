@@ -1,6 +1,6 @@
-//! Just enough plotting for `cachet kv-memory`, with no dependencies: an RGB canvas, a 5x7
-//! bitmap font, a line chart with axes, ticks and a legend, and a PNG encoder (stored deflate
-//! blocks inside zlib, so no compressor is needed; a mostly white chart is still small enough).
+//! Just enough plotting for cachet's reports (`cachet kv-memory`, `cachet denoise`), with no
+//! dependencies: an RGB canvas, a 5x7 bitmap font, a line chart with axes, ticks and a legend,
+//! and a PNG encoder (stored deflate blocks inside zlib, so no compressor is needed).
 
 /// An 8-bit RGB colour.
 pub type Rgb = [u8; 3];
@@ -46,7 +46,6 @@ impl Canvas {
     }
 
     /// The colour of one pixel.
-    #[cfg(test)]
     pub fn get(&self, x: usize, y: usize) -> Rgb {
         let at = (y * self.width + x) * 3;
         [self.pixels[at], self.pixels[at + 1], self.pixels[at + 2]]

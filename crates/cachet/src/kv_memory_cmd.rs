@@ -16,10 +16,7 @@ use cachet::models::llama::Rope;
 use cachet::models::llama::rope::inverse_frequencies;
 use cachet::tensor::{DeviceSpec, Precision, cast_checked, human_bytes};
 
-#[path = "plot.rs"]
-mod plot;
-
-use plot::{LineChart, Marker, Rgb, Series};
+use cachet::tensor::plot::{LineChart, Marker, Rgb, Series};
 
 /// Llama-3-8B's RoPE base, used for the sink cache's re-rotation when no `--model` is given.
 const LLAMA3_ROPE_THETA: f64 = 500_000.0;
