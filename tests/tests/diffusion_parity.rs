@@ -450,3 +450,58 @@ fn dbcache_separate_cfg() {
 fn dbcache_separate_cfg_shared_diff() {
     replay("dbcache_separate_cfg_shared_diff", EXACT);
 }
+
+#[test]
+fn pab_flux_counts_cond_and_uncond_calls() {
+    replay("pab_flux_cond_uncond_calls", EXACT);
+}
+
+#[test]
+fn taylorseer_flux_state_per_context() {
+    replay("taylorseer_flux_cond_uncond", EXACT);
+}
+
+#[test]
+fn taylorseer_flux_skip_predict_and_cooldown() {
+    replay("taylorseer_flux_skip_predict", EXACT);
+}
+
+#[test]
+fn fbcache_cogvideox() {
+    replay("fbcache_cogvideox", EXACT);
+}
+
+#[test]
+fn dbcache_cogvideox_pattern_0() {
+    replay("dbcache_cogvideox", EXACT);
+}
+
+#[test]
+fn dbcache_flux_one_unit_per_block_list() {
+    replay("dbcache_flux_per_list", EXACT);
+}
+
+#[test]
+fn dbcache_accumulated_diff_limit() {
+    replay("dbcache_accumulated_diff_limit", EXACT);
+}
+
+#[test]
+fn dbcache_warmup_interval() {
+    replay("dbcache_warmup_interval", EXACT);
+}
+
+#[test]
+fn dbcache_taylorseer_calibrator_hidden_states() {
+    replay("dbcache_taylorseer_hidden_states", EXACT);
+}
+
+#[test]
+fn dbcache_separate_cfg_with_calibrator() {
+    replay("dbcache_separate_cfg_taylorseer", EXACT);
+}
+
+#[test]
+fn dbcache_cfg_compute_first() {
+    replay("dbcache_cfg_compute_first", EXACT);
+}

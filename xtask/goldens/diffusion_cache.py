@@ -23,10 +23,20 @@ multiplies it by 1000) or `sigma_i * 1000` (CogVideoX), and the hooks' current t
 are `x0 + 0.3 a (x1 - x0) + 0.02 n_i` with `a = i / (N - 1)` and seeded Gaussian `x0, x1, n_i`, so the
 first-block residuals drift smoothly with some jitter and both cached and computed steps occur.
 
+Scenarios (`main()`): PAB on Flux (skip range 2 and 3, timesteps (100, 800); also with separate
+cond/uncond calls) and CogVideoX; FasterCache on CogVideoX (`BFCHW`, uncond rows first, default
+ranges); FirstBlockCache on Flux (separate `cond`/`uncond` contexts) and CogVideoX; TaylorSeerCache
+on Flux (float32 and bfloat16 factors, order 2, per-context state, skip-predict modules and
+`disable_cache_after_step`); DBCache on tiny-flux with the default Flux adapter (F2B1, F1B0, F5B3,
+`max_cached_steps` / `max_continuous_cached_steps`, accumulated-diff limit, warm-up interval,
+static and dynamic `steps_computation_mask`, TaylorSeer calibrator order 1 / 2 / hidden states,
+`enable_separate_cfg` with separate or shared diffs, `cfg_compute_first`, CFG + calibrator), with
+one unit per block list, and on CogVideoX. Some run two inferences in a row.
+
 Per scenario `<name>`, in `tests/fixtures/diffusion-cache/`:
 
 * `<name>.json`: `{"model", "method", "config" (cachet's `CacheConfig` JSON), "calls": [{"step",
-  "timestep" (hooks' 0-1000 value), "context", "inputs" (prefix of the tensors below), "ran"
+  "inference" (0, or 1 for the second inference), "timestep" (hooks' 0-1000 value), "context", "inputs" (prefix of the tensors below), "ran"
   (sorted names of the attention layers whose original forward ran, e.g.
   `transformer_blocks.0.attn`: detected by a forward hook on the layer's `to_q`; for block-level
   methods a block ran iff its attention did), "batch" (batch the transformer body really ran on,
@@ -417,7 +427,7 @@ def fbcache(threshold: float):
     return config, attach
 
 
-def taylorseer(interval: int, dtype: str, order: int = 1):
+def taylorseer(interval: int, dtype: str, order: int = 1, skip: list[str] | None = None, after: int | None = None):
     config = {
         "method": "taylorseer",
         "cache_interval": interval,
@@ -425,6 +435,10 @@ def taylorseer(interval: int, dtype: str, order: int = 1):
         "max_order": order,
         "taylor_factors_dtype": dtype,
     }
+    if skip is not None:
+        config["skip_predict_identifiers"] = skip
+    if after is not None:
+        config["disable_cache_after_step"] = after
 
     def attach(model, clock):
         apply_taylorseer_cache(
@@ -432,15 +446,20 @@ def taylorseer(interval: int, dtype: str, order: int = 1):
             TaylorSeerCacheConfig(
                 cache_interval=interval,
                 disable_cache_before_step=2,
+                disable_cache_after_step=after,
                 max_order=order,
                 taylor_factors_dtype=getattr(torch, dtype),
+                skip_predict_identifiers=skip,
             ),
         )
 
     return config, attach
 
 
-def dbcache(calibrator: dict | None = None, **cache):
+def dbcache(calibrator: dict | None = None, adapter: str = "flux", **cache):
+    """cache-dit DBCache. `adapter`: `flux` (cache-dit's default Flux adapter: both block lists
+    concatenated into one unit, `CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS=1`), `flux_per_list` (one unit
+    per block list, as with `CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS=0`) or `cogvideox` (Pattern_0)."""
     cache = {
         "Fn_compute_blocks": 2,
         "Bn_compute_blocks": 1,
@@ -452,17 +471,34 @@ def dbcache(calibrator: dict | None = None, **cache):
     config = {"method": "dbcache", "cache_config": cache}
     if calibrator is not None:
         config["calibrator_config"] = calibrator
+    if adapter == "flux_per_list":
+        config["adapter"] = {"blocks": [["transformer_blocks"], ["single_transformer_blocks"]]}
 
     def attach(model, clock):
-        cache_dit.enable_cache(
-            BlockAdapter(
+        if adapter == "flux":
+            block_adapter = BlockAdapter(
                 transformer=model,
                 blocks=model.transformer_blocks + model.single_transformer_blocks,
                 blocks_name="transformer_blocks",
                 dummy_blocks_names=["single_transformer_blocks"],
                 forward_pattern=ForwardPattern.Pattern_1,
                 **_flux_patch(),
-            ),
+            )
+        elif adapter == "flux_per_list":
+            block_adapter = BlockAdapter(
+                transformer=model,
+                blocks=[model.transformer_blocks, model.single_transformer_blocks],
+                forward_pattern=[ForwardPattern.Pattern_1, ForwardPattern.Pattern_1],
+                check_forward_pattern=True,
+            )
+        else:
+            block_adapter = BlockAdapter(
+                transformer=model,
+                blocks=model.transformer_blocks,
+                forward_pattern=ForwardPattern.Pattern_0,
+            )
+        cache_dit.enable_cache(
+            block_adapter,
             cache_config=DBCacheConfig(**cache),
             calibrator_config=(TaylorSeerCalibratorConfig(**calibrator) if calibrator is not None else None),
         )
@@ -554,6 +590,91 @@ def main() -> int:
         ["cond", "uncond"],
         1,
     )
+    scenarios["pab_flux_cond_uncond_calls"] = ("flux", "pab", *pab(2), ["cond", "uncond"], 1)
+    scenarios["taylorseer_flux_cond_uncond"] = (
+        "flux",
+        "taylorseer",
+        *taylorseer(2, "float32"),
+        ["cond", "uncond"],
+        1,
+    )
+    scenarios["taylorseer_flux_skip_predict"] = (
+        "flux",
+        "taylorseer",
+        *taylorseer(3, "float32", skip=["single_transformer_blocks\\.1\\.attn"], after=8),
+        ["cond"],
+        1,
+    )
+    scenarios["fbcache_cogvideox"] = ("cogvideox", "fbcache", *fbcache(FBC_COG_THRESHOLD), ["cond_uncond"], 2)
+    scenarios["dbcache_cogvideox"] = (
+        "cogvideox",
+        "dbcache",
+        *dbcache(adapter="cogvideox", Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=DB_COG_THRESHOLD),
+        ["cond_uncond"],
+        2,
+    )
+    scenarios["dbcache_flux_per_list"] = (
+        "tiny-flux",
+        "dbcache",
+        *dbcache(adapter="flux_per_list", Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=DB_THRESHOLD),
+        ["cond"],
+        1,
+        2,
+    )
+    scenarios["dbcache_accumulated_diff_limit"] = (
+        "tiny-flux",
+        "dbcache",
+        *dbcache(residual_diff_threshold=DB_HIGH, max_accumulated_residual_diff_threshold=3.0),
+        ["cond"],
+        1,
+    )
+    scenarios["dbcache_warmup_interval"] = (
+        "tiny-flux",
+        "dbcache",
+        *dbcache(residual_diff_threshold=DB_HIGH, max_warmup_steps=5, warmup_interval=2),
+        ["cond"],
+        1,
+    )
+    scenarios["dbcache_taylorseer_hidden_states"] = (
+        "tiny-flux",
+        "dbcache",
+        *dbcache(
+            {
+                "enable_calibrator": True,
+                "enable_encoder_calibrator": True,
+                "taylorseer_order": 1,
+                "calibrator_cache_type": "hidden_states",
+            },
+            residual_diff_threshold=DB_HIGH,
+            max_continuous_cached_steps=2,
+        ),
+        ["cond"],
+        1,
+    )
+    scenarios["dbcache_separate_cfg_taylorseer"] = (
+        "tiny-flux",
+        "dbcache",
+        *dbcache(
+            {"enable_calibrator": True, "enable_encoder_calibrator": False, "taylorseer_order": 2},
+            residual_diff_threshold=DB_HIGH,
+            enable_separate_cfg=True,
+            max_continuous_cached_steps=2,
+        ),
+        ["cond", "uncond"],
+        1,
+    )
+    scenarios["dbcache_cfg_compute_first"] = (
+        "tiny-flux",
+        "dbcache",
+        *dbcache(
+            residual_diff_threshold=DB_CFG_THRESHOLD,
+            enable_separate_cfg=True,
+            cfg_compute_first=True,
+            cfg_diff_compute_separate=False,
+        ),
+        ["uncond", "cond"],
+        1,
+    )
     only = sys.argv[1:]
     for name, (model, method, config, attach, contexts, batch, *rest) in scenarios.items():
         if only and name not in only:
@@ -567,6 +688,8 @@ FBC_THRESHOLD = 0.8
 DB_THRESHOLD = 0.6
 DB_HIGH = 0.9
 DB_CFG_THRESHOLD = 0.72
+FBC_COG_THRESHOLD = 0.1
+DB_COG_THRESHOLD = 0.1
 
 if __name__ == "__main__":
     sys.exit(main())
