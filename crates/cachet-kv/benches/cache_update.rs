@@ -139,7 +139,8 @@ fn bench(c: &mut Criterion) {
                 })
             },
         );
-        // The sink cache at its window: every token evicts one and re-rotates the kept keys.
+        // The sink cache at its window: every token evicts one (transformers re-rotates the kept
+        // keys; cachet writes the ring slot and shifts the query instead).
         let inv_freq: Vec<f32> = (0..HEAD_DIM / 2)
             .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / HEAD_DIM as f32))
             .collect();

@@ -24,6 +24,10 @@ pub struct MaskLayout {
     /// An attention window the cache imposes (a sliding-window cache on a model without one):
     /// a query at position `p` only sees keys at positions `> p - window`.
     pub window: Option<usize>,
+    /// Sink cache: the non-sink keys are stored this many RoPE positions ahead of where attention
+    /// must see them; the model rotates the query forward by `rope_shift` for those keys only
+    /// (0: nothing to do). See [`crate::sink::rotate_by`].
+    pub rope_shift: usize,
 }
 
 impl MaskLayout {
@@ -36,6 +40,7 @@ impl MaskLayout {
             valid_length: len,
             rotation: 0,
             window: None,
+            rope_shift: 0,
         }
     }
 

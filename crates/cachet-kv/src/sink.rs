@@ -1,30 +1,69 @@
 //! [`SinkCache`] (StreamingLLM): keeps `num_sink_tokens` first tokens plus the most recent ones,
 //! `window_length` in all. When tokens are evicted, the kept keys are re-rotated so their RoPE
-//! positions stay consistent — exactly as transformers' `SinkCache` did (v4.52, its last release).
+//! positions stay consistent — the semantics of transformers' `SinkCache` (v4.52, its last
+//! release). transformers re-rotates the whole window on every step; here recent tokens sit in a
+//! ring buffer and the common shift is applied to the query instead ([`MaskLayout::rope_shift`]),
+//! so an update costs O(new tokens) whatever the window.
 
 use burn::tensor::{DType, Tensor};
 use cachet_tensor::MemoryFootprint;
 
 use crate::cache::{Cache, MaskLayout};
 use crate::error::{KvError, Result};
-use crate::store::{check_layer_order, check_pair, check_positions, select_rows};
+use crate::store::{LayerStore, check_layer_order, check_pair, check_positions};
 
 #[derive(Debug, Clone)]
 struct SinkLayer {
-    keys: Tensor<4>,
-    values: Tensor<4>,
+    /// `window_length` slots: sinks at `0..num_sink_tokens`, then a ring of the recent tokens.
+    store: LayerStore,
+    /// Ring index (after the sinks) of the oldest recent token.
+    head: usize,
     seen: usize,
-    /// Whether tokens were ever evicted (the sinks then no longer precede contiguous keys).
-    shifted: bool,
+    /// Positions every recent key has been moved back by so far (transformers re-rotates the
+    /// kept keys by the number of new tokens on each eviction step). Keys are stored rotated
+    /// forward by the shift current when they arrived, and attention rotates the query forward
+    /// by the current shift for the non-sink keys: the same scores, without touching the window.
+    shift: usize,
 }
 
-/// Attention-sink cache with RoPE re-rotation of shifted keys.
+/// Attention-sink cache with RoPE re-rotation of shifted keys, O(new tokens) per update.
 #[derive(Debug, Clone)]
 pub struct SinkCache {
     window_length: usize,
     num_sink_tokens: usize,
     inv_freq: Vec<f32>,
     layers: Vec<SinkLayer>,
+}
+
+/// cos/sin `[1, 1, 1, 2·len(inv_freq)]` (rotate_half layout) of a rotation by `shift` positions,
+/// computed in f64 so large shifts keep full precision.
+pub fn shift_rotation(
+    inv_freq: &[f32],
+    shift: usize,
+    dtype: DType,
+    device: &burn::tensor::Device,
+) -> (Tensor<4>, Tensor<4>) {
+    let half = inv_freq.len();
+    let angle = |j: usize| shift as f64 * inv_freq[j % half] as f64;
+    let cos: Vec<f32> = (0..2 * half).map(|j| angle(j).cos() as f32).collect();
+    let sin: Vec<f32> = (0..2 * half).map(|j| angle(j).sin() as f32).collect();
+    let make = |v: Vec<f32>| {
+        Tensor::<4>::from_data(
+            burn::tensor::TensorData::new(v, [1, 1, 1, 2 * half]),
+            (device, DType::F32),
+        )
+        .cast(dtype)
+    };
+    (make(cos), make(sin))
+}
+
+/// `x` rotated forward by `shift` positions (RoPE `rotate_half` layout).
+pub fn rotate_by(x: Tensor<4>, inv_freq: &[f32], shift: usize) -> Tensor<4> {
+    if shift == 0 {
+        return x;
+    }
+    let (cos, sin) = shift_rotation(inv_freq, shift, x.dtype(), &x.device());
+    x.clone() * cos + rotate_half(x) * sin
 }
 
 impl SinkCache {
@@ -49,42 +88,21 @@ impl SinkCache {
         })
     }
 
-    /// cos/sin `[1, 1, n, head_dim]` that rotate keys from positions `from..from+n` to `to..to+n`.
-    fn rerotation(
-        &self,
-        from: usize,
-        to: usize,
-        n: usize,
-        dtype: DType,
-        device: &burn::tensor::Device,
-    ) -> (Tensor<4>, Tensor<4>) {
-        let half = self.inv_freq.len();
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(n * 2 * half),
-            Vec::with_capacity(n * 2 * half),
-        );
-        for i in 0..n {
-            let (orig, shifted) = ((from + i) as f32, (to + i) as f32);
-            let row: Vec<(f32, f32)> = (0..2 * half)
-                .map(|j| {
-                    let f = self.inv_freq[j % half];
-                    // As transformers: cos/sin tables in f32, then the angle-difference identities.
-                    let (co, so) = ((orig * f).cos(), (orig * f).sin());
-                    let (cs, ss) = ((shifted * f).cos(), (shifted * f).sin());
-                    (co * cs + so * ss, -so * cs + co * ss)
-                })
-                .collect();
-            cos.extend(row.iter().map(|r| r.0));
-            sin.extend(row.iter().map(|r| r.1));
+    fn ring(&self) -> usize {
+        self.window_length - self.num_sink_tokens
+    }
+
+    /// The layout of a full window after the ring head moved to `head`.
+    fn full_layout(&self, seen: usize, head: usize, shift: usize) -> MaskLayout {
+        MaskLayout {
+            kv_length: self.window_length,
+            kv_offset: seen - self.ring(),
+            sink_tokens: self.num_sink_tokens,
+            valid_length: self.window_length,
+            rotation: head,
+            window: None,
+            rope_shift: shift,
         }
-        let make = |v: Vec<f32>| {
-            Tensor::<4>::from_data(
-                burn::tensor::TensorData::new(v, [1, 1, n, 2 * half]),
-                (device, DType::F32),
-            )
-            .cast(dtype)
-        };
-        (make(cos), make(sin))
     }
 }
 
@@ -106,7 +124,7 @@ impl Cache for SinkCache {
         check_layer_order(layer, self.layers.len())?;
         check_pair(layer, &keys, &values)?;
         let new = keys.dims()[2];
-        let (window, sinks) = (self.window_length, self.num_sink_tokens);
+        let (window, sinks, ring) = (self.window_length, self.num_sink_tokens, self.ring());
         if keys.dims()[3] != 2 * self.inv_freq.len() {
             return Err(KvError::Shape {
                 layer,
@@ -124,97 +142,58 @@ impl Cache for SinkCache {
                     "the first input ({new} tokens) is longer than the sink cache window ({window}); crop the prompt to its last {window} tokens"
                 )));
             }
+            let mut store = LayerStore::with_capacity(&keys, &values, window);
+            store.write_at(0, keys.clone(), values.clone());
             self.layers.push(SinkLayer {
-                keys: keys.clone(),
-                values: values.clone(),
+                store,
+                head: 0,
                 seen: new,
-                shifted: false,
+                shift: 0,
             });
             return Ok((keys, values, MaskLayout::contiguous(0, new)));
         }
-        let rotation = {
-            let entry = &self.layers[layer];
-            check_positions(layer, entry.seen, cache_position, new)?;
-            let [b, h, stored, d] = entry.keys.dims();
-            if keys.dims()[..2] != [b, h] || keys.dims()[3] != d {
-                return Err(KvError::Shape {
-                    layer,
-                    what: format!(
-                        "new keys {:?} do not match the cached [{b}, {h}, _, {d}]",
-                        keys.dims()
-                    ),
-                });
-            }
-            if keys.dtype() != entry.keys.dtype() {
-                return Err(KvError::DType {
-                    layer,
-                    expected: entry.keys.dtype(),
-                    got: keys.dtype(),
-                });
-            }
-            if new + stored < window {
-                None
-            } else if new >= window - sinks {
-                return Err(KvError::Config(format!(
-                    "{new} new tokens do not fit the sink cache window ({window} with {sinks} sink tokens)"
-                )));
-            } else {
-                Some(self.rerotation(
-                    sinks + new,
-                    sinks,
-                    window - sinks - new,
-                    keys.dtype(),
-                    &keys.device(),
-                ))
-            }
-        };
         let entry = &mut self.layers[layer];
-        let rotation_applied = rotation.is_some();
-        let (k, v) = match rotation {
-            None => (
-                Tensor::cat(vec![entry.keys.clone(), keys], 2),
-                Tensor::cat(vec![entry.values.clone(), values], 2),
-            ),
-            Some((cos, sin)) => {
-                let [b, h, stored, dk] = entry.keys.dims();
-                let dv = entry.values.dims()[3];
-                let keep = window - sinks - new;
-                let kept_k = entry
-                    .keys
-                    .clone()
-                    .slice([0..b, 0..h, stored - keep..stored, 0..dk]);
-                let kept_k = kept_k.clone() * cos + rotate_half(kept_k) * sin;
-                let kept_v = entry
-                    .values
-                    .clone()
-                    .slice([0..b, 0..h, stored - keep..stored, 0..dv]);
-                let sink_k = entry.keys.clone().slice([0..b, 0..h, 0..sinks, 0..dk]);
-                let sink_v = entry.values.clone().slice([0..b, 0..h, 0..sinks, 0..dv]);
-                (
-                    Tensor::cat(vec![sink_k, kept_k, keys], 2),
-                    Tensor::cat(vec![sink_v, kept_v, values], 2),
-                )
-            }
-        };
+        check_positions(layer, entry.seen, cache_position, new)?;
+        entry.store.check(layer, &keys, &values)?;
+        let stored = entry.store.len();
+        if new + stored < window {
+            // Still filling: nothing is evicted or shifted yet.
+            entry.store.write_at(stored, keys, values);
+            entry.seen += new;
+            let (k, v) = entry.store.view();
+            return Ok((k, v, MaskLayout::contiguous(0, stored + new)));
+        }
+        if new >= ring {
+            return Err(KvError::Config(format!(
+                "{new} new tokens do not fit the sink cache window ({window} with {sinks} sink tokens)"
+            )));
+        }
+        // transformers keeps the last `ring - new` recent keys and moves them back by `new`
+        // positions; here the shift grows and the new keys are stored rotated forward by it.
+        entry.shift += new;
+        let keys = rotate_by(keys, &self.inv_freq, entry.shift);
+        let count = stored - sinks;
+        let first = (entry.head + count) % ring;
+        let fits = new.min(ring - first);
+        let [b, h, _, dk] = keys.dims();
+        let dv = values.dims()[3];
+        entry.store.write_at(
+            sinks + first,
+            keys.clone().slice([0..b, 0..h, 0..fits, 0..dk]),
+            values.clone().slice([0..b, 0..h, 0..fits, 0..dv]),
+        );
+        if fits < new {
+            entry.store.write_at(
+                sinks,
+                keys.slice([0..b, 0..h, fits..new, 0..dk]),
+                values.slice([0..b, 0..h, fits..new, 0..dv]),
+            );
+        }
+        entry.head = (entry.head + count + new - ring) % ring;
         entry.seen += new;
-        entry.shifted |= rotation_applied;
-        entry.keys = k.clone();
-        entry.values = v.clone();
-        let len = k.dims()[2];
-        let layout = if !entry.shifted {
-            MaskLayout::contiguous(0, len)
-        } else {
-            // Sinks hold positions 0..sinks; the rest are the most recent tokens.
-            MaskLayout {
-                kv_length: len,
-                kv_offset: entry.seen - (len - sinks),
-                sink_tokens: sinks,
-                valid_length: len,
-                rotation: 0,
-                window: None,
-            }
-        };
-        Ok((k, v, layout))
+        let (head, seen, shift) = (entry.head, entry.seen, entry.shift);
+        let (k, v) = entry.store.view_range(0, window);
+        Ok((k, v, self.full_layout(seen, head, shift)))
     }
 
     fn seq_length(&self, layer: usize) -> usize {
@@ -229,19 +208,14 @@ impl Cache for SinkCache {
         match self.layers.get(layer) {
             None => MaskLayout::contiguous(0, query_length),
             Some(l) => {
-                let stored = l.keys.dims()[2];
-                if !l.shifted && stored + query_length < self.window_length {
+                let stored = l.store.len();
+                if stored + query_length < self.window_length {
                     MaskLayout::contiguous(0, stored + query_length)
                 } else {
-                    let len = self.window_length;
-                    MaskLayout {
-                        kv_length: len,
-                        kv_offset: l.seen + query_length - (len - self.num_sink_tokens),
-                        sink_tokens: self.num_sink_tokens,
-                        valid_length: len,
-                        rotation: 0,
-                        window: None,
-                    }
+                    let ring = self.ring();
+                    let count = stored - self.num_sink_tokens;
+                    let head = (l.head + count + query_length).saturating_sub(ring) % ring;
+                    self.full_layout(l.seen + query_length, head, l.shift + query_length)
                 }
             }
         }
@@ -252,19 +226,13 @@ impl Cache for SinkCache {
             if max_length >= layer.seen {
                 continue;
             }
-            if layer.shifted {
+            if layer.shift > 0 {
                 return Err(KvError::Unsupported {
                     cache: "sink cache",
                     op: "crop after tokens were evicted",
                 });
             }
-            let [b, h, _, dk] = layer.keys.dims();
-            let dv = layer.values.dims()[3];
-            layer.keys = layer.keys.clone().slice([0..b, 0..h, 0..max_length, 0..dk]);
-            layer.values = layer
-                .values
-                .clone()
-                .slice([0..b, 0..h, 0..max_length, 0..dv]);
+            layer.store.truncate(max_length);
             layer.seen = max_length;
         }
         Ok(())
@@ -272,14 +240,13 @@ impl Cache for SinkCache {
 
     fn reorder(&mut self, beam_indices: &[usize]) -> Result<()> {
         for layer in &mut self.layers {
-            layer.keys = select_rows(layer.keys.clone(), beam_indices)?;
-            layer.values = select_rows(layer.values.clone(), beam_indices)?;
+            layer.store.select(beam_indices)?;
         }
         Ok(())
     }
 
     fn batch_size(&self) -> Option<usize> {
-        self.layers.first().map(|l| l.keys.dims()[0])
+        self.layers.first().map(|l| l.store.batch())
     }
 
     fn reset(&mut self) {
@@ -287,10 +254,7 @@ impl Cache for SinkCache {
     }
 
     fn memory_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| l.keys.memory_bytes() + l.values.memory_bytes())
-            .sum()
+        self.layers.iter().map(|l| l.store.memory_bytes()).sum()
     }
 
     fn boxed_clone(&self) -> Box<dyn Cache> {

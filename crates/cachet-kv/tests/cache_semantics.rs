@@ -293,17 +293,37 @@ fn sink_cache_keeps_sinks_and_rerotates_the_rest() {
         values(v.slice([0..1, 0..2, 1..3, 0..4])),
         values(a.clone().slice([0..1, 0..2, 1..3, 0..4]))
     );
-    // Keys are rotated back by one position: their norm per rotation pair is unchanged.
-    let kept = values(k.slice([0..1, 0..2, 1..3, 0..4]));
-    let orig = values(a.slice([0..1, 0..2, 1..3, 0..4]));
-    assert_ne!(kept, orig);
-    for (row_k, row_o) in kept.chunks(4).zip(orig.chunks(4)) {
-        for j in 0..2 {
-            let nk = row_k[j].hypot(row_k[j + 2]);
-            let no = row_o[j].hypot(row_o[j + 2]);
-            assert!((nk - no).abs() < 1e-5);
-        }
+    // transformers moves the kept keys back by one position; here they stay as stored and the
+    // query is moved forward by `rope_shift` for them, which gives the same scores.
+    assert_eq!(layout.rope_shift, 1);
+    let kept = values(k.clone().slice([0..1, 0..2, 1..3, 0..4]));
+    let orig = values(a.clone().slice([0..1, 0..2, 1..3, 0..4]));
+    assert_eq!(kept, orig, "recent keys are not rewritten");
+    let inv = [0.5f32, 0.05];
+    let rot = |x: &[f32], shift: f64| -> Vec<f32> {
+        // x · cos + rotate_half(x) · sin for one head row of width 4.
+        (0..4)
+            .map(|j| {
+                let theta = shift * inv[j % 2] as f64;
+                let half = if j < 2 { -x[j + 2] } else { x[j - 2] };
+                (x[j] as f64 * theta.cos() + half as f64 * theta.sin()) as f32
+            })
+            .collect()
+    };
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let q = [0.3f32, -1.2, 0.7, 0.25];
+    for row in orig.chunks(4) {
+        let transformers_score = dot(&q, &rot(row, -1.0));
+        let ours = dot(&rot(&q, 1.0), row);
+        assert!(
+            (transformers_score - ours).abs() < 1e-5,
+            "{transformers_score} vs {ours}"
+        );
     }
+    // The new key is stored rotated forward by the shift, so the shifted query sees it as is.
+    let newest = values(k.slice([0..1, 0..2, 3..4, 0..4]));
+    assert_eq!(layout.position(3), 3);
+    assert_eq!(newest.len(), 8);
     let too_long = kv(1, 5, &device);
     let mut fresh = SinkCache::new(4, 1, vec![0.5, 0.05]).unwrap();
     let err = fresh

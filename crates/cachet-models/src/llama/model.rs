@@ -85,6 +85,8 @@ struct ForwardContext {
     sin: Tensor<4>,
     cache_position: Vec<usize>,
     attention_mask: Option<Tensor<2, Int>>,
+    /// RoPE frequencies per position (linear scaling folded in), for a sink cache's shift.
+    rope_inv_freq: Vec<f32>,
 }
 
 impl Attention {
@@ -118,8 +120,28 @@ impl Attention {
         // Grouped-query attention without copying keys: fold the query heads that share a kv
         // head into the query rows, [b, kv, rep * seq, d] against [b, kv, kv_len, d].
         let rep = heads / kv_heads;
-        let q = q.reshape([batch, kv_heads, rep * seq, dim]);
-        let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
+        let fold = |q: Tensor<4>| q.reshape([batch, kv_heads, rep * seq, dim]);
+        let scores = if layout.rope_shift > 0 {
+            // A sink cache stores its recent keys `rope_shift` positions ahead: rotate the query
+            // forward by as much for them, and attend to the sinks with the plain query.
+            let sinks = layout.sink_tokens.min(kv_len);
+            let shifted =
+                cachet_kv::sink::rotate_by(q.clone(), &ctx.rope_inv_freq, layout.rope_shift);
+            let k_sinks = k.clone().slice([0..batch, 0..kv_heads, 0..sinks, 0..dim]);
+            let k_rest = k
+                .clone()
+                .slice([0..batch, 0..kv_heads, sinks..kv_len, 0..dim]);
+            Tensor::cat(
+                vec![
+                    fold(q).matmul(k_sinks.swap_dims(2, 3)),
+                    fold(shifted).matmul(k_rest.swap_dims(2, 3)),
+                ],
+                3,
+            )
+            .cast(DType::F32)
+        } else {
+            fold(q).matmul(k.swap_dims(2, 3)).cast(DType::F32)
+        };
         let scores = scores.mul_scalar(1.0 / (dim as f64).sqrt());
         let mask = attention_mask(ctx, layout, self.sliding_window, batch, &scores.device())?;
         let mask = mask.repeat_dim(2, rep);
@@ -481,6 +503,7 @@ impl Llama {
             sin,
             cache_position: (past..past + seq).collect(),
             attention_mask,
+            rope_inv_freq: self.cache_info().rope_inv_freq,
         };
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
