@@ -3,7 +3,10 @@
 
 Computes `hash`, `arch_digest` and the serialised text of `SingleModelCacheEntry` with
 optimum-neuron's own code for a set of configs (non-ASCII strings, floats in every repr regime,
-nested objects, volatile keys to drop, a `neuron` key embedded in the config, no task), and writes
+nested objects, volatile keys to drop, a `neuron` key embedded in the config, no task, and the
+numbers only Python's JSON has: `NaN`, `Infinity`, `-Infinity`, integers beyond 64 bits up to
+Python's 4300-digit limit, and raw `config.json` text with `1e400`, `-1e-400`, `-0` and duplicate
+keys), and writes
 them to `crates/cachet-compile/tests/fixtures/entry_hashes.json`. The Rust tests recompute every
 value and must match byte for byte.
 
@@ -178,6 +181,27 @@ def cases():
     legacy["pad_token_id"] = 0
     legacy["_commit_hash"] = "abc"
     out.append(("legacy-embedded-neuron", "meta-llama/Llama-3.2-1B", "text-generation", legacy, None))
+    # Numbers only Python's json has: json.dumps writes NaN / Infinity / -Infinity (allow_nan=True)
+    # and ints of any size; optimum-neuron hashes that text.
+    special_cfg = {
+        "model_type": "llama",
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "ninf": float("-inf"),
+        "rope_scaling": {"factor": float("inf"), "beta": [float("nan"), -0.0, 1e-05, float("-inf")]},
+        "big_ints": [2**64, 2**64 - 1, -(2**63) - 1, 2**127, -(10**80), 10**300 + 7],
+        "max_position_embeddings": 10**30,
+    }
+    special_neuron = {"batch_size": 2**70, "eps": float("nan"), "scale": float("-inf"), "ok": 1.5}
+    out.append(("python-special-numbers", "org/special", "text-generation", special_cfg, special_neuron))
+    # Raw config.json text (a str case is hashed from this text as json.loads reads it): floats
+    # that overflow to infinities or underflow to (signed) zero, `-0` as an int, the last of
+    # duplicate keys, and an int at Python's 4300-digit limit.
+    raw = (
+        '{"model_type": "gpt2", "overflow": 1e400, "neg_overflow": -1e400, "underflow": -1e-400,'
+        ' "minus_zero_int": -0, "dup": 1, "dup": NaN, "limit": 1' + "0" * 4299 + "}"
+    )
+    out.append(("python-json-text", "gpt2", None, raw, None))
     # No compilation factors at all (neuron null).
     out.append(("no-neuron", "gpt2", "feature-extraction", {"model_type": "gpt2", "n_embd": 768}, None))
     return out
@@ -188,7 +212,7 @@ def entry_goldens():
     records = []
     for name, model_id, task, config, neuron in cases():
         # The JSON fixture is what Rust reads; round-trip it exactly like a config.json load.
-        config_text = json.dumps(config, ensure_ascii=False)
+        config_text = config if isinstance(config, str) else json.dumps(config, ensure_ascii=False)
         neuron_text = json.dumps(neuron, ensure_ascii=False)
         entry = Single(model_id, task, json.loads(config_text), json.loads(neuron_text))
         text = entry.serialize()

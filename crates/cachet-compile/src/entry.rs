@@ -7,11 +7,10 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
 use sha2::{Digest, Sha256, Sha512};
 
 use crate::error::{CompileCacheError, Result};
-use crate::pyjson::{self, DumpOptions};
+use crate::pyjson::{self, DumpOptions, Map, Value};
 
 /// Config keys optimum-neuron drops before hashing (`CACHE_WHITE_LIST`): volatile metadata.
 pub const VOLATILE_CONFIG_KEYS: [&str; 14] = [
@@ -39,7 +38,7 @@ pub const SINGLE_MODEL_ENTRY_CLASS: &str = "SingleModelCacheEntry";
 pub struct CacheEntry {
     model_id: String,
     task: Option<String>,
-    config: Map<String, Value>,
+    config: Map,
     neuron: Value,
 }
 
@@ -47,15 +46,17 @@ impl CacheEntry {
     /// Builds an entry like `SingleModelCacheEntry(model_id, task, config, neuron_config)`.
     ///
     /// `config` is a `config.json` object (transformers writes its non-default form); volatile
-    /// keys are dropped and a `neuron` key inside it is used when `neuron` is `None`.
+    /// keys are dropped and a `neuron` key inside it is used when `neuron` is `None`. Both take
+    /// a [`pyjson::Value`] (which holds Python-only numbers like `NaN` and big integers) or a
+    /// `serde_json::Value`.
     pub fn new(
         model_id: impl Into<String>,
         task: Option<&str>,
-        config: Value,
+        config: impl Into<Value>,
         neuron: Option<Value>,
     ) -> Result<Self> {
         let model_id = model_id.into();
-        let Value::Object(mut config) = config else {
+        let Value::Object(mut config) = config.into() else {
             return Err(CompileCacheError::InvalidEntry {
                 model_id,
                 reason: "the model config is not a JSON object".into(),
@@ -132,7 +133,7 @@ impl CacheEntry {
                 reason: "not a JSON object".into(),
             });
         };
-        let field = |map: &mut Map<String, Value>, key: &str| map.remove(key);
+        let field = |map: &mut Map, key: &str| map.remove(key);
         let class = field(&mut map, "_entry_class");
         if class.as_ref().and_then(Value::as_str) != Some(SINGLE_MODEL_ENTRY_CLASS) {
             return Err(CompileCacheError::CorruptRegistry {
@@ -183,7 +184,7 @@ impl CacheEntry {
     }
 
     /// The cleaned model config (volatile keys and `neuron` removed).
-    pub fn config(&self) -> &Map<String, Value> {
+    pub fn config(&self) -> &Map {
         &self.config
     }
 
@@ -236,16 +237,17 @@ pub struct EntryBuilder {
     model_id: String,
     task: Option<String>,
     config: Value,
-    neuron: Map<String, Value>,
+    neuron: Map,
 }
 
 impl EntryBuilder {
-    /// Starts from a model id and a model config object.
-    pub fn new(model_id: impl Into<String>, config: Value) -> Self {
+    /// Starts from a model id and a model config object (a [`pyjson::Value`] or a
+    /// `serde_json::Value`).
+    pub fn new(model_id: impl Into<String>, config: impl Into<Value>) -> Self {
         Self {
             model_id: model_id.into(),
             task: None,
-            config,
+            config: config.into(),
             neuron: Map::new(),
         }
     }

@@ -15,7 +15,6 @@ use hf_hub::repository::{CommitOperation, RepoTreeEntry};
 use hf_hub::{HFClientSync, HFError, HFRepositorySync, RepoTypeModel};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::Value;
 use tracing::{info, info_span, warn};
 
 use crate::entry::CacheEntry;
@@ -25,6 +24,7 @@ use crate::local::{
     CachedModule, LocalCache, MANIFEST_FILE, Manifest, Source, Verify, sha256_file, verify_files,
     write_atomic,
 };
+use crate::pyjson::Value;
 
 /// Environment variable naming the cache repo (overrides the saved default).
 pub const CUSTOM_CACHE_REPO_ENV: &str = "CUSTOM_CACHE_REPO";
@@ -283,7 +283,7 @@ pub struct LookupFilter {
     pub sequence_length: Option<u64>,
     /// `tp_degree` (number of cores).
     pub num_cores: Option<u64>,
-    /// Any other `key=value` factor (value parsed as JSON, else a string).
+    /// Any other `key=value` factor (value parsed as Python JSON, else a string).
     pub factors: Vec<(String, Value)>,
 }
 

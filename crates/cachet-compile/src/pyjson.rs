@@ -1,18 +1,368 @@
-//! Python's `json.dumps`, byte for byte, for the values a model config holds.
+//! Python's `json` module, byte for byte, for the values a model config holds.
 //!
 //! optimum-neuron hashes the text `json.dumps` produces, so the hash only matches when every byte
 //! does: `ensure_ascii` escaping (`\u00e9`, surrogate pairs above U+FFFF), Python's float `repr`
 //! (`1e-05`, `1e+16`, `0.1`, `100.0`), the `(", ", ": ")` or indented `(",", ": ")` separators
 //! and `sort_keys` ordering by code point.
+//!
+//! [`Value`] holds everything Python's `json.loads` returns and `json.dumps` writes, which
+//! `serde_json::Value` cannot: `NaN`, `Infinity` and `-Infinity` floats (and numbers that
+//! overflow to them, like `1e400`), `-0.0`, and integers of any size (up to Python's default
+//! 4300-digit conversion limit, beyond which Python refuses them too).
 
-use serde_json::{Number, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+/// A JSON object. Keys are kept in code-point order (what `sort_keys=True` writes).
+pub type Map = BTreeMap<String, Value>;
+
+/// Python's limit on the digits of an `int` converted from or to text
+/// (`sys.get_int_max_str_digits()`, 4300 by default since Python 3.11).
+pub const INT_MAX_STR_DIGITS: usize = 4300;
+
+/// A value as Python's `json.loads` returns it.
+#[derive(Debug, Clone)]
+pub enum Value {
+    /// `None`.
+    Null,
+    /// `True` / `False`.
+    Bool(bool),
+    /// An `int` of any size.
+    Int(Int),
+    /// A `float`, including `nan`, `inf`, `-inf` and `-0.0`.
+    Float(f64),
+    /// A `str`.
+    String(String),
+    /// A `list`.
+    Array(Vec<Value>),
+    /// A `dict` with string keys.
+    Object(Map),
+}
+
+/// An exact Python `int`: its canonical decimal text (no leading zeros, no `-0`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Int(String);
+
+impl Int {
+    /// Parses decimal digits with an optional leading `-`, as `int(text)` would for JSON text.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (negative, digits) = match text.strip_prefix('-') {
+            Some(d) => (true, d),
+            None => (false, text),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let digits = digits.trim_start_matches('0');
+        Some(Self(match (digits.is_empty(), negative) {
+            (true, _) => "0".to_owned(),
+            (false, true) => format!("-{digits}"),
+            (false, false) => digits.to_owned(),
+        }))
+    }
+
+    /// The decimal text Python's `str(int)` writes.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The number of decimal digits (without the sign).
+    pub fn digits(&self) -> usize {
+        self.0.trim_start_matches('-').len()
+    }
+
+    /// The value, if it fits an `i64`.
+    pub fn as_i64(&self) -> Option<i64> {
+        self.0.parse().ok()
+    }
+
+    /// The value, if it fits a `u64`.
+    pub fn as_u64(&self) -> Option<u64> {
+        self.0.parse().ok()
+    }
+
+    /// The value, if it fits an `i128`.
+    pub fn as_i128(&self) -> Option<i128> {
+        self.0.parse().ok()
+    }
+}
+
+impl fmt::Display for Int {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+macro_rules! int_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Int {
+            fn from(v: $t) -> Self {
+                Self(v.to_string())
+            }
+        }
+        impl From<$t> for Value {
+            fn from(v: $t) -> Self {
+                Value::Int(Int::from(v))
+            }
+        }
+    )*};
+}
+int_from!(
+    i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, u128, usize
+);
+
+impl From<f64> for Value {
+    fn from(v: f64) -> Self {
+        Value::Float(v)
+    }
+}
+
+impl From<f32> for Value {
+    fn from(v: f32) -> Self {
+        Value::Float(v.into())
+    }
+}
+
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Bool(v)
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::String(v.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::String(v)
+    }
+}
+
+impl From<Map> for Value {
+    fn from(v: Map) -> Self {
+        Value::Object(v)
+    }
+}
+
+impl<T: Into<Value>> From<Vec<T>> for Value {
+    fn from(v: Vec<T>) -> Self {
+        Value::Array(v.into_iter().map(Into::into).collect())
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+impl From<serde_json::Value> for Value {
+    /// Converts exactly: serde_json integers stay `int`, its floats stay `float`.
+    fn from(v: serde_json::Value) -> Self {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    i.into()
+                } else if let Some(u) = n.as_u64() {
+                    u.into()
+                } else {
+                    // serde_json's `Number` is an i64, a u64 or a finite f64.
+                    Value::Float(n.as_f64().unwrap_or(f64::NAN))
+                }
+            }
+            serde_json::Value::String(s) => Value::String(s),
+            serde_json::Value::Array(items) => {
+                Value::Array(items.into_iter().map(Into::into).collect())
+            }
+            serde_json::Value::Object(map) => {
+                Value::Object(map.into_iter().map(|(k, v)| (k, v.into())).collect())
+            }
+        }
+    }
+}
+
+impl From<serde_json::Map<String, serde_json::Value>> for Value {
+    fn from(map: serde_json::Map<String, serde_json::Value>) -> Self {
+        serde_json::Value::Object(map).into()
+    }
+}
+
+impl From<&serde_json::Value> for Value {
+    fn from(v: &serde_json::Value) -> Self {
+        v.clone().into()
+    }
+}
+
+impl PartialEq for Value {
+    /// Equal when `json.dumps` writes both the same way: floats compare by bits (`NaN` equals
+    /// itself, `-0.0` differs from `0.0`), and `1` differs from `1.0`.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Value::Null, Value::Null) => true,
+            (Value::Bool(a), Value::Bool(b)) => a == b,
+            (Value::Int(a), Value::Int(b)) => a == b,
+            (Value::Float(a), Value::Float(b)) => {
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+            }
+            (Value::String(a), Value::String(b)) => a == b,
+            (Value::Array(a), Value::Array(b)) => a == b,
+            (Value::Object(a), Value::Object(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Value {
+    /// The member `key` of an object.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Object(map) => map.get(key),
+            _ => None,
+        }
+    }
+
+    /// The string, if this is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer, if this is an `int` that fits a `u64`.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Int(i) => i.as_u64(),
+            _ => None,
+        }
+    }
+
+    /// The integer, if this is an `int` that fits an `i64`.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => i.as_i64(),
+            _ => None,
+        }
+    }
+
+    /// The number as a float (`float(x)` for ints that fit an `i128`).
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Float(f) => Some(*f),
+            Value::Int(i) => i.as_i128().map(|i| i as f64),
+            _ => None,
+        }
+    }
+
+    /// The map, if this is an object.
+    pub fn as_object(&self) -> Option<&Map> {
+        match self {
+            Value::Object(map) => Some(map),
+            _ => None,
+        }
+    }
+
+    /// The map, mutably, if this is an object.
+    pub fn as_object_mut(&mut self) -> Option<&mut Map> {
+        match self {
+            Value::Object(map) => Some(map),
+            _ => None,
+        }
+    }
+
+    /// Whether this is `None`.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// Whether strict JSON (and `serde_json`) can hold this value unchanged: no non-finite
+    /// float and no integer beyond 64 bits anywhere inside.
+    pub fn is_strict_json(&self) -> bool {
+        match self {
+            Value::Float(f) => f.is_finite(),
+            Value::Int(i) => i.as_i64().is_some() || i.as_u64().is_some(),
+            Value::Array(items) => items.iter().all(Value::is_strict_json),
+            Value::Object(map) => map.values().all(Value::is_strict_json),
+            _ => true,
+        }
+    }
+
+    /// A `serde_json::Value` for display and `--json` output. Values strict JSON cannot hold
+    /// become strings of their Python text (`"NaN"`, `"-Infinity"`, `"123…"`); use
+    /// [`dumps`] where exact text matters.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a pyjson::Value always serialises")
+    }
+}
+
+impl std::ops::Index<&str> for Value {
+    type Output = Value;
+
+    /// The member `key` of an object, or `Null` (like `serde_json::Value`'s indexing).
+    fn index(&self, key: &str) -> &Value {
+        static NULL: Value = Value::Null;
+        self.get(key).unwrap_or(&NULL)
+    }
+}
+
+impl Serialize for Value {
+    /// Serialises like [`Value::to_json`]: non-finite floats and integers beyond 64 bits as
+    /// strings of their Python text, everything else unchanged.
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int(i) => {
+                if let Some(v) = i.as_i64() {
+                    s.serialize_i64(v)
+                } else if let Some(v) = i.as_u64() {
+                    s.serialize_u64(v)
+                } else {
+                    s.serialize_str(i.as_str())
+                }
+            }
+            Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
+            Value::Float(f) => s.serialize_str(&float_repr(*f)),
+            Value::String(v) => s.serialize_str(v),
+            Value::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Value::Object(map) => {
+                let mut m = s.serialize_map(Some(map.len()))?;
+                for (k, v) in map {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    /// `json.dumps(value, sort_keys=True)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&dumps(self, DumpOptions::COMPACT_SORTED))
+    }
+}
 
 /// Options of Python's `json.dumps` that optimum-neuron uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DumpOptions {
     /// `indent=N`: newline plus `N` spaces per level, and `","` as item separator.
     pub indent: Option<usize>,
-    /// `sort_keys=True`: object keys in code-point order.
+    /// `sort_keys=True`: object keys in code-point order. [`Map`] keeps its keys in that order
+    /// already, so `false` writes the same text (Python's insertion order is not kept).
     pub sort_keys: bool,
 }
 
@@ -29,7 +379,8 @@ impl DumpOptions {
     };
 }
 
-/// Serialises `value` exactly as Python's `json.dumps(value, ensure_ascii=True, ...)` would.
+/// Serialises `value` exactly as Python's `json.dumps(value, ensure_ascii=True,
+/// allow_nan=True, ...)` would.
 pub fn dumps(value: &Value, options: DumpOptions) -> String {
     let mut out = String::with_capacity(256);
     write_value(&mut out, value, options, 0);
@@ -48,7 +399,8 @@ fn write_value(out: &mut String, value: &Value, options: DumpOptions, level: usi
         Value::Null => out.push_str("null"),
         Value::Bool(true) => out.push_str("true"),
         Value::Bool(false) => out.push_str("false"),
-        Value::Number(n) => write_number(out, n),
+        Value::Int(i) => out.push_str(i.as_str()),
+        Value::Float(f) => out.push_str(&float_repr(*f)),
         Value::String(s) => write_string(out, s),
         Value::Array(items) => {
             if items.is_empty() {
@@ -75,13 +427,10 @@ fn write_value(out: &mut String, value: &Value, options: DumpOptions, level: usi
                 out.push_str("{}");
                 return;
             }
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            if options.sort_keys {
-                // Rust orders `str` by UTF-8 bytes, which is code-point order, like Python.
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-            }
+            // A BTreeMap of `String`s iterates in UTF-8 byte order, which is code-point order,
+            // like Python's `sort_keys`.
             out.push('{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
+            for (i, (key, item)) in map.iter().enumerate() {
                 if i > 0 {
                     out.push_str(if options.indent.is_some() { "," } else { ", " });
                 }
@@ -122,16 +471,6 @@ fn write_string(out: &mut String, s: &str) {
         }
     }
     out.push('"');
-}
-
-fn write_number(out: &mut String, n: &Number) {
-    if let Some(i) = n.as_i64() {
-        out.push_str(&i.to_string());
-    } else if let Some(u) = n.as_u64() {
-        out.push_str(&u.to_string());
-    } else if let Some(f) = n.as_f64() {
-        out.push_str(&float_repr(f));
-    }
 }
 
 /// Python's `float.__repr__`: shortest round-trip digits, fixed notation for decimal exponents
@@ -203,10 +542,11 @@ pub struct LoadError {
     pub message: String,
 }
 
-/// Parses JSON text like Python's `json.loads`, with correctly rounded floats (Rust's `f64`
-/// parser) so the re-serialised text and hash match Python's, independent of serde_json's
-/// float-parsing features. Integers beyond 64 bits and `NaN`/`Infinity` are refused rather than
-/// silently hashed differently.
+/// Parses JSON text like Python's `json.loads`: correctly rounded floats (Rust's `f64` parser,
+/// like Python's `float`), floats that overflow read as infinities (`1e400`), the `NaN`,
+/// `Infinity` and `-Infinity` literals, exact integers of any size up to
+/// [`INT_MAX_STR_DIGITS`] digits, and the last of duplicate keys. Lone surrogates (which a Rust
+/// `String` cannot hold) are refused rather than hashed differently.
 pub fn loads(text: &str) -> Result<Value, LoadError> {
     let mut p = Parser {
         s: text.as_bytes(),
@@ -264,7 +604,9 @@ impl Parser<'_> {
             Some(b't') if self.eat("true") => Ok(Value::Bool(true)),
             Some(b'f') if self.eat("false") => Ok(Value::Bool(false)),
             Some(b'n') if self.eat("null") => Ok(Value::Null),
-            Some(b'N' | b'I') => Err(self.err("NaN/Infinity are not supported in hashed configs")),
+            Some(b'N') if self.eat("NaN") => Ok(Value::Float(f64::NAN)),
+            Some(b'I') if self.eat("Infinity") => Ok(Value::Float(f64::INFINITY)),
+            Some(b'-') if self.eat("-Infinity") => Ok(Value::Float(f64::NEG_INFINITY)),
             Some(b'-' | b'0'..=b'9') => self.number(),
             Some(_) => Err(self.err("expected a JSON value")),
         };
@@ -274,7 +616,7 @@ impl Parser<'_> {
 
     fn object(&mut self) -> Result<Value, LoadError> {
         self.i += 1;
-        let mut map = serde_json::Map::new();
+        let mut map = Map::new();
         self.ws();
         if self.eat("}") {
             return Ok(Value::Object(map));
@@ -438,18 +780,19 @@ impl Parser<'_> {
         }
         let text = std::str::from_utf8(&self.s[start..self.i]).expect("ASCII");
         if float {
+            // Like Python's `float(text)`: overflow reads as an infinity, underflow as zero.
             let f: f64 = text.parse().map_err(|_| self.err("invalid number"))?;
-            return Number::from_f64(f)
-                .map(Value::Number)
-                .ok_or_else(|| self.err("number out of range (Python reads inf)"));
+            return Ok(Value::Float(f));
         }
-        if let Ok(i) = text.parse::<i64>() {
-            Ok(Value::from(i))
-        } else if let Ok(u) = text.parse::<u64>() {
-            Ok(Value::from(u))
-        } else {
-            Err(self.err("integer beyond 64 bits (Python keeps it exact; not supported)"))
+        let int = Int::parse(text).expect("digits checked above");
+        if int.digits() > INT_MAX_STR_DIGITS {
+            self.i = start;
+            return Err(self.err(&format!(
+                "integer of {} digits exceeds Python's limit of {INT_MAX_STR_DIGITS} digits",
+                int.digits()
+            )));
         }
+        Ok(Value::Int(int))
     }
 }
 
@@ -479,6 +822,10 @@ mod tests {
         }
     }
 
+    fn j(v: serde_json::Value) -> Value {
+        v.into()
+    }
+
     #[test]
     fn loads_is_exact_and_strict() {
         for text in [
@@ -495,25 +842,104 @@ mod tests {
         }
         assert_eq!(
             loads(r#"{"a": "\u00e9\ud83d\ude00", "a": 2}"#).unwrap(),
-            json!({"a": 2})
+            j(json!({"a": 2}))
         );
-        assert_eq!(loads(r#""\ud83d\ude00""#).unwrap(), json!("😀"));
+        assert_eq!(loads(r#""\ud83d\ude00""#).unwrap(), j(json!("😀")));
         for bad in [
-            "NaN",
-            "1e400",
-            "18446744073709551616",
             "[1,]",
             "01",
             "\"\\ud800\"",
             "{} x",
+            "-NaN",
+            "nan",
+            "inf",
+            "Infinityx",
+            "- 1",
+            "-",
         ] {
             assert!(loads(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
+    fn python_only_numbers_round_trip_like_python() {
+        // What `json.loads` then `json.dumps` writes in Python 3.11.
+        for (text, py) in [
+            ("NaN", "NaN"),
+            ("Infinity", "Infinity"),
+            ("-Infinity", "-Infinity"),
+            ("1e400", "Infinity"),
+            ("-1e400", "-Infinity"),
+            ("1e-400", "0.0"),
+            ("-1e-400", "-0.0"),
+            ("-0", "0"),
+            ("-0.0", "-0.0"),
+            ("18446744073709551616", "18446744073709551616"),
+            ("-9223372036854775809", "-9223372036854775809"),
+            (
+                "[NaN, -Infinity, 123456789012345678901234567890123456789012345678901234567890]",
+                "[NaN, -Infinity, 123456789012345678901234567890123456789012345678901234567890]",
+            ),
+            (
+                r#"{"b": Infinity, "a": -123456789012345678901234567890}"#,
+                r#"{"a": -123456789012345678901234567890, "b": Infinity}"#,
+            ),
+        ] {
+            let v = loads(text).unwrap();
+            assert_eq!(dumps(&v, DumpOptions::COMPACT_SORTED), py, "{text}");
+            assert_eq!(loads(py).unwrap(), v, "{py} reads back equal");
+        }
+        assert!(loads("NaN").unwrap().as_f64().unwrap().is_nan());
+        assert_eq!(
+            loads("NaN").unwrap(),
+            loads("NaN").unwrap(),
+            "same text, same value"
+        );
+        assert_ne!(loads("0.0").unwrap(), loads("-0.0").unwrap());
+        assert_ne!(loads("1").unwrap(), loads("1.0").unwrap());
+        let big = loads("340282366920938463463374607431768211456").unwrap();
+        assert_eq!(big.as_u64(), None);
+        assert!(!big.is_strict_json());
+        assert_eq!(
+            big.to_json(),
+            json!("340282366920938463463374607431768211456")
+        );
+        assert_eq!(
+            loads("[NaN, 1.5, 7]").unwrap().to_json(),
+            json!(["NaN", 1.5, 7])
+        );
+    }
+
+    #[test]
+    fn python_int_digit_limit() {
+        let ok = "9".repeat(INT_MAX_STR_DIGITS);
+        assert_eq!(dumps(&loads(&ok).unwrap(), DumpOptions::ENTRY), ok);
+        assert_eq!(
+            dumps(&loads(&format!("-{ok}")).unwrap(), DumpOptions::ENTRY),
+            format!("-{ok}")
+        );
+        let err = loads(&format!("[{ok}9]")).unwrap_err();
+        assert_eq!(err.offset, 1);
+        assert!(err.message.contains("4301 digits"), "{err}");
+    }
+
+    #[test]
+    fn serde_json_values_convert_exactly() {
+        let v = j(json!({"i": -3, "u": u64::MAX, "f": 2.0, "s": "x", "n": null, "l": [true]}));
+        assert_eq!(
+            dumps(&v, DumpOptions::COMPACT_SORTED),
+            r#"{"f": 2.0, "i": -3, "l": [true], "n": null, "s": "x", "u": 18446744073709551615}"#
+        );
+        assert_eq!(
+            v.to_json(),
+            json!({"i": -3, "u": u64::MAX, "f": 2.0, "s": "x", "n": null, "l": [true]})
+        );
+        assert!(v.is_strict_json());
+    }
+
+    #[test]
     fn dumps_matches_python_layouts() {
-        let v = json!({"b": [1, 2.0, {"z": null}], "a": "é😀\u{7f}\"\\\n", "c": {}, "d": []});
+        let v = j(json!({"b": [1, 2.0, {"z": null}], "a": "é😀\u{7f}\"\\\n", "c": {}, "d": []}));
         assert_eq!(
             dumps(&v, DumpOptions::COMPACT_SORTED),
             r#"{"a": "\u00e9\ud83d\ude00\u007f\"\\\n", "b": [1, 2.0, {"z": null}], "c": {}, "d": []}"#

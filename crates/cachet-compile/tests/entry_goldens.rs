@@ -1,7 +1,7 @@
 //! Entry hashes and arch digests bit-exact with optimum-neuron 0.4.5 (goldens computed by
 //! `xtask/goldens/compile_cache.py` with optimum-neuron's own code).
 
-use cachet_compile::{CacheEntry, CacheLayout};
+use cachet_compile::{CacheEntry, CacheLayout, pyjson};
 use serde_json::Value;
 
 fn goldens() -> Vec<Value> {
@@ -24,7 +24,7 @@ fn build(record: &Value) -> CacheEntry {
 #[test]
 fn serialisation_hash_and_arch_digest_match_optimum_neuron() {
     let records = goldens();
-    assert!(records.len() >= 7);
+    assert!(records.len() >= 9);
     for record in &records {
         let name = record["name"].as_str().unwrap();
         let entry = build(record);
@@ -103,16 +103,16 @@ fn any_changed_factor_misses_and_volatile_keys_do_not() {
     // Each model, compilation and environment factor changes the hash.
     let mut variants = Vec::new();
     for (key, value) in [
-        ("torch_dtype", Value::from("float16")),
+        ("torch_dtype", pyjson::Value::from("float16")),
         ("sequence_length", 2048.into()),
         ("tp_degree", 8.into()),
         ("compiler_version", "2.20.0".into()),
-        ("compiler_flags", serde_json::json!(["-O2"])),
+        ("compiler_flags", vec!["-O2"].into()),
         ("checkpoint_revision", "main".into()),
         ("optimum_neuron_version", "0.4.6".into()),
     ] {
         let mut n = neuron.clone();
-        n[key] = value;
+        n.as_object_mut().unwrap().insert(key.into(), value);
         variants.push(
             CacheEntry::new(
                 "meta-llama/Llama-3.2-1B",
@@ -149,6 +149,78 @@ fn any_changed_factor_misses_and_volatile_keys_do_not() {
     hashes.sort();
     hashes.dedup();
     assert_eq!(hashes.len(), n, "every factor must change the hash");
+}
+
+#[test]
+fn python_only_numbers_hash_like_optimum_neuron() {
+    let records = goldens();
+    let by_name = |n: &str| records.iter().find(|r| r["name"] == n).unwrap();
+    let special = by_name("python-special-numbers");
+    let config = special["config_json"].as_str().unwrap();
+    // Strict JSON parsers refuse what Python writes; pyjson reads it exactly.
+    assert!(serde_json::from_str::<Value>(config).is_err());
+    let text = special["serialized"].as_str().unwrap();
+    for needle in [
+        "\"nan\": NaN",
+        "\"inf\": Infinity",
+        "\"ninf\": -Infinity",
+        "\"batch_size\": 1180591620717411303424",
+        "\"max_position_embeddings\": 1000000000000000000000000000000",
+        "-0.0",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+    let entry = build(special);
+    assert_eq!(entry.serialize(), text);
+    assert!(
+        entry.compile_config()["eps"].as_f64().unwrap().is_nan(),
+        "NaN factor kept"
+    );
+    assert_eq!(entry.compile_config()["batch_size"].as_u64(), None);
+
+    // Raw text: 1e400 reads as Infinity, -1e-400 as -0.0, -0 as 0, the last duplicate wins and
+    // an int at Python's 4300-digit limit is kept exactly.
+    let raw = by_name("python-json-text");
+    let entry = build(raw);
+    let text = raw["serialized"].as_str().unwrap();
+    assert_eq!(entry.serialize(), text);
+    for needle in [
+        "\"overflow\": Infinity",
+        "\"neg_overflow\": -Infinity",
+        "\"underflow\": -0.0",
+        "\"minus_zero_int\": 0",
+        "\"dup\": NaN",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+    assert_eq!(entry.config()["limit"].as_f64(), None, "beyond i128");
+    match &entry.config()["limit"] {
+        pyjson::Value::Int(i) => assert_eq!(i.digits(), pyjson::INT_MAX_STR_DIGITS),
+        other => panic!("{other}"),
+    }
+    // One digit more and Python's json.loads refuses the config too.
+    let over = raw["config_json"]
+        .as_str()
+        .unwrap()
+        .replace("\"limit\": 1", "\"limit\": 10");
+    let err = CacheEntry::from_json_text("gpt2", None, &over, None).unwrap_err();
+    assert!(err.to_string().contains("4301 digits"), "{err}");
+
+    // The changed factor misses: NaN vs Infinity, a big int vs its neighbour.
+    let neuron = special["neuron_json"].as_str().unwrap();
+    for (from, to) in [
+        ("NaN", "Infinity"),
+        ("1180591620717411303424", "1180591620717411303425"),
+    ] {
+        let other = CacheEntry::from_json_text(
+            "org/special",
+            Some("text-generation"),
+            config,
+            Some(&neuron.replacen(from, to, 1)),
+        )
+        .unwrap();
+        assert_ne!(other.hash(), build(special).hash(), "{from} -> {to}");
+    }
 }
 
 #[test]

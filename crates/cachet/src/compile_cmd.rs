@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use cachet::compile::hub::{self, HubCache, HubOptions, LookupFilter};
 use cachet::compile::kernels::{self, KernelCacheKey};
 use cachet::compile::local::{self, CleanupOptions, LocalCache};
-use cachet::compile::{CacheEntry, CacheLayout, CompileCache, EntryBuilder, WrapCommand};
+use cachet::compile::{CacheEntry, CacheLayout, CompileCache, EntryBuilder, WrapCommand, pyjson};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
@@ -220,11 +220,11 @@ fn print(json_out: bool, value: Value, text: impl FnOnce()) -> Result<()> {
     Ok(())
 }
 
-fn read_json(path: &PathBuf) -> Result<Value> {
+fn read_json(path: &PathBuf) -> Result<pyjson::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     // Parsed like Python's json.loads so hashes match optimum-neuron's.
-    cachet::compile::pyjson::loads(&text).with_context(|| format!("parsing {}", path.display()))
+    pyjson::loads(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// Runs `cachet compile-cache …`.
@@ -386,7 +386,7 @@ pub fn run(args: CompileCacheArgs) -> Result<()> {
                                 CacheEntry::new(
                                     e.model_id(),
                                     None,
-                                    Value::Object(e.config().clone()),
+                                    pyjson::Value::Object(e.config().clone()),
                                     None,
                                 )
                                 .map(|e| e.arch_digest())
