@@ -56,6 +56,10 @@ pub enum ModelError {
     /// A safetensors error.
     #[error(transparent)]
     Safetensors(#[from] SafetensorsError),
+    /// A custom linear layer (a quantized `LinearOp` built by a `LinearFactory`) failed to load
+    /// or run; the source is the layer crate's own typed error.
+    #[error("layer: {0}")]
+    Layer(Box<dyn std::error::Error + Send + Sync>),
     /// A forward hook (a diffusion cache) failed; the source says which and why.
     #[error("hook: {0}")]
     Hook(Box<dyn std::error::Error + Send + Sync>),

@@ -91,8 +91,16 @@ pub enum QuantError {
 }
 
 impl From<ModelError> for QuantError {
+    /// A quantization error that travelled through the model as [`ModelError::Layer`] comes
+    /// back as itself; anything else is a model error.
     fn from(err: ModelError) -> Self {
-        Self::Model(Box::new(err))
+        match err {
+            ModelError::Layer(inner) => match inner.downcast::<QuantError>() {
+                Ok(own) => *own,
+                Err(other) => Self::Model(Box::new(ModelError::Layer(other))),
+            },
+            other => Self::Model(Box::new(other)),
+        }
     }
 }
 
@@ -112,7 +120,31 @@ impl From<QuantError> for ModelError {
     fn from(err: QuantError) -> Self {
         match err {
             QuantError::Model(e) => *e,
-            other => ModelError::Input(other.to_string()),
+            other => ModelError::Layer(Box::new(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quant_errors_travel_through_the_model_typed() {
+        let original = QuantError::InvalidBlocksize {
+            blocksize: 7,
+            reason: "not a power of two".into(),
+        };
+        let text = original.to_string();
+        let through: ModelError = original.into();
+        assert!(matches!(through, ModelError::Layer(_)), "{through:?}");
+        assert!(through.to_string().contains(&text));
+        let back = QuantError::from(through);
+        assert!(
+            matches!(back, QuantError::InvalidBlocksize { blocksize: 7, .. }),
+            "{back:?}"
+        );
+        let model = QuantError::from(ModelError::Input("bad".into()));
+        assert!(matches!(model, QuantError::Model(_)));
     }
 }
