@@ -4,7 +4,7 @@
 //! Attach a method to a model with [`CacheHooks::new`] and pass the hooks to the model's
 //! forward; the loop tells them the step ([`CacheHooks::begin_step`]) and the cache context
 //! ([`CacheHooks::cache_context`]). Every decision is logged ([`DecisionLog`]) for
-//! [`summary`](crate::summary) and for the parity tests against the Python libraries.
+//! [`summary()`](fn@crate::summary) and for the parity tests against the Python libraries.
 //!
 //! Methods: [`PyramidAttentionBroadcastConfig`], [`FasterCacheConfig`],
 //! [`FirstBlockCacheConfig`], [`DBCacheConfig`] (+ [`TaylorSeerCalibratorConfig`]) and
