@@ -1,8 +1,8 @@
 //! TaylorSeer: forecast a feature from its last computed values with a Taylor expansion in the
 //! step count. Two flavours with their own reference semantics:
-//! - [`TaylorSeerCalibrator`], cache-dit's calibrator inside DBCache (`taylorseer_order`,
+//! - `TaylorSeerCalibrator`, cache-dit's calibrator inside DBCache (`taylorseer_order`,
 //!   residual or hidden-state cache type);
-//! - [`TaylorSeerCache`], diffusers' standalone `TaylorSeerCacheConfig` hook on attention layers
+//! - `TaylorSeerCache`, diffusers' standalone `TaylorSeerCacheConfig` hook on attention layers
 //!   (`cache_interval`, `disable_cache_before_step`, `max_order`), state per cache context.
 
 use std::collections::HashMap;
@@ -290,6 +290,7 @@ struct ModuleSetting {
 pub(crate) struct TaylorSeerCache {
     config: TaylorSeerCacheConfig,
     dtype: DType,
+    precision: cachet_tensor::Precision,
     modules: HashMap<String, ModuleSetting>,
     /// Per context, per module.
     states: HashMap<(String, String), FactorState>,
@@ -298,10 +299,10 @@ pub(crate) struct TaylorSeerCache {
 impl TaylorSeerCache {
     pub(crate) fn attach(config: &TaylorSeerCacheConfig, points: &[HookPoint]) -> Result<Self> {
         check_positive("cache_interval", config.cache_interval)?;
-        let dtype = match config.taylor_factors_dtype.as_str() {
-            "bfloat16" | "bf16" => DType::BF16,
-            "float16" | "fp16" => DType::F16,
-            "float32" | "fp32" => DType::F32,
+        let precision = match config.taylor_factors_dtype.as_str() {
+            "bfloat16" | "bf16" => cachet_tensor::Precision::BF16,
+            "float16" | "fp16" => cachet_tensor::Precision::F16,
+            "float32" | "fp32" => cachet_tensor::Precision::F32,
             other => {
                 return Err(DiffusionError::InvalidOption {
                     field: "taylor_factors_dtype",
@@ -309,6 +310,7 @@ impl TaylorSeerCache {
                 });
             }
         };
+        let dtype = precision.dtype();
         let inactive = Identifiers::fullmatch(
             "skip_predict_identifiers",
             config.skip_predict_identifiers.as_deref().unwrap_or(&[]),
@@ -339,6 +341,7 @@ impl TaylorSeerCache {
         Ok(Self {
             config: config.clone(),
             dtype,
+            precision,
             modules,
             states: HashMap::new(),
         })
@@ -386,6 +389,15 @@ impl ModuleMethod for TaylorSeerCache {
         let result = if compute {
             let outputs = run()?;
             state.device = outputs.first().map(|t| t.device());
+            // A device without the factors' dtype (bf16 on WGSL) would panic inside the backend.
+            if let Some(device) = state.device.as_ref().filter(|_| !state.inactive) {
+                cachet_tensor::ensure_supported(device, self.precision).map_err(|e| {
+                    DiffusionError::InvalidOption {
+                        field: "taylor_factors_dtype",
+                        reason: format!("{e}; set taylor_factors_dtype to \"float32\""),
+                    }
+                })?;
+            }
             if state.inactive {
                 state.shapes = outputs.iter().map(|t| t.dims()).collect();
             } else {
