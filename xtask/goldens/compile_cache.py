@@ -16,8 +16,8 @@ modules directly, with stub packages standing in for the parts it does not use (
 only use `transformers.PretrainedConfig` in `isinstance` checks, and we pass dicts).
 
 With `--hub-server URL` it also checks the fidelity of the loopback Hub test server: the official
-`huggingface_hub` client creates a repo, uploads a folder, lists the tree and downloads files
-through the server, and the outcomes are written to `tests/fixtures/hub_fidelity.json`.
+`huggingface_hub` client creates a repo, uploads a folder, lists the tree, downloads files and
+deletes a file and a folder (commits with `deletedFile` / `deletedFolder`) through the server, and the outcomes are written to `tests/fixtures/hub_fidelity.json`.
 
 Run from the workspace root: `python xtask/goldens/compile_cache.py [--hub-server URL|auto]`;
 `auto` starts the server with `cargo run -q -p cachet-compile --example loopback_hub` and stops
@@ -281,6 +281,16 @@ def hub_fidelity(url: str):
                 ).hexdigest()
                 == hashlib.sha256(payload).hexdigest(),
             )
+    # Deletions in commits, as `huggingface_hub` sends them: `deletedFile` and `deletedFolder`.
+    old = "neuronxcc-1.9/MODULE_old/old.neff"
+    step("upload_file", lambda: bool(api.upload_file(path_or_fileobj=b"old", path_in_repo=old, repo_id=repo).oid))
+    step("delete_folder", lambda: bool(api.delete_folder("neuronxcc-1.9", repo_id=repo).oid))
+    step(
+        "delete_file",
+        lambda: bool(api.delete_file("neuronxcc-2.0/MODULE_0123456789abcdef0123/compile_flags.json", repo_id=repo).oid),
+    )
+    step("tree_after_deletes", lambda: sorted(f.path for f in api.list_repo_tree(repo, recursive=True) if hasattr(f, "size")))
+    step("delete_missing_file_rejected", lambda: _raises(lambda: api.delete_file("nope.bin", repo_id=repo)))
     anon = HfApi(endpoint=url, token=False)
     step("anonymous_private_repo_info_rejected", lambda: _raises(lambda: anon.repo_info(repo)))
     step("missing_file_404", lambda: _raises(lambda: hf_hub_download(repo, "nope.bin", endpoint=url, token=token)))

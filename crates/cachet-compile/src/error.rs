@@ -85,6 +85,14 @@ pub enum CompileCacheError {
         /// The repository.
         repo: String,
     },
+    /// An operation that writes to the Hub found no token to send.
+    #[error("{action} {repo} needs a Hub token with write access; set HF_TOKEN or log in")]
+    TokenRequired {
+        /// What needed it, e.g. `deleting from`.
+        action: &'static str,
+        /// The repository.
+        repo: String,
+    },
     /// The Hub answered 403: the token may not read or write here.
     #[error("access to {repo} forbidden (HTTP 403): {detail}")]
     Forbidden {

@@ -115,6 +115,36 @@ fn check_repo_id(repo: &str) -> Result<()> {
     }
 }
 
+/// The token hf-hub 1.0 would send: `options.token`, else (unless
+/// `HF_HUB_DISABLE_IMPLICIT_TOKEN` is set) `HF_TOKEN`, the file at `HF_TOKEN_PATH`, then
+/// `$HF_HOME/token`. hf-hub resolves it privately; this mirrors its order so commands can refuse
+/// before a request that needs one.
+pub fn resolve_token(options: &HubOptions) -> Option<String> {
+    if let Some(token) = options.token.as_ref().filter(|t| !t.is_empty()) {
+        return Some(token.clone());
+    }
+    if std::env::var("HF_HUB_DISABLE_IMPLICIT_TOKEN").is_ok_and(|v| !v.is_empty()) {
+        return None;
+    }
+    if let Ok(token) = std::env::var("HF_TOKEN")
+        && !token.is_empty()
+    {
+        return Some(token);
+    }
+    let files = std::env::var_os("HF_TOKEN_PATH")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([hf_home().join("token")]);
+    for file in files {
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && !text.trim().is_empty()
+        {
+            return Some(text.trim().to_owned());
+        }
+    }
+    None
+}
+
 /// Connection settings for the Hub.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
@@ -336,6 +366,88 @@ pub struct SyncReport {
     pub attempts: u32,
 }
 
+/// What [`HubCache::prune_old_versions`] deleted (or, with `dry_run`, would delete).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    /// The repo.
+    pub repo: String,
+    /// The compiler folders kept.
+    pub kept: Vec<String>,
+    /// Files deleted.
+    pub deleted: Vec<String>,
+    /// Their total size.
+    pub bytes: u64,
+    /// Whether this was a dry run (nothing deleted).
+    pub dry_run: bool,
+    /// Commit attempts used (0 when nothing was committed).
+    pub attempts: u32,
+}
+
+/// Selects the files of a repo listing that pruning old versions deletes.
+///
+/// A top-level folder `<compiler>-<version>` is deleted whole when another folder of the same
+/// compiler (the part before the first `-`, as in the local cache) is in `keep`. Inside the kept
+/// folders, with `tool_version`, `0_REGISTRY/<other tool version>/…` entries are deleted, and
+/// so is every `MODULE_<hash>` folder whose hash only those entries name (modules no registry
+/// entry names are left alone: they may be served by hash). Files outside compiler folders
+/// (README, `.gitattributes`) and compilers with no kept folder are never selected.
+pub fn plan_prune<'a>(
+    files: &'a [RemoteFile],
+    keep: &[String],
+    tool_version: Option<&str>,
+) -> Vec<&'a RemoteFile> {
+    let compiler_of = |dir: &str| dir.split('-').next().unwrap_or("").to_owned();
+    let kept_compilers: Vec<String> = keep.iter().map(|k| compiler_of(k)).collect();
+    let split = |path: &'a str| path.split_once('/');
+    let mut out = Vec::new();
+    let mut old_hashes = std::collections::BTreeSet::new();
+    let mut live_hashes = std::collections::BTreeSet::new();
+    let hash_of = |rest: &str| {
+        rest.rsplit('/')
+            .next()
+            .and_then(|f| f.strip_suffix(".json"))
+            .map(str::to_owned)
+    };
+    for file in files {
+        let Some((dir, rest)) = split(&file.path) else {
+            continue;
+        };
+        if !dir.contains('-') || !kept_compilers.contains(&compiler_of(dir)) {
+            continue;
+        }
+        if !keep.iter().any(|k| k == dir) {
+            out.push(file);
+            continue;
+        }
+        let (Some(tool_version), Some(registry)) = (
+            tool_version,
+            rest.strip_prefix(&format!("{REGISTRY_FOLDER}/")),
+        ) else {
+            continue;
+        };
+        let Some((version, entry)) = registry.split_once('/') else {
+            continue;
+        };
+        let hash = hash_of(entry).map(|h| (dir.to_owned(), h));
+        if version == tool_version {
+            live_hashes.extend(hash);
+        } else {
+            old_hashes.extend(hash);
+            out.push(file);
+        }
+    }
+    let dead: Vec<String> = old_hashes
+        .difference(&live_hashes)
+        .map(|(dir, hash)| format!("{dir}/{MODULE_PREFIX}{hash}/"))
+        .collect();
+    for file in files {
+        if dead.iter().any(|d| file.path.starts_with(d)) {
+            out.push(file);
+        }
+    }
+    out
+}
+
 /// Repo facts `lookup`/uploads need.
 #[derive(Debug, Clone, Serialize)]
 pub struct RepoInfo {
@@ -390,21 +502,33 @@ impl HubCache {
         }
     }
 
-    /// Lists files under `prefix` (recursively); a missing folder is an empty list.
+    /// Lists files under `prefix` (recursively; `""` is the whole repo); a missing folder is an
+    /// empty list.
     pub fn list_files(&self, prefix: &str) -> Result<Vec<RemoteFile>> {
-        let listing = self
-            .repo
-            .list_tree()
-            .path_in_repo(prefix.to_owned())
-            .recursive(true)
-            .send();
+        let listing = if prefix.is_empty() {
+            self.repo.list_tree().recursive(true).send()
+        } else {
+            self.repo
+                .list_tree()
+                .path_in_repo(prefix.to_owned())
+                .recursive(true)
+                .send()
+        };
         let entries = match listing {
             Ok(entries) => entries,
-            Err(HFError::EntryNotFound { .. }) | Err(HFError::RevisionNotFound { .. }) => {
+            Err(HFError::EntryNotFound { .. }) | Err(HFError::RevisionNotFound { .. })
+                if !prefix.is_empty() =>
+            {
                 return Ok(Vec::new());
             }
-            // The tree endpoint's 404 for a missing folder comes back as a plain HTTP error.
+            // The tree endpoint's 404 for a missing folder comes back as a plain HTTP error; at
+            // the root it means the repo is missing or invisible to us.
             Err(HFError::Http { context }) if context.status.as_u16() == 404 => {
+                if prefix.is_empty() {
+                    return Err(CompileCacheError::NotFound {
+                        what: format!("repo {}", self.repo_id),
+                    });
+                }
                 return Ok(Vec::new());
             }
             Err(e) => return Err(map_err(&self.repo_id, prefix, e)),
@@ -580,27 +704,39 @@ impl HubCache {
         )
         .entered();
         let bar = self.bar(total, "upload");
-        let mut delay = Duration::from_millis(200);
-        for attempt in 1..=self.options.commit_attempts.max(1) {
-            let operations = files
+        let make = || {
+            files
                 .iter()
                 .map(|(path, local)| CommitOperation::add_file(path.clone(), local.clone()))
-                .collect();
-            let progress = bar.clone().map(|b| Progress::new(BarHandler::new(b)));
+                .collect()
+        };
+        let result = self.commit(make, message, bar.as_ref());
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        result
+    }
+
+    /// Creates one commit of `operations()`, retrying conflicts (HTTP 409) with exponential
+    /// backoff; returns the attempts used.
+    fn commit(
+        &self,
+        operations: impl Fn() -> Vec<CommitOperation>,
+        message: &str,
+        bar: Option<&ProgressBar>,
+    ) -> Result<u32> {
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=self.options.commit_attempts.max(1) {
+            let progress = bar.cloned().map(|b| Progress::new(BarHandler::new(b)));
             match self
                 .repo
                 .create_commit()
-                .operations(operations)
+                .operations(operations())
                 .commit_message(message.to_owned())
                 .maybe_progress(progress)
                 .send()
             {
-                Ok(_) => {
-                    if let Some(bar) = &bar {
-                        bar.finish_and_clear();
-                    }
-                    return Ok(attempt);
-                }
+                Ok(_) => return Ok(attempt),
                 Err(HFError::Conflict { .. }) if attempt < self.options.commit_attempts => {
                     warn!(
                         repo = self.repo_id,
@@ -619,6 +755,53 @@ impl HubCache {
             }
         }
         unreachable!("the loop returns on its last attempt")
+    }
+
+    /// Deletes what [`plan_prune`] selects from this repo in one commit: the folders of other
+    /// versions of the kept compilers (`keep`: `<compiler>-<version>` folders) and, with
+    /// `tool_version`, registry entries of other tool versions plus the `MODULE_` folders only
+    /// they referenced. Needs a token with write access unless `dry_run`; folders of compilers
+    /// with no kept version are never touched.
+    pub fn prune_old_versions(
+        &self,
+        keep: &[String],
+        tool_version: Option<&str>,
+        dry_run: bool,
+    ) -> Result<PruneReport> {
+        let _span = info_span!("hub_prune", repo = self.repo_id, dry_run).entered();
+        if !dry_run && resolve_token(&self.options).is_none() {
+            return Err(CompileCacheError::TokenRequired {
+                action: "deleting from",
+                repo: self.repo_id.clone(),
+            });
+        }
+        let files = self.list_files("")?;
+        let mut report = PruneReport {
+            repo: self.repo_id.clone(),
+            kept: keep.to_vec(),
+            dry_run,
+            ..Default::default()
+        };
+        for file in plan_prune(&files, keep, tool_version) {
+            report.bytes += file.size;
+            report.deleted.push(file.path.clone());
+        }
+        if dry_run || report.deleted.is_empty() {
+            return Ok(report);
+        }
+        let deleted = report.deleted.clone();
+        let make = || deleted.iter().map(CommitOperation::delete).collect();
+        let message = format!(
+            "cachet-compile: prune versions other than {}",
+            keep.join(", ")
+        );
+        report.attempts = self.commit(make, &message, None)?;
+        info!(
+            files = report.deleted.len(),
+            bytes = report.bytes,
+            "pruned old versions"
+        );
+        Ok(report)
     }
 
     /// The registry folder of `layout` in this repo: exact compiler version, else (like

@@ -729,6 +729,25 @@ pub struct CleanupReport {
     pub dry_run: bool,
 }
 
+/// The most recently modified `<compiler>-<version>` folder of each compiler (the part before
+/// the first `-`) in the cache at `root`: what `cleanup --old-versions` keeps by default.
+pub fn newest_versions(root: &Path) -> Result<Vec<String>> {
+    let mut newest: std::collections::BTreeMap<String, (SystemTime, String)> = Default::default();
+    for v in &status(root)?.versions {
+        let compiler = v.compiler_dir.split('-').next().unwrap_or("").to_owned();
+        let mtime = fs::metadata(root.join(&v.compiler_dir))
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let slot = newest
+            .entry(compiler)
+            .or_insert((mtime, v.compiler_dir.clone()));
+        if mtime > slot.0 {
+            *slot = (mtime, v.compiler_dir.clone());
+        }
+    }
+    Ok(newest.into_values().map(|(_, d)| d).collect())
+}
+
 /// Removes interrupted writes, corrupt modules and, on request, old versions or everything.
 pub fn cleanup(root: &Path, options: &CleanupOptions) -> Result<CleanupReport> {
     let _span = info_span!("compile_cache_cleanup", root = %root.display()).entered();
@@ -765,24 +784,7 @@ pub fn cleanup(root: &Path, options: &CleanupOptions) -> Result<CleanupReport> {
     if options.old_versions {
         match &options.keep {
             Some(keep) => kept.push(keep.clone()),
-            None => {
-                // Newest folder per compiler name (the part before the first '-').
-                let mut newest: std::collections::BTreeMap<String, (SystemTime, String)> =
-                    Default::default();
-                for v in &status.versions {
-                    let compiler = v.compiler_dir.split('-').next().unwrap_or("").to_owned();
-                    let mtime = fs::metadata(root.join(&v.compiler_dir))
-                        .and_then(|m| m.modified())
-                        .unwrap_or(SystemTime::UNIX_EPOCH);
-                    let slot = newest
-                        .entry(compiler)
-                        .or_insert((mtime, v.compiler_dir.clone()));
-                    if mtime > slot.0 {
-                        *slot = (mtime, v.compiler_dir.clone());
-                    }
-                }
-                kept.extend(newest.into_values().map(|(_, d)| d));
-            }
+            None => kept = newest_versions(root)?,
         }
     }
     for v in &status.versions {

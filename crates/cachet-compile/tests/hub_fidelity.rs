@@ -38,6 +38,18 @@ fn python_client_worked_against_the_server() {
         "RepositoryNotFoundError"
     );
     assert_eq!(step(&doc, "missing_file_404"), "RemoteEntryNotFoundError");
+    // Commits with `deletedFolder` / `deletedFile`, and a missing file's 404.
+    assert_eq!(step(&doc, "upload_file"), true);
+    assert_eq!(step(&doc, "delete_folder"), true);
+    assert_eq!(step(&doc, "delete_file"), true);
+    assert_eq!(
+        step(&doc, "tree_after_deletes"),
+        &serde_json::json!(["neuronxcc-2.0/MODULE_0123456789abcdef0123/model.neff"])
+    );
+    assert_eq!(
+        step(&doc, "delete_missing_file_rejected"),
+        "RemoteEntryNotFoundError"
+    );
 }
 
 #[test]

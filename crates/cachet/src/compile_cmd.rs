@@ -125,12 +125,22 @@ enum CompileCacheCommand {
         /// Compiler folder to keep with --old-versions (`<compiler>-<version>`).
         #[arg(long)]
         keep: Option<String>,
-        /// Remove everything.
+        /// Remove everything (local cache only).
         #[arg(long)]
         all: bool,
         /// Only print what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// With --old-versions, also prune the Hub repo in one commit: folders of other versions
+        /// of the kept compilers (--keep, else the local cache's newest of each compiler).
+        #[arg(long)]
+        hub: bool,
+        /// With --hub, also delete registry entries of other tool versions and the MODULE_
+        /// folders only they name (e.g. 0.4.5 keeps optimum-neuron 0.4.5's registry).
+        #[arg(long, requires = "hub")]
+        tool_version: Option<String>,
+        #[command(flatten)]
+        hub_args: HubArgs,
     },
     /// Run a compiler command through the cache: `wrap --output OUT -- cmd args…`.
     Wrap {
@@ -306,7 +316,45 @@ pub fn run(args: CompileCacheArgs) -> Result<()> {
             keep,
             all,
             dry_run,
+            hub,
+            tool_version,
+            hub_args,
         } => {
+            // Decide everything about the Hub before touching the local cache.
+            let hub_target = if hub {
+                if !old_versions || all {
+                    bail!(
+                        "--hub prunes old versions on the Hub: use it with --old-versions, not --all"
+                    );
+                }
+                let choice = repo_for(&hub_args)?;
+                if choice.origin == "default" {
+                    bail!(
+                        "{} is the read-only public cache; pass --repo or set CUSTOM_CACHE_REPO to prune your own",
+                        choice.repo
+                    );
+                }
+                let keep: Vec<String> = match &keep {
+                    Some(k) => vec![k.clone()],
+                    None if root.is_dir() => local::newest_versions(&root)?,
+                    None => Vec::new(),
+                };
+                if keep.is_empty() {
+                    bail!(
+                        "no compiler version to keep on the Hub: pass --keep <compiler>-<version>"
+                    );
+                }
+                let options = hub_options(&hub_args.net);
+                if !dry_run && hub::resolve_token(&options).is_none() {
+                    bail!(
+                        "deleting from {} needs a Hub token with write access; set HF_TOKEN or log in (or use --dry-run)",
+                        choice.repo
+                    );
+                }
+                Some((HubCache::new(&choice.repo, options)?, keep))
+            } else {
+                None
+            };
             let report = local::cleanup(
                 &root,
                 &CleanupOptions {
@@ -317,7 +365,17 @@ pub fn run(args: CompileCacheArgs) -> Result<()> {
                     staging_grace: Duration::from_secs(3600),
                 },
             )?;
-            print(json_out, serde_json::to_value(&report)?, || {
+            let hub_report = match hub_target {
+                Some((cache, keep)) => {
+                    Some(cache.prune_old_versions(&keep, tool_version.as_deref(), dry_run)?)
+                }
+                None => None,
+            };
+            let mut value = serde_json::to_value(&report)?;
+            if let Some(h) = &hub_report {
+                value["hub"] = serde_json::to_value(h)?;
+            }
+            print(json_out, value, || {
                 let verb = if report.dry_run {
                     "would remove"
                 } else {
@@ -331,6 +389,24 @@ pub fn run(args: CompileCacheArgs) -> Result<()> {
                     human(report.bytes),
                     report.removed.len()
                 );
+                if let Some(h) = &hub_report {
+                    let verb = if h.dry_run { "would delete" } else { "deleted" };
+                    for p in &h.deleted {
+                        println!("{verb} {}:{p}", h.repo);
+                    }
+                    println!(
+                        "{verb} {} in {} files from {} (kept {}){}",
+                        human(h.bytes),
+                        h.deleted.len(),
+                        h.repo,
+                        h.kept.join(", "),
+                        if h.attempts > 0 {
+                            ", in one commit"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             })
         }
         CompileCacheCommand::Create { name, public, net } => {

@@ -288,3 +288,158 @@ fn hub_commands_against_a_loopback_hub() {
     );
     assert!(!stderr.contains("hf_bad_secret"), "{stderr}");
 }
+
+#[test]
+fn cleanup_old_versions_prunes_the_hub_repo() {
+    let server = hub_server::HubServer::start();
+    server.add_repo("alice/team", true);
+    for path in [
+        "neuronxcc-2.19/MODULE_aaa/model.neff",
+        "neuronxcc-2.19/0_REGISTRY/0.4.5/arch/aaa.json",
+        "neuronxcc-2.19/MODULE_bbb/model.neff",
+        "neuronxcc-2.19/0_REGISTRY/0.4.4/arch/bbb.json",
+        "neuronxcc-2.18/MODULE_old/model.neff",
+        "neuronxcc-2.18/0_REGISTRY/0.4.5/arch/old.json",
+        "README.md",
+    ] {
+        server.put_file("alice/team", path, b"artifact".to_vec());
+    }
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // The local cache's newest folder of each compiler is what the Hub keeps by default.
+    std::fs::create_dir_all(cache.join("neuronxcc-2.19")).unwrap();
+    let url = server.url();
+    let home_s = home.path().to_str().unwrap();
+    let cache_s = cache.to_str().unwrap();
+    let no_token = [("HF_ENDPOINT", url.as_str()), ("HF_HOME", home_s)];
+    let env = [
+        ("HF_ENDPOINT", url.as_str()),
+        ("HF_HOME", home_s),
+        ("HF_TOKEN", hub_server::WRITE_TOKEN),
+    ];
+    let cleanup = |extra: &[&str], envs: &[(&str, &str)]| {
+        let mut args = vec![
+            "compile-cache",
+            "cleanup",
+            "--cache-dir",
+            cache_s,
+            "--old-versions",
+            "--hub",
+        ];
+        args.extend_from_slice(extra);
+        cachet(&args, envs)
+    };
+    let all = server.paths("alice/team");
+
+    // The read-only public default repo is refused, and so is deleting without a token.
+    let out = cleanup(
+        &[],
+        &[
+            ("HF_ENDPOINT", url.as_str()),
+            ("HF_HOME", home_s),
+            ("HF_TOKEN", hub_server::WRITE_TOKEN),
+            (
+                "CACHET_DEFAULT_CACHE_REPO",
+                "aws-neuron/optimum-neuron-cache",
+            ),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("read-only public cache"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cleanup(&["--repo", "alice/team"], &no_token);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a Hub token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --hub goes with --old-versions only; --tool-version needs --hub.
+    let out = cachet(
+        &[
+            "compile-cache",
+            "cleanup",
+            "--cache-dir",
+            cache_s,
+            "--hub",
+            "--repo",
+            "alice/team",
+        ],
+        &env,
+    );
+    assert!(!out.status.success());
+    let out = cachet(
+        &[
+            "compile-cache",
+            "cleanup",
+            "--cache-dir",
+            cache_s,
+            "--tool-version",
+            "0.4.5",
+        ],
+        &env,
+    );
+    assert!(!out.status.success());
+    assert_eq!(server.paths("alice/team"), all);
+
+    // A dry run lists what would go and deletes nothing.
+    let commits = server.commits("alice/team");
+    let dry = json_ok(&cleanup(
+        &[
+            "--repo",
+            "alice/team",
+            "--tool-version",
+            "0.4.5",
+            "--dry-run",
+            "--json",
+        ],
+        &env,
+    ));
+    let mut listed: Vec<&str> = dry["hub"]["deleted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    listed.sort();
+    let expected = [
+        "neuronxcc-2.18/0_REGISTRY/0.4.5/arch/old.json",
+        "neuronxcc-2.18/MODULE_old/model.neff",
+        "neuronxcc-2.19/0_REGISTRY/0.4.4/arch/bbb.json",
+        "neuronxcc-2.19/MODULE_bbb/model.neff",
+    ];
+    assert_eq!(listed, expected);
+    assert_eq!(dry["hub"]["kept"][0], "neuronxcc-2.19");
+    assert_eq!(dry["hub"]["dry_run"], true);
+    assert_eq!(server.paths("alice/team"), all);
+    assert_eq!(server.commits("alice/team"), commits);
+
+    // For real: one commit, the kept version and the README stay.
+    let out = cleanup(&["--repo", "alice/team", "--tool-version", "0.4.5"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("in 4 files from alice/team"), "{text}");
+    assert!(text.contains("in one commit"), "{text}");
+    assert_eq!(server.commits("alice/team"), commits + 1);
+    let left = server.paths("alice/team");
+    assert_eq!(
+        left,
+        [
+            "README.md",
+            "neuronxcc-2.19/0_REGISTRY/0.4.5/arch/aaa.json",
+            "neuronxcc-2.19/MODULE_aaa/model.neff",
+        ]
+    );
+    assert!(
+        cache.join("neuronxcc-2.19").is_dir(),
+        "local kept folder stays"
+    );
+}

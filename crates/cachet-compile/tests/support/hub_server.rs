@@ -185,6 +185,16 @@ impl HubServer {
             .unwrap_or_default()
     }
 
+    /// How many commits `repo` has received.
+    pub fn commits(&self, repo: &str) -> u32 {
+        self.state
+            .lock()
+            .unwrap()
+            .repos
+            .get(repo)
+            .map_or(0, |r| r.commits)
+    }
+
     /// Injects a fault.
     pub fn fault(&self, method: Option<&str>, path_contains: &str, kind: FaultKind, times: u32) {
         self.state.lock().unwrap().faults.push(Fault {
@@ -570,6 +580,8 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
             }
             let repo = s.repos.get_mut(&id).unwrap();
             let mut summary = String::new();
+            // A commit applies all its operations or none, like the Hub's.
+            let mut files = repo.files.clone();
             for line in req.body.split(|b| *b == b'\n') {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
@@ -577,25 +589,47 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
                 let Ok(v) = serde_json::from_slice::<Value>(line) else {
                     return Response::error(400, "BadRequest", "invalid NDJSON line");
                 };
+                let path = v["value"]["path"].as_str().unwrap_or("").to_owned();
+                let bad_path = path.is_empty()
+                    || path.starts_with('/')
+                    || path.split('/').any(|p| p == ".." || p.is_empty());
                 match v["key"].as_str() {
                     Some("header") => summary = v["value"]["summary"].as_str().unwrap_or("").into(),
                     Some("file") => {
-                        let path = v["value"]["path"].as_str().unwrap_or("").to_owned();
                         let Some(bytes) =
                             base64_decode(v["value"]["content"].as_str().unwrap_or(""))
                         else {
                             return Response::error(400, "BadRequest", "invalid base64");
                         };
-                        if path.is_empty()
-                            || path.starts_with('/')
-                            || path.split('/').any(|p| p == ".." || p.is_empty())
-                        {
+                        if bad_path {
                             return Response::error(400, "BadRequest", "invalid path");
                         }
-                        repo.files.insert(path, Blob::new(bytes));
+                        files.insert(path, Blob::new(bytes));
                     }
+                    // `huggingface_hub`'s CommitOperationDelete of a file (hf-hub sends one per
+                    // file); deleting a missing file fails the whole commit with a 404.
                     Some("deletedFile") => {
-                        repo.files.remove(v["value"]["path"].as_str().unwrap_or(""));
+                        if files.remove(&path).is_none() {
+                            return Response::error(
+                                404,
+                                "EntryNotFound",
+                                &format!("cannot delete {path}: entry not found"),
+                            );
+                        }
+                    }
+                    // CommitOperationDelete of a folder (`path` ending in `/` or not): every
+                    // file under it.
+                    Some("deletedFolder") => {
+                        let prefix = format!("{}/", path.trim_end_matches('/'));
+                        let before = files.len();
+                        files.retain(|p, _| !p.starts_with(&prefix));
+                        if files.len() == before {
+                            return Response::error(
+                                404,
+                                "EntryNotFound",
+                                &format!("cannot delete folder {path}: entry not found"),
+                            );
+                        }
                     }
                     other => {
                         return Response::error(
@@ -606,6 +640,7 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
                     }
                 }
             }
+            repo.files = files;
             repo.commits += 1;
             repo.commit = fake_sha(format!("{}{}{summary}", repo.commit, repo.commits).as_bytes());
             Response::json(
