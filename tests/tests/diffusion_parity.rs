@@ -541,3 +541,8 @@ fn dbcache_separate_cfg_with_calibrator() {
 fn dbcache_cfg_compute_first() {
     replay("dbcache_cfg_compute_first", EXACT);
 }
+
+#[test]
+fn dbcache_params_modifiers_per_unit() {
+    replay("dbcache_params_modifiers", EXACT);
+}

@@ -31,7 +31,8 @@ on Flux (float32 and bfloat16 factors, order 2, per-context state, skip-predict 
 `max_cached_steps` / `max_continuous_cached_steps`, accumulated-diff limit, warm-up interval,
 static and dynamic `steps_computation_mask`, TaylorSeer calibrator order 1 / 2 / hidden states,
 `enable_separate_cfg` with separate or shared diffs, `cfg_compute_first`, CFG + calibrator), with
-one unit per block list, and on CogVideoX. Some run two inferences in a row.
+one unit per block list (also with per-unit `ParamsModifier`s), and on CogVideoX. Some run two
+inferences in a row.
 
 Per scenario `<name>`, in `tests/fixtures/diffusion-cache/`:
 
@@ -86,7 +87,7 @@ from diffusers.hooks import (  # noqa: E402
 from diffusers.hooks import first_block_cache as fbc_module  # noqa: E402
 
 import cache_dit  # noqa: E402
-from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig  # noqa: E402
+from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, ParamsModifier, TaylorSeerCalibratorConfig  # noqa: E402
 
 BASE_SEED = 20251125
 STEPS = 10
@@ -456,7 +457,7 @@ def taylorseer(interval: int, dtype: str, order: int = 1, skip: list[str] | None
     return config, attach
 
 
-def dbcache(calibrator: dict | None = None, adapter: str = "flux", **cache):
+def dbcache(calibrator: dict | None = None, adapter: str = "flux", modifiers: list[dict] | None = None, **cache):
     """cache-dit DBCache. `adapter`: `flux` (cache-dit's default Flux adapter: both block lists
     concatenated into one unit, `CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS=1`), `flux_per_list` (one unit
     per block list, as with `CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS=0`) or `cogvideox` (Pattern_0)."""
@@ -473,6 +474,8 @@ def dbcache(calibrator: dict | None = None, adapter: str = "flux", **cache):
         config["calibrator_config"] = calibrator
     if adapter == "flux_per_list":
         config["adapter"] = {"blocks": [["transformer_blocks"], ["single_transformer_blocks"]]}
+        if modifiers is not None:
+            config["adapter"]["params_modifiers"] = modifiers
 
     def attach(model, clock):
         if adapter == "flux":
@@ -490,6 +493,12 @@ def dbcache(calibrator: dict | None = None, adapter: str = "flux", **cache):
                 blocks=[model.transformer_blocks, model.single_transformer_blocks],
                 forward_pattern=[ForwardPattern.Pattern_1, ForwardPattern.Pattern_1],
                 check_forward_pattern=True,
+                # `reset` empties the config first, so only the given fields override the base.
+                params_modifiers=(
+                    [ParamsModifier(cache_config=DBCacheConfig().reset(**m)) for m in modifiers]
+                    if modifiers is not None
+                    else None
+                ),
             )
         else:
             block_adapter = BlockAdapter(
@@ -620,6 +629,22 @@ def main() -> int:
         ["cond"],
         1,
         2,
+    )
+    scenarios["dbcache_params_modifiers"] = (
+        "tiny-flux",
+        "dbcache",
+        *dbcache(
+            adapter="flux_per_list",
+            modifiers=[
+                {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0},
+                {"Fn_compute_blocks": 2, "Bn_compute_blocks": 2, "residual_diff_threshold": DB_HIGH},
+            ],
+            Fn_compute_blocks=1,
+            Bn_compute_blocks=1,
+            residual_diff_threshold=DB_THRESHOLD,
+        ),
+        ["cond"],
+        1,
     )
     scenarios["dbcache_accumulated_diff_limit"] = (
         "tiny-flux",
