@@ -6,8 +6,7 @@ optimum-neuron's own code for a set of configs (non-ASCII strings, floats in eve
 nested objects, volatile keys to drop, a `neuron` key embedded in the config, no task, and the
 numbers only Python's JSON has: `NaN`, `Infinity`, `-Infinity`, integers beyond 64 bits up to
 Python's 4300-digit limit, and raw `config.json` text with `1e400`, `-1e-400`, `-0` and duplicate
-keys), and writes
-them to `crates/cachet-compile/tests/fixtures/entry_hashes.json`. The Rust tests recompute every
+keys), and writes them to `crates/cachet-compile/tests/fixtures/entry_hashes.json`. The Rust tests recompute every
 value and must match byte for byte.
 
 optimum-neuron 0.4.5 installs with `pip install --no-deps` (see requirements-compile.txt): its
@@ -17,11 +16,13 @@ only use `transformers.PretrainedConfig` in `isinstance` checks, and we pass dic
 
 With `--hub-server URL` it also checks the fidelity of the loopback Hub test server: the official
 `huggingface_hub` client creates a repo, uploads a folder, lists the tree, downloads files and
-deletes a file and a folder (commits with `deletedFile` / `deletedFolder`) through the server, and the outcomes are written to `tests/fixtures/hub_fidelity.json`.
+deletes a file and a folder (commits with `deletedFile` / `deletedFolder`) through the server,
+and the outcomes are written to `tests/fixtures/hub_fidelity.json`.
 
-Run from the workspace root: `python xtask/goldens/compile_cache.py [--hub-server URL|auto]`;
-`auto` starts the server with `cargo run -q -p cachet-compile --example loopback_hub` and stops
-it at the end.
+Run from the workspace root: `cargo xtask goldens --only compile_cache` (which prepares its own
+venv from requirements-compile.txt with `--no-deps` and passes `--hub-server auto`), or by hand
+`python xtask/goldens/compile_cache.py [--hub-server URL|auto]`; `auto` starts the server with
+`cargo run -q -p cachet-compile --example loopback_hub` and stops it at the end.
 """
 
 from __future__ import annotations

@@ -35,18 +35,39 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
-    /// Regenerate the golden fixtures (tests/fixtures/, crates/cachet-models/assets/) with the
-    /// Python scripts xtask/goldens/*.py. CI never runs this: the outputs are committed.
+    /// Regenerate the golden fixtures (tests/fixtures/, crates/*/tests/fixtures/,
+    /// crates/cachet-models/assets/) with the Python scripts xtask/goldens/*.py. CI never runs
+    /// this: the outputs are committed.
     ///
-    /// Creates a virtual environment with `python3 -m venv` and installs the pinned
-    /// xtask/goldens/requirements.txt into it when it is missing or its requirements changed,
-    /// then runs every script from the workspace root. Needs PyPI access the first time;
-    /// torch on CPU is enough. Nothing is downloaded from the Hugging Face Hub.
+    /// Creates the virtual environments the scripts need with `python3 -m venv` and installs
+    /// their pinned requirements when missing or changed: `main` (requirements.txt), `sink`
+    /// (requirements-sink.txt: transformers 4.52 for kv.py's SinkCache part) and `compile`
+    /// (requirements-compile.txt, `--no-deps`: optimum-neuron 0.4.5 for compile_cache.py). Then
+    /// runs the scripts from the workspace root, generators whose outputs others read first,
+    /// with their extra steps: bnb.py after `cargo run -p cachet-quant --example save_fixtures`,
+    /// kv.py in `main` then `sink`, compile_cache.py with `--hub-server auto` (a loopback Hub
+    /// started through cargo). Needs PyPI access the first time; torch on CPU is enough.
+    /// Nothing is downloaded from the Hugging Face Hub.
     Goldens {
-        /// Virtual environment to use or create [env: CACHET_GOLDENS_VENV; default:
+        /// The `main` virtual environment [env: CACHET_GOLDENS_VENV; default:
         /// target/goldens-venv].
         #[arg(long, value_name = "PATH")]
         venv: Option<PathBuf>,
+        /// The `sink` virtual environment [env: CACHET_GOLDENS_SINK_VENV; default:
+        /// target/goldens-venv-sink].
+        #[arg(long, value_name = "PATH")]
+        sink_venv: Option<PathBuf>,
+        /// The `compile` virtual environment [env: CACHET_GOLDENS_COMPILE_VENV; default:
+        /// target/goldens-venv-compile].
+        #[arg(long, value_name = "PATH")]
+        compile_venv: Option<PathBuf>,
+        /// Only these scripts (`kv` or `kv.py`; repeatable); the venvs the others need are
+        /// left alone.
+        #[arg(long, value_name = "SCRIPT")]
+        only: Vec<String>,
+        /// Print the plan (venvs, installs, commands) and run nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Run the criterion benchmarks (`cargo bench --workspace`) and print a summary table
     /// (mean, std-dev, and the ratio to a `reference`/`baseline` benchmark of the same group).
@@ -66,7 +87,20 @@ fn main() -> ExitCode {
     let root = workspace_root();
     let result = match cli.command {
         Cmd::Ci { wgpu, quick } => ci(&root, wgpu, quick),
-        Cmd::Goldens { venv } => goldens(&root, venv),
+        Cmd::Goldens {
+            venv,
+            sink_venv,
+            compile_venv,
+            only,
+            dry_run,
+        } => goldens(
+            &root,
+            &GoldensArgs {
+                venvs: [venv, sink_venv, compile_venv],
+                only,
+                dry_run,
+            },
+        ),
         Cmd::Bench { filter, no_run } => bench(&root, filter.as_deref(), no_run),
     };
     match result {
@@ -239,9 +273,87 @@ fn ci(root: &Path, wgpu: bool, quick: bool) -> Result<()> {
 // goldens
 // ---------------------------------------------------------------------------------------------
 
-const REQUIREMENTS: &str = "xtask/goldens/requirements.txt";
-/// Written into the venv after a successful install: a copy of the requirements it satisfies.
+/// A Python environment of the goldens: a venv with one pinned requirements file.
+struct PyEnv {
+    name: &'static str,
+    requirements: &'static str,
+    /// `pip install --no-deps` (the file pins the whole closure itself).
+    no_deps: bool,
+    env_var: &'static str,
+    default_dir: &'static str,
+}
+
+/// The environments, in the order of `GoldensArgs::venvs`.
+const PY_ENVS: [PyEnv; 3] = [
+    PyEnv {
+        name: "main",
+        requirements: "xtask/goldens/requirements.txt",
+        no_deps: false,
+        env_var: "CACHET_GOLDENS_VENV",
+        default_dir: "target/goldens-venv",
+    },
+    // transformers 4.52, the last release with SinkCache (kv.py's sink.json).
+    PyEnv {
+        name: "sink",
+        requirements: "xtask/goldens/requirements-sink.txt",
+        no_deps: false,
+        env_var: "CACHET_GOLDENS_SINK_VENV",
+        default_dir: "target/goldens-venv-sink",
+    },
+    // optimum-neuron 0.4.5 without its transformers 4.57 / torch dependencies.
+    PyEnv {
+        name: "compile",
+        requirements: "xtask/goldens/requirements-compile.txt",
+        no_deps: true,
+        env_var: "CACHET_GOLDENS_COMPILE_VENV",
+        default_dir: "target/goldens-venv-compile",
+    },
+];
+
+/// Generators whose outputs other generators read, run first in this order (llama.py's
+/// checkpoints feed bnb.py and kv.py; flux.py's and cogvideox.py's feed diffusion_cache.py).
+const FIRST: [&str; 3] = ["llama.py", "flux.py", "cogvideox.py"];
+
+/// Written into a venv after a successful install: a copy of the requirements it satisfies.
 const STAMP: &str = ".cachet-goldens-requirements";
+
+struct GoldensArgs {
+    /// `--venv`, `--sink-venv`, `--compile-venv`.
+    venvs: [Option<PathBuf>; 3],
+    only: Vec<String>,
+    dry_run: bool,
+}
+
+/// One run of a generator: a cargo command first (if any), then `python <script> <args>` in a venv.
+struct GoldenStep {
+    script: String,
+    env: usize,
+    args: &'static [&'static str],
+    cargo_before: &'static [&'static str],
+}
+
+/// How each script runs; scripts not named here run once in `main` without arguments.
+fn steps_for(script: &str) -> Vec<GoldenStep> {
+    let step = |env, args, cargo_before| GoldenStep {
+        script: script.to_owned(),
+        env,
+        args,
+        cargo_before,
+    };
+    match script {
+        // Checks cachet's own quantized checkpoints, which the example writes.
+        "bnb.py" => vec![step(
+            0,
+            &[],
+            &["run", "-p", "cachet-quant", "--example", "save_fixtures"],
+        )],
+        // Picks its part from the installed transformers: everything but sink, then sink.
+        "kv.py" => vec![step(0, &[], &[]), step(1, &[], &[])],
+        // `auto` starts the loopback Hub (`cargo run -p cachet-compile --example loopback_hub`).
+        "compile_cache.py" => vec![step(2, &["--hub-server", "auto"], &[])],
+        _ => vec![step(0, &[], &[])],
+    }
+}
 
 fn venv_python(venv: &Path) -> PathBuf {
     if cfg!(windows) {
@@ -251,65 +363,173 @@ fn venv_python(venv: &Path) -> PathBuf {
     }
 }
 
-fn goldens(root: &Path, venv: Option<PathBuf>) -> Result<()> {
-    let venv = venv
-        .or_else(|| std::env::var_os("CACHET_GOLDENS_VENV").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("target/goldens-venv"));
-    let venv = if venv.is_absolute() {
-        venv
-    } else {
-        root.join(venv)
-    };
-    let requirements = root.join(REQUIREMENTS);
-    let wanted = std::fs::read_to_string(&requirements)
-        .with_context(|| format!("reading {}", requirements.display()))?;
-    let python = venv_python(&venv);
-
-    if !python.exists() {
-        println!("==> creating virtual environment {}", venv.display());
-        run(Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .current_dir(root))?;
-    }
-    let stamp = venv.join(STAMP);
-    let installed = std::fs::read_to_string(&stamp).ok();
-    if installed.as_deref() != Some(wanted.as_str()) {
-        println!("==> installing {REQUIREMENTS} into {}", venv.display());
-        run(Command::new(&python)
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "-r"])
-            .arg(&requirements)
-            .current_dir(root))?;
-        std::fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
-    } else {
-        println!("==> using virtual environment {}", venv.display());
-    }
-
+/// The scripts to run, generators others depend on first, then by name.
+fn golden_scripts(root: &Path, only: &[String]) -> Result<Vec<String>> {
     let dir = root.join("xtask/goldens");
-    let mut scripts: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let mut scripts: Vec<String> = std::fs::read_dir(&dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|ext| ext == "py"))
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
-    scripts.sort();
+    scripts.sort_by_key(|s| {
+        (
+            FIRST.iter().position(|f| f == s).unwrap_or(FIRST.len()),
+            s.clone(),
+        )
+    });
     if scripts.is_empty() {
         bail!("no scripts in {}", dir.display());
     }
-    let start = Instant::now();
-    for script in &scripts {
-        let rel = script.strip_prefix(root).unwrap_or(script);
-        println!("\n==> {}", rel.display());
-        run(Command::new(&python)
-            .arg(rel)
-            .current_dir(root)
-            .env("PYTHONHASHSEED", "0"))?;
+    if only.is_empty() {
+        return Ok(scripts);
     }
-    println!(
-        "\ngoldens: {} script(s) done in {}; review and commit the changed fixtures",
-        scripts.len(),
-        fmt_duration(start.elapsed())
-    );
+    let wanted: Vec<String> = only
+        .iter()
+        .map(|o| {
+            if o.ends_with(".py") {
+                o.clone()
+            } else {
+                format!("{o}.py")
+            }
+        })
+        .collect();
+    for w in &wanted {
+        if !scripts.contains(w) {
+            bail!(
+                "--only {w}: no such script in {} ({})",
+                dir.display(),
+                scripts.join(", ")
+            );
+        }
+    }
+    scripts.retain(|s| wanted.contains(s));
+    Ok(scripts)
+}
+
+/// Creates the venv if needed and installs its requirements when they changed since the last
+/// install (or, with `dry_run`, says what it would do).
+fn prepare_venv(root: &Path, env: &PyEnv, venv: &Path, dry_run: bool) -> Result<()> {
+    let requirements = root.join(env.requirements);
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let python = venv_python(venv);
+    let stamp = venv.join(STAMP);
+    let installed = std::fs::read_to_string(&stamp).ok();
+    let mut pip = Command::new(&python);
+    pip.args(["-m", "pip", "install", "--disable-pip-version-check"]);
+    if env.no_deps {
+        pip.arg("--no-deps");
+    }
+    pip.arg("-r").arg(env.requirements).current_dir(root);
+    let create = !python.exists();
+    let install = installed.as_deref() != Some(wanted.as_str());
+    if dry_run {
+        println!("  venv {:<8} {}", env.name, venv.display());
+        if create {
+            println!("      would create: python3 -m venv {}", venv.display());
+        }
+        if install {
+            println!("      would install: {}", display(&pip));
+        } else {
+            println!("      up to date with {}", env.requirements);
+        }
+        return Ok(());
+    }
+    if create {
+        println!(
+            "==> creating virtual environment {} ({})",
+            venv.display(),
+            env.name
+        );
+        run(Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(venv)
+            .current_dir(root))?;
+    }
+    if install {
+        println!(
+            "==> installing {} into {}",
+            env.requirements,
+            venv.display()
+        );
+        run(&mut pip)?;
+        std::fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    } else {
+        println!(
+            "==> using virtual environment {} ({})",
+            venv.display(),
+            env.name
+        );
+    }
+    Ok(())
+}
+
+fn goldens(root: &Path, args: &GoldensArgs) -> Result<()> {
+    let venvs: Vec<PathBuf> = PY_ENVS
+        .iter()
+        .zip(&args.venvs)
+        .map(|(env, flag)| {
+            let venv = flag
+                .clone()
+                .or_else(|| std::env::var_os(env.env_var).map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(env.default_dir));
+            if venv.is_absolute() {
+                venv
+            } else {
+                root.join(venv)
+            }
+        })
+        .collect();
+    let steps: Vec<GoldenStep> = golden_scripts(root, &args.only)?
+        .iter()
+        .flat_map(|s| steps_for(s))
+        .collect();
+    if args.dry_run {
+        println!("goldens plan (dry run, nothing is run):");
+    }
+    for (i, env) in PY_ENVS.iter().enumerate() {
+        if steps.iter().any(|s| s.env == i) {
+            prepare_venv(root, env, &venvs[i], args.dry_run)?;
+        }
+    }
+    let start = Instant::now();
+    for (n, step) in steps.iter().enumerate() {
+        let rel = format!("xtask/goldens/{}", step.script);
+        let mut before = Command::new(cargo());
+        before.args(step.cargo_before).current_dir(root);
+        let mut cmd = Command::new(venv_python(&venvs[step.env]));
+        cmd.arg(&rel)
+            .args(step.args)
+            .current_dir(root)
+            .env("PYTHONHASHSEED", "0");
+        if args.dry_run {
+            println!(
+                "  {:>2}. {} ({})",
+                n + 1,
+                step.script,
+                PY_ENVS[step.env].name
+            );
+            if !step.cargo_before.is_empty() {
+                println!("      {}", display(&before));
+            }
+            println!("      {}", display(&cmd));
+            continue;
+        }
+        println!("\n==> {rel} ({})", PY_ENVS[step.env].name);
+        if !step.cargo_before.is_empty() {
+            run(&mut before)?;
+        }
+        run(&mut cmd)?;
+    }
+    if !args.dry_run {
+        println!(
+            "\ngoldens: {} step(s) done in {}; review and commit the changed fixtures",
+            steps.len(),
+            fmt_duration(start.elapsed())
+        );
+    }
     Ok(())
 }
 
