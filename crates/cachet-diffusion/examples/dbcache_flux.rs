@@ -22,7 +22,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let run = |config: CacheConfig| -> Result<_, Box<dyn std::error::Error>> {
         let mut hooks = CacheHooks::new(&model, config)?;
-        let out = denoise(&model, &mut hooks, &scheduler, noise.clone(), &cond, None, None, |_| {})?;
+        let out = denoise(
+            &model,
+            &mut hooks,
+            &scheduler,
+            noise.clone(),
+            &cond,
+            None,
+            None,
+            |_| {},
+        )?;
         let latents: Vec<f32> = out.latents.into_data().try_into_vec()?;
         Ok((latents, out.seconds, hooks))
     };

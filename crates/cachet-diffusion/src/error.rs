@@ -108,13 +108,19 @@ pub enum DiffusionError {
     State(String),
     /// The model failed.
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(Box<ModelError>),
+}
+
+impl From<ModelError> for DiffusionError {
+    fn from(error: ModelError) -> Self {
+        Self::Model(Box::new(error))
+    }
 }
 
 impl From<DiffusionError> for ModelError {
     fn from(error: DiffusionError) -> Self {
         match error {
-            DiffusionError::Model(inner) => inner,
+            DiffusionError::Model(inner) => *inner,
             other => ModelError::Hook(Box::new(other)),
         }
     }
@@ -126,9 +132,9 @@ impl DiffusionError {
         match error {
             ModelError::Hook(inner) => match inner.downcast::<DiffusionError>() {
                 Ok(own) => *own,
-                Err(other) => DiffusionError::Model(ModelError::Hook(other)),
+                Err(other) => ModelError::Hook(other).into(),
             },
-            other => DiffusionError::Model(other),
+            other => other.into(),
         }
     }
 }

@@ -186,9 +186,13 @@ impl fmt::Display for Summary {
     }
 }
 
-/// Rows of the steps-mask plot: `(label, per-step fraction computed)`; one row per context and
-/// block list (block methods) or per context and module list (module methods).
-pub fn steps_mask_rows(log: &DecisionLog) -> (usize, Vec<(String, Vec<Option<f64>>)>) {
+/// One row of the steps-mask plot: its label and, per step, the fraction of work computed
+/// (`None` where the row had no call at that step).
+pub type MaskRow = (String, Vec<Option<f64>>);
+
+/// Rows of the steps-mask plot and the number of steps; one row per context and block list
+/// (block methods) or per context and module list (module methods).
+pub fn steps_mask_rows(log: &DecisionLog) -> (usize, Vec<MaskRow>) {
     let steps = log.decisions.iter().map(|d| d.step + 1).max().unwrap_or(0);
     let mut rows: BTreeMap<(String, String), Vec<(usize, usize)>> = BTreeMap::new();
     let mut order: Vec<(String, String)> = Vec::new();

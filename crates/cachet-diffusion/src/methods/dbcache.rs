@@ -143,7 +143,7 @@ impl DBCacheConfig {
 }
 
 /// Which block lists are cached, and how: cache-dit's `BlockAdapter`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BlockAdapter {
     /// Cache units: each is a list of block lists run back to back and cached as one (cache-dit
@@ -153,16 +153,6 @@ pub struct BlockAdapter {
     pub forward_pattern: Option<Vec<ForwardPattern>>,
     /// Per-unit overrides of `cache_config` fields (cache-dit's `ParamsModifier`), in unit order.
     pub params_modifiers: Option<Vec<serde_json::Value>>,
-}
-
-impl Default for BlockAdapter {
-    fn default() -> Self {
-        Self {
-            blocks: None,
-            forward_pattern: None,
-            params_modifiers: None,
-        }
-    }
 }
 
 impl BlockAdapter {

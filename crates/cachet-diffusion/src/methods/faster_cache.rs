@@ -263,7 +263,7 @@ impl FasterCacheAttention {
 /// The conditional half (`chunk(2)[1]`) of a tensor holding uncond then cond rows.
 fn cond_half(t: &Tensor<3>) -> Tensor<3> {
     let b = t.dims()[0];
-    t.clone().slice([b / 2..b])
+    t.clone().narrow(0, b / 2, b - b / 2)
 }
 
 impl ModuleMethod for FasterCacheAttention {
@@ -407,9 +407,11 @@ impl FasterCacheDenoiser {
         let within = lo < timestep && timestep < hi;
         let skip = self.iteration > 0
             && within
-            && self.iteration % self.config.unconditional_batch_skip_range != 0
+            && !self
+                .iteration
+                .is_multiple_of(self.config.unconditional_batch_skip_range)
             && !self.config.is_guidance_distilled;
-        if !self.config.is_guidance_distilled && batch % 2 != 0 {
+        if !self.config.is_guidance_distilled && !batch.is_multiple_of(2) {
             return Err(DiffusionError::State(format!(
                 "FasterCache needs the unconditional and conditional inputs batched together \
                  (uncond rows first), but the batch has {batch} rows; set is_guidance_distilled \
@@ -417,7 +419,7 @@ impl FasterCacheDenoiser {
             )));
         }
         Ok(DenoiserPlan {
-            rows: skip.then(|| batch / 2..batch),
+            rows: skip.then_some(batch / 2..batch),
             skip,
             timestep,
         })
@@ -451,7 +453,7 @@ impl FasterCacheDenoiser {
         Ok((frames, shape))
     }
 
-    fn from_frames(&self, frames: Tensor<4>, batch: usize, shape: &[usize]) -> DenoiserOutput {
+    fn frames_to_output(&self, frames: Tensor<4>, batch: usize, shape: &[usize]) -> DenoiserOutput {
         match self.config.tensor_format {
             TensorFormat::Bchw => DenoiserOutput::Rank4(frames),
             TensorFormat::Bfchw => DenoiserOutput::Rank5(
@@ -517,13 +519,13 @@ impl FasterCacheDenoiser {
             let uncond = frames.clone() + dft.inverse_real(&low.clone().add(high.clone()));
             self.low_delta = Some(low);
             self.high_delta = Some(high);
-            let uncond = self.from_frames(uncond, batch, &shape);
-            let cond = self.from_frames(frames, batch, &shape);
+            let uncond = self.frames_to_output(uncond, batch, &shape);
+            let cond = self.frames_to_output(frames, batch, &shape);
             concat(uncond, cond)
         } else {
             let n = frames.dims()[0];
-            let uncond = frames.clone().slice([0..n / 2]);
-            let cond = frames.slice([n / 2..n]);
+            let uncond = frames.clone().narrow(0, 0, n / 2);
+            let cond = frames.narrow(0, n / 2, n - n / 2);
             let (low_u, high_u) = self.split(&uncond);
             let (low_c, high_c) = self.split(&cond);
             self.low_delta = Some(low_u.sub(low_c));
