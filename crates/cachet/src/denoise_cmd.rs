@@ -66,7 +66,8 @@ pub struct DenoiseArgs {
     /// Write the steps-mask plot (computed vs cached per step and block list) to this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Write the final latents as an image (cached | uncached | difference with --reference).
+    /// Write the final latents as an image: cached | uncached | difference (runs the uncached
+    /// loop too, as --reference does).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Print one JSON object instead of text.
@@ -268,7 +269,8 @@ fn report<M: Denoise>(
     image: impl Fn(&[f32], [usize; 3]) -> (usize, usize, Vec<[f32; 3]>),
 ) -> Result<()> {
     let method = config.method();
-    if args.reference {
+    let with_reference = args.reference || args.out.is_some();
+    if with_reference {
         // One untimed step first, so neither timed loop pays for first-use allocations.
         let warm = Job {
             model: job.model,
@@ -282,7 +284,7 @@ fn report<M: Denoise>(
         warm.run(CacheConfig::None, "warm-up")?;
     }
     let cached = job.run(config, method)?;
-    let reference = if args.reference {
+    let reference = if with_reference {
         Some(job.run(CacheConfig::None, "uncached")?)
     } else {
         None
