@@ -181,7 +181,7 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     device.seed(args.seed);
     match &model {
         Model::Flux(flux) => {
-            if args.height % 2 != 0 || args.width % 2 != 0 {
+            if !args.height.is_multiple_of(2) || !args.width.is_multiple_of(2) {
                 bail!("--height and --width must be even for Flux (2x2 latent packing)");
             }
             let tokens = (args.height / 2) * (args.width / 2);
@@ -266,7 +266,7 @@ fn report<M: Denoise>(
     args: &DenoiseArgs,
     job: &Job<'_, M>,
     config: CacheConfig,
-    image: impl Fn(&[f32], [usize; 3]) -> (usize, usize, Vec<[f32; 3]>),
+    image: impl Fn(&[f32], [usize; 3]) -> FloatImage,
 ) -> Result<()> {
     let method = config.method();
     let with_reference = args.reference || args.out.is_some();
@@ -384,13 +384,7 @@ fn report<M: Denoise>(
 }
 
 /// Flux latents `[1, (h/2)(w/2), 4C]` unpacked (`_unpack_latents`) to an RGB view of channels 0–2.
-fn flux_image(
-    latents: &[f32],
-    _dims: [usize; 3],
-    h: usize,
-    w: usize,
-    packed: usize,
-) -> (usize, usize, Vec<[f32; 3]>) {
+fn flux_image(latents: &[f32], _dims: [usize; 3], h: usize, w: usize, packed: usize) -> FloatImage {
     let c = packed / 4;
     let at = |ch: usize, y: usize, x: usize| {
         let token = (y / 2) * (w / 2) + x / 2;
@@ -407,12 +401,7 @@ fn flux_image(
 }
 
 /// The first frame of CogVideoX latents `[1, F, C·H·W]`, channels 0–2.
-fn video_frame_image(
-    latents: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-) -> (usize, usize, Vec<[f32; 3]>) {
+fn video_frame_image(latents: &[f32], c: usize, h: usize, w: usize) -> FloatImage {
     let at = |ch: usize, y: usize, x: usize| latents[(ch.min(c - 1) * h + y) * w + x];
     let pixels = (0..h)
         .flat_map(|y| (0..w).map(move |x| (y, x)))
@@ -422,7 +411,10 @@ fn video_frame_image(
 }
 
 /// Side-by-side panels, each channel min-max normalised, upscaled to at least 192 px.
-fn panels_png(panels: &[(String, (usize, usize, Vec<[f32; 3]>))]) -> Vec<u8> {
+/// An RGB image as floats: width, height, pixels row by row.
+type FloatImage = (usize, usize, Vec<[f32; 3]>);
+
+fn panels_png(panels: &[(String, FloatImage)]) -> Vec<u8> {
     let zoom = panels
         .first()
         .map_or(1, |(_, (w, h, _))| (192 / (*w).max(*h).max(1)).max(1));
