@@ -6,8 +6,8 @@ optimum-neuron's own code for a set of configs (non-ASCII strings, floats in eve
 nested objects, volatile keys to drop, a `neuron` key embedded in the config, no task, and the
 numbers only Python's JSON has: `NaN`, `Infinity`, `-Infinity`, integers beyond 64 bits up to
 Python's 4300-digit limit, and raw `config.json` text with `1e400`, `-1e-400`, `-0` and duplicate
-keys), and writes them to `crates/cachet-compile/tests/fixtures/entry_hashes.json`. The Rust tests recompute every
-value and must match byte for byte.
+keys), and writes them to `crates/cachet-compile/tests/fixtures/entry_hashes.json`. The Rust
+tests recompute every value and must match byte for byte.
 
 optimum-neuron 0.4.5 installs with `pip install --no-deps` (see requirements-compile.txt): its
 package `__init__` imports transformers 4.57 / torch, so this script loads the `cache/entries`

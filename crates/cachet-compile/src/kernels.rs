@@ -1,7 +1,8 @@
 //! Sharing burn's GPU kernel cache (`~/.cache/cubecl`) through the compile cache.
 //!
 //! burn's wgpu backend compiles and autotunes kernels on first use and keeps the results under
-//! cubecl's cache folder; a first process pays for it (≈21 s on a small machine). [`push`]
+//! cubecl's cache folder ([`default_kernel_dir`]: `target/environment` of the Cargo workspace a
+//! process runs in, else `~/.cache/cubecl`); a first process pays for it. [`push`]
 //! publishes a snapshot of that folder as one cache module keyed by device, backend and
 //! burn/cubecl versions, and [`pull`] restores it on another machine so it starts warm.
 
@@ -49,10 +50,35 @@ impl KernelCacheKey {
     }
 }
 
-/// cubecl's global cache folder: `$XDG_CACHE_HOME/cubecl`, else `~/.cache/cubecl`.
+/// Where cubecl 0.11 keeps its caches for a process started in the current directory (see
+/// [`kernel_dir_for`]).
 pub fn default_kernel_dir() -> PathBuf {
-    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(xdg).join("cubecl");
+    match std::env::current_dir() {
+        Ok(cwd) => kernel_dir_for(&cwd),
+        Err(_) => global_kernel_dir(),
+    }
+}
+
+/// Where cubecl 0.11's default cache setting (`target`) puts the caches of a process started in
+/// `cwd`: `<outermost folder with a Cargo.toml above cwd>/target/environment` inside a Cargo
+/// project (so `cargo run` keeps them in the workspace's `target/`), else the user cache folder
+/// ([`global_kernel_dir`]). A `cubecl.toml` (`[environment] path`) can move them elsewhere; pass
+/// that folder explicitly then.
+pub fn kernel_dir_for(cwd: &Path) -> PathBuf {
+    cwd.ancestors()
+        .filter(|dir| dir.join("Cargo.toml").is_file())
+        .last()
+        .map(|root| root.join("target").join("environment"))
+        .unwrap_or_else(global_kernel_dir)
+}
+
+/// cubecl's user cache folder: `$XDG_CACHE_HOME/cubecl`, else `~/.cache/cubecl`.
+pub fn global_kernel_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|v| v.is_absolute())
+    {
+        return xdg.join("cubecl");
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
     PathBuf::from(home).join(".cache").join("cubecl")

@@ -84,3 +84,29 @@ fn a_second_machine_starts_warm() {
     assert_ne!(newer.entry().unwrap().hash(), k.entry().unwrap().hash());
     assert!(kernels::push(&a, &k, &a_kernels.path().join("missing")).is_err());
 }
+
+#[test]
+fn kernel_dir_follows_cubecls_default() {
+    use cachet_compile::kernels::{global_kernel_dir, kernel_dir_for};
+    // Inside a Cargo workspace: the outermost manifest's target/environment (a member's own
+    // Cargo.toml does not count), like cubecl 0.11's `target` cache setting.
+    let ws = tempfile::tempdir().unwrap();
+    let member = ws.path().join("crates").join("a").join("src");
+    std::fs::create_dir_all(&member).unwrap();
+    std::fs::write(ws.path().join("Cargo.toml"), "[workspace]\n").unwrap();
+    std::fs::write(ws.path().join("crates/a/Cargo.toml"), "[package]\n").unwrap();
+    assert_eq!(
+        kernel_dir_for(&member),
+        ws.path().join("target").join("environment")
+    );
+    // Outside any Cargo project: the user cache folder.
+    let plain = tempfile::tempdir().unwrap();
+    if !plain
+        .path()
+        .ancestors()
+        .any(|d| d.join("Cargo.toml").is_file())
+    {
+        assert_eq!(kernel_dir_for(plain.path()), global_kernel_dir());
+        assert!(global_kernel_dir().ends_with("cubecl"));
+    }
+}

@@ -180,7 +180,8 @@ enum CompileCacheCommand {
         /// cubecl version.
         #[arg(long, default_value = "0.11.3")]
         cubecl_version: String,
-        /// The cubecl cache folder (default: $XDG_CACHE_HOME/cubecl or ~/.cache/cubecl).
+        /// The cubecl cache folder (default: cubecl's own: target/environment of the Cargo
+        /// workspace around the current directory, else $XDG_CACHE_HOME/cubecl or ~/.cache/cubecl).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Also use the Hub cache repo.
