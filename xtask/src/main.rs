@@ -590,11 +590,63 @@ fn bench(root: &Path, filter: Option<&str>, no_run: bool) -> Result<()> {
                 " from this run (no benchmarks yet, or none matched the filter)"
             }
         );
-        return Ok(());
+    } else {
+        print_table(&results, &references);
+        if stale > 0 {
+            println!("({stale} older result(s) not from this run left out; see --no-run)");
+        }
     }
-    print_table(&results, &references);
-    if stale > 0 {
-        println!("({stale} older result(s) not from this run left out; see --no-run)");
+    print_bench_tables(
+        &target_dir(root).join(BENCH_TABLES),
+        no_run,
+        started,
+        filter,
+    )
+}
+
+/// Where benches that measure more than a time per iteration (e.g. speedup and quality of whole
+/// diffusion runs) write their own markdown tables, `<name>.md`.
+const BENCH_TABLES: &str = "cachet-bench";
+
+/// Prints the tables benches wrote under `dir`: those written by this run, or with `--no-run`
+/// all of them (whose name contains the filter).
+fn print_bench_tables(
+    dir: &Path,
+    no_run: bool,
+    started: SystemTime,
+    filter: Option<&str>,
+) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut tables: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .filter(|p| {
+            let fresh = std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m >= started);
+            let name = p
+                .file_stem()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            if no_run {
+                filter.is_none_or(|f| name.contains(f) || f.contains(name.as_ref()))
+            } else {
+                fresh
+            }
+        })
+        .collect();
+    tables.sort();
+    for path in tables {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let name = path
+            .file_stem()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        println!("\n==> {name} ({})\n\n{}", path.display(), text.trim_end());
     }
     Ok(())
 }
