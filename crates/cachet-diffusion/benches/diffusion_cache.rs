@@ -159,7 +159,10 @@ fn setup(device: &Device) -> Setup {
         img_ids: cachet_diffusion::pipeline::flux_image_ids(rows, rows, device),
         txt_ids: Tensor::zeros([TXT_TOKENS, 3], device),
         guidance: Some(3.5),
-    };
+        rope: None,
+    }
+    .with_rope(&model)
+    .expect("rope tables");
     let scheduler =
         FlowMatchEuler::new(steps, 1.0, Some(FlowMatchEuler::flux_mu(img_tokens))).expect("sched");
     Setup {

@@ -203,6 +203,21 @@ pub struct FluxCond {
     pub txt_ids: Tensor<2>,
     /// Guidance embedded by `guidance_embeds` models.
     pub guidance: Option<f64>,
+    /// RoPE tables of the position ids, computed once ([`FluxCond::with_rope`]) so the steps
+    /// make no device-to-host read; `None`: the model computes them on every call.
+    pub rope: Option<(Tensor<2>, Tensor<2>)>,
+}
+
+impl FluxCond {
+    /// Precomputes the RoPE tables of this conditioning's position ids for `model`.
+    pub fn with_rope(mut self, model: &FluxTransformer) -> Result<Self> {
+        self.rope = Some(
+            model
+                .rope(&self.txt_ids, &self.img_ids)
+                .map_err(DiffusionError::from_model)?,
+        );
+        Ok(self)
+    }
 }
 
 impl FluxCond {
@@ -228,11 +243,16 @@ impl FluxCond {
             Distribution::Normal(0.0, 1.0),
             device,
         );
+        let img_ids = flux_image_ids(height / 2, width / 2, device);
+        let txt_ids = Tensor::zeros([txt_tokens, 3], device);
         Self {
             encoder_hidden_states,
             pooled_projections,
-            img_ids: flux_image_ids(height / 2, width / 2, device),
-            txt_ids: Tensor::zeros([txt_tokens, 3], device),
+            // Precomputed once; `None` only if the ids cannot be read, and then the model
+            // computes the tables per call.
+            rope: model.rope(&txt_ids, &img_ids).ok(),
+            img_ids,
+            txt_ids,
             guidance: c.guidance_embeds.then_some(3.5),
         }
     }
@@ -271,6 +291,7 @@ impl Denoise for FluxTransformer {
             img_ids: first.img_ids.clone(),
             txt_ids: first.txt_ids.clone(),
             guidance: first.guidance,
+            rope: first.rope.clone(),
         }
     }
 

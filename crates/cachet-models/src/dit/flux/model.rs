@@ -746,9 +746,12 @@ impl FluxTransformer {
         Ok(())
     }
 
-    /// The RoPE tables of `cat(txt_ids, img_ids)` (read back to the host, computed in f64).
-    fn rope(&self, inputs: &FluxInputs) -> Result<(Tensor<2>, Tensor<2>)> {
-        let ids = Tensor::cat(vec![inputs.txt_ids.clone(), inputs.img_ids.clone()], 0);
+    /// The RoPE tables (cos, sin) of `cat(txt_ids, img_ids)`: the ids are read back to the host
+    /// and the tables computed in f64, as diffusers does. A denoising loop computes them once
+    /// and passes them to [`FluxTransformer::forward_with_rope`] on every step, so steps make no
+    /// device-to-host read for positions.
+    pub fn rope(&self, txt_ids: &Tensor<2>, img_ids: &Tensor<2>) -> Result<(Tensor<2>, Tensor<2>)> {
+        let ids = Tensor::cat(vec![txt_ids.clone(), img_ids.clone()], 0);
         let [tokens, _] = ids.dims();
         let device = ids.device();
         let values = ids
@@ -761,11 +764,30 @@ impl FluxTransformer {
     /// patch_size² · out_channels]`, with the denoiser, both block lists and every attention
     /// layer run through `hooks` ([`NoHooks`](crate::dit::NoHooks) runs the plain model).
     pub fn forward(&self, inputs: &FluxInputs, hooks: &mut dyn DitHooks) -> Result<Tensor<3>> {
+        self.check_inputs(inputs)?;
+        let rope = self.rope(&inputs.txt_ids, &inputs.img_ids)?;
+        self.forward_with_rope(inputs, &rope, hooks)
+    }
+
+    /// [`FluxTransformer::forward`] with RoPE tables from [`FluxTransformer::rope`] for the same
+    /// position ids (computed once per inference instead of once per call).
+    pub fn forward_with_rope(
+        &self,
+        inputs: &FluxInputs,
+        rope: &(Tensor<2>, Tensor<2>),
+        hooks: &mut dyn DitHooks,
+    ) -> Result<Tensor<3>> {
         let [batch, img_tokens, _] = inputs.hidden_states.dims();
         let txt_tokens = inputs.encoder_hidden_states.dims()[1];
         let _span = tracing::debug_span!("flux_forward", batch, img_tokens, txt_tokens).entered();
         self.check_inputs(inputs)?;
-        let rope = self.rope(inputs)?;
+        let tokens = txt_tokens + img_tokens;
+        if rope.0.dims()[0] != tokens || rope.1.dims()[0] != tokens {
+            return Err(ModelError::Input(format!(
+                "RoPE tables cover {} tokens, the inputs have {tokens}",
+                rope.0.dims()[0]
+            )));
+        }
         let out = hooks.run_denoiser(batch, &mut |hooks, rows| {
             let selected;
             let inputs = match rows {
@@ -775,7 +797,7 @@ impl FluxTransformer {
                     &selected
                 }
             };
-            Ok(DenoiserOutput::Rank3(self.denoise(inputs, hooks, &rope)?))
+            Ok(DenoiserOutput::Rank3(self.denoise(inputs, hooks, rope)?))
         })?;
         let want = [batch, img_tokens, self.config.output_width()];
         match out {
