@@ -233,6 +233,23 @@ fn variants(steps: usize) -> Vec<(String, Option<CacheConfig>)> {
             Some(dbcache(8, t, false, None, steps)),
         ));
     }
+    // Fewer warm-up steps (4 instead of cache-dit's 8): the 28-step run has more to cache.
+    for (fn_blocks, t, calibrator) in [
+        (8, 0.2, false),
+        (8, 0.3, false),
+        (4, 0.2, false),
+        (8, 0.2, true),
+    ] {
+        let mut config = dbcache(fn_blocks, t, calibrator, None, steps);
+        if let CacheConfig::DbCache { cache_config, .. } = &mut config {
+            cache_config.max_warmup_steps = 4;
+        }
+        let suffix = if calibrator { "_taylorseer" } else { "" };
+        v.push((
+            format!("dbcache_F{fn_blocks}B0_R{t}_W4{suffix}"),
+            Some(config),
+        ));
+    }
     v.push((
         "dbcache_F1B0_R0.12".into(),
         Some(dbcache(1, 0.12, false, None, steps)),
