@@ -49,13 +49,13 @@ pub enum ModelError {
     Input(String),
     /// The KV cache refused an update (full, wrong shape, bad position...).
     #[error("kv cache: {0}")]
-    Cache(#[from] cachet_kv::KvError),
+    Cache(Box<cachet_kv::KvError>),
     /// A tensor-layer error (device, dtype).
     #[error(transparent)]
-    Tensor(#[from] TensorError),
+    Tensor(Box<TensorError>),
     /// A safetensors error.
     #[error(transparent)]
-    Safetensors(#[from] SafetensorsError),
+    Safetensors(Box<SafetensorsError>),
     /// A custom linear layer (a quantized `LinearOp` built by a `LinearFactory`) failed to load
     /// or run; the source is the layer crate's own typed error.
     #[error("layer: {0}")]
@@ -63,4 +63,23 @@ pub enum ModelError {
     /// A forward hook (a diffusion cache) failed; the source says which and why.
     #[error("hook: {0}")]
     Hook(Box<dyn std::error::Error + Send + Sync>),
+}
+
+// The wrapped errors are boxed so `Result<_, ModelError>` stays small on every hot path.
+impl From<cachet_kv::KvError> for ModelError {
+    fn from(err: cachet_kv::KvError) -> Self {
+        Self::Cache(Box::new(err))
+    }
+}
+
+impl From<TensorError> for ModelError {
+    fn from(err: TensorError) -> Self {
+        Self::Tensor(Box::new(err))
+    }
+}
+
+impl From<SafetensorsError> for ModelError {
+    fn from(err: SafetensorsError) -> Self {
+        Self::Safetensors(Box::new(err))
+    }
 }
