@@ -5,9 +5,12 @@
 //! * [`int8`] — LLM.int8: row-wise int8 weights (`CB`/`SCB`) and the outlier decomposition.
 //! * [`codes`] — the NF4, FP4 and dynamic code tables.
 //! * [`linear`] — `Linear4bit` / `Linear8bitLt`, plugged into models as `LinearOp`s.
-//! * [`load`] — `load_and_quantize_model`, `load_pretrained`, `QuantizedModel::save_pretrained`
-//!   (transformers' checkpoint layout, both ways), with [`config::BnbQuantizationConfig`],
-//!   [`device_map`] and disk [`offload`] that keeps layers quantized.
+//! * [`load`] — `load_and_quantize_model`, `load_pretrained` (transformers' checkpoint layout,
+//!   single or sharded), with [`config::BnbQuantizationConfig`], [`device_map`] and [`offload`]
+//!   to `cpu` / `disk` (quantized layers stay quantized; dense projections are kept in host
+//!   memory or memory-mapped from the offload folder).
+//! * [`save`] — `QuantizedModel::save_pretrained[_with]`: streamed tensor by tensor, sharded
+//!   as transformers does (`max_shard_size`, default "5GB"), staged then moved into place.
 
 pub mod blockwise;
 pub mod codes;
@@ -18,6 +21,7 @@ pub mod int8;
 pub mod linear;
 pub mod load;
 pub mod offload;
+pub mod save;
 pub mod serialize;
 
 pub use blockwise::{
@@ -33,3 +37,4 @@ pub use load::{
     LoadOptions, QuantizedLinear, QuantizedModel, QuantizingFactory, load_and_quantize_model,
     load_pretrained,
 };
+pub use save::{DEFAULT_MAX_SHARD_SIZE, SaveOptions, parse_shard_size};

@@ -10,7 +10,6 @@ use burn::tensor::{DType, Device};
 use cachet_models::{DenseFactory, LinearFactory, LinearLayer, LinearSpec, Llama, LlamaConfig};
 use cachet_tensor::{Checkpoint, Precision};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::Value;
 
 use crate::blockwise::quantize_4bit;
 use crate::config::BnbQuantizationConfig;
@@ -18,10 +17,10 @@ use crate::device_map::{DeviceMap, Placement};
 use crate::error::{QuantError, Result};
 use crate::int8::Int8Weight;
 use crate::linear::{Linear4bit, Linear8bitLt};
-use crate::offload::DiskLinear;
+use crate::offload::{CpuDenseLinear, DiskDenseLinear, DiskLinear};
 use crate::serialize::{
-    StoredLayout, four_bit_tensors, int8_tensors, read_float, read_four_bit, read_int8,
-    stored_layout,
+    Part, StoredLayout, four_bit_part, four_bit_parts, four_bit_tensors, int8_part, int8_parts,
+    int8_tensors, read_float, read_four_bit, read_int8, stored_layout,
 };
 
 /// A quantized projection of a loaded model, kept for saving and inspection.
@@ -48,6 +47,23 @@ impl QuantizedLinear {
         match self {
             Self::FourBit(l, dtype) => four_bit_tensors(prefix, &l.weight, *dtype),
             Self::Int8(l) => int8_tensors(prefix, &l.weight),
+        }
+    }
+
+    /// Name, part, dtype and shape of each tensor [`QuantizedLinear::tensors`] returns, without
+    /// copying data (a streaming writer lays out its header from these).
+    pub fn parts(&self, prefix: &str) -> Vec<(String, Part, DType, Vec<usize>)> {
+        match self {
+            Self::FourBit(l, dtype) => four_bit_parts(prefix, &l.weight, *dtype),
+            Self::Int8(l) => int8_parts(prefix, &l.weight),
+        }
+    }
+
+    /// The data of one part listed by [`QuantizedLinear::parts`].
+    pub fn part(&self, part: Part) -> Option<burn::tensor::TensorData> {
+        match self {
+            Self::FourBit(l, dtype) => four_bit_part(&l.weight, *dtype, part),
+            Self::Int8(l) => int8_part(&l.weight, part),
         }
     }
 }
@@ -219,22 +235,32 @@ impl QuantizingFactory {
             .device_map
             .as_ref()
             .map_or(Placement::Device, |m| m.placement(&spec.name));
+        let folder = || {
+            self.offload_folder
+                .as_deref()
+                .ok_or_else(|| QuantError::DeviceMap {
+                    reason: format!(
+                        "{} is placed on disk but no offload folder was given",
+                        spec.name
+                    ),
+                })
+        };
         let Some(layer) = self.build_quantized(spec, checkpoint)? else {
-            return Ok(DenseFactory.build(spec, checkpoint, device, dtype)?);
+            // Dense projections (lm_head, skip_modules, keep_in_fp32_modules) honour the
+            // placement too.
+            let op: Arc<dyn cachet_models::LinearOp> = match placement {
+                Placement::Device => {
+                    return Ok(DenseFactory.build(spec, checkpoint, device, dtype)?);
+                }
+                Placement::Cpu => Arc::new(CpuDenseLinear::load(spec, checkpoint, dtype)?),
+                Placement::Disk => {
+                    Arc::new(DiskDenseLinear::write(folder()?, spec, checkpoint, dtype)?)
+                }
+            };
+            return Ok(LinearLayer::custom(op));
         };
         let op: Arc<dyn cachet_models::LinearOp> = match (&placement, &layer) {
-            (Placement::Disk, _) => {
-                let folder =
-                    self.offload_folder
-                        .as_deref()
-                        .ok_or_else(|| QuantError::DeviceMap {
-                            reason: format!(
-                                "{} is placed on disk but no offload folder was given",
-                                spec.name
-                            ),
-                        })?;
-                Arc::new(DiskLinear::write(folder, &spec.name, &layer)?)
-            }
+            (Placement::Disk, _) => Arc::new(DiskLinear::write(folder()?, &spec.name, &layer)?),
             (_, QuantizedLinear::FourBit(l, _)) => l.clone(),
             (_, QuantizedLinear::Int8(l)) => l.clone(),
         };
@@ -279,6 +305,10 @@ pub struct QuantizedModel {
     pub dense_bytes: usize,
     /// dtype of the floating-point parts (they are saved in it, as transformers does).
     pub torch_dtype: Precision,
+    /// Modules the `device_map` places on `cpu` or `disk` that stay on the compute device
+    /// anyway (embeddings and norms: only linear projections can be offloaded); a warning
+    /// naming them is logged when the model loads.
+    pub not_offloaded: Vec<String>,
 }
 
 /// Loading options beyond the quantization config.
@@ -296,7 +326,7 @@ pub struct LoadOptions {
 
 /// Whether checkpoint tensor `name` belongs to one of the quantized `layers` (their weight and
 /// quantization state; biases stay as stored).
-fn owned_by(layers: &BTreeMap<String, QuantizedLinear>, name: &str) -> bool {
+pub(crate) fn owned_by(layers: &BTreeMap<String, QuantizedLinear>, name: &str) -> bool {
     layers.keys().any(|p| {
         name.strip_prefix(p.as_str())
             .is_some_and(|rest| rest.starts_with(".weight") || rest == ".SCB")
@@ -322,6 +352,18 @@ fn projection_names(config: &LlamaConfig) -> Vec<String> {
     if !config.tie_word_embeddings {
         out.push("lm_head".into());
     }
+    out
+}
+
+/// The weighted modules `Llama::load_with` builds itself (not through the factory), which a
+/// device_map cannot move off the compute device.
+fn non_projection_modules(config: &LlamaConfig) -> Vec<String> {
+    let mut out = vec!["model.embed_tokens".to_string()];
+    for i in 0..config.num_hidden_layers {
+        out.push(format!("model.layers.{i}.input_layernorm"));
+        out.push(format!("model.layers.{i}.post_attention_layernorm"));
+    }
+    out.push("model.norm".into());
     out
 }
 
@@ -371,6 +413,7 @@ pub fn load_and_quantize_model(
         None => config.torch_dtype(&origin)?,
     };
     let mut factory = QuantizingFactory::new(config.clone(), &origin, torch_dtype)?;
+    let mut not_offloaded = Vec::new();
     if let Some(map) = &options.device_map {
         map.validate(&module_names(&model_config))?;
         if map.uses_disk() {
@@ -386,6 +429,16 @@ pub fn load_and_quantize_model(
             crate::offload::check_folder(folder)?;
         }
         factory = factory.with_device_map(map.clone(), options.offload_folder.clone());
+        not_offloaded = non_projection_modules(&model_config)
+            .into_iter()
+            .filter(|m| map.placement(m) != Placement::Device)
+            .collect();
+        if !not_offloaded.is_empty() {
+            tracing::warn!(
+                modules = ?not_offloaded,
+                "the device_map places these modules on cpu/disk, but only linear projections can be offloaded: they stay on the compute device"
+            );
+        }
     }
     if options.progress {
         let bar = ProgressBar::new(projection_names(&model_config).len() as u64);
@@ -413,6 +466,7 @@ pub fn load_and_quantize_model(
         dense_bytes,
         torch_dtype,
         layers,
+        not_offloaded,
         config: config.clone(),
         source: dir.to_path_buf(),
         load_seconds: start.elapsed().as_secs_f64(),
@@ -448,82 +502,5 @@ impl QuantizedModel {
                 .values()
                 .map(QuantizedLinear::memory_bytes)
                 .sum::<usize>()
-    }
-
-    /// Writes `config.json` (with `quantization_config`) and `model.safetensors` in
-    /// transformers' layout to `dir`; files are staged in a temporary sibling directory and
-    /// moved in only once complete, so a failed save leaves no half-written checkpoint.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
-        let _span = tracing::info_span!("save_pretrained", dir = %dir.display()).entered();
-        let io = |op: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| QuantError::Io { op, path, source }
-        };
-        let checkpoint = Checkpoint::open(&self.source)?;
-        let mut tensors = Vec::new();
-        for name in checkpoint.names() {
-            if !owned_by(&self.layers, name) {
-                let data = checkpoint.tensor_data(name)?;
-                let stored_float = checkpoint
-                    .info(name)
-                    .is_some_and(|i| i.dtype.is_loadable_float());
-                let data = if stored_float && data.dtype() != self.torch_dtype.dtype() {
-                    data.convert_dtype(self.torch_dtype.dtype())
-                } else {
-                    data
-                };
-                tensors.push((name.to_string(), data));
-            }
-        }
-        for (prefix, layer) in &self.layers {
-            tensors.extend(layer.tensors(prefix));
-        }
-        let config_path = self.source.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(io("reading", &config_path))?;
-        let mut config: Value = serde_json::from_str(&text).map_err(|e| QuantError::Config {
-            origin: config_path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        if let Value::Object(map) = &mut config {
-            map.insert("quantization_config".into(), self.config.to_transformers());
-        }
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let staging = parent.join(format!(".{name}.cachet-tmp-{}", std::process::id()));
-        let result = (|| -> Result<()> {
-            std::fs::create_dir_all(&staging).map_err(io("creating", &staging))?;
-            let mut metadata = BTreeMap::new();
-            metadata.insert("format".to_string(), "pt".to_string());
-            cachet_tensor::safetensors::save(
-                staging.join("model.safetensors"),
-                &tensors,
-                Some(&metadata),
-            )?;
-            let cfg = serde_json::to_string_pretty(&config).expect("JSON value serializes") + "\n";
-            let cfg_path = staging.join("config.json");
-            std::fs::write(&cfg_path, cfg).map_err(io("writing", &cfg_path))?;
-            let gen_cfg = self.source.join("generation_config.json");
-            if gen_cfg.exists() {
-                let to = staging.join("generation_config.json");
-                std::fs::copy(&gen_cfg, &to).map_err(io("copying", &to))?;
-            }
-            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-            for entry in std::fs::read_dir(&staging).map_err(io("listing", &staging))? {
-                let entry = entry.map_err(io("listing", &staging))?;
-                let to = dir.join(entry.file_name());
-                std::fs::rename(entry.path(), &to).map_err(io("moving into", &to))?;
-            }
-            Ok(())
-        })();
-        let _ = std::fs::remove_dir_all(&staging);
-        result
     }
 }

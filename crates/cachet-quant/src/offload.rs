@@ -1,11 +1,17 @@
-//! Disk offload that keeps layers quantized: a `disk` layer's 4-bit or int8 tensors are written
-//! to the offload folder in transformers' layout, memory-mapped, and read on each use.
+//! `cpu` and `disk` placements of projections. Disk offload keeps layers quantized: a `disk`
+//! layer's 4-bit or int8 tensors are written to the offload folder in transformers' layout,
+//! memory-mapped, and read on each use ([`DiskLinear`]). Dense projections (`lm_head`,
+//! `skip_modules`, `keep_in_fp32_modules`) are offloaded too: [`CpuDenseLinear`] keeps the
+//! weight on the CPU backend and multiplies there, [`DiskDenseLinear`] maps it from the folder
+//! and loads it onto the activations' device on use.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Tensor, TensorData};
-use cachet_models::LinearOp;
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use cachet_models::{DenseFactory, LinearFactory, LinearOp, LinearSpec};
 use cachet_tensor::{Checkpoint, Precision};
 
 use crate::error::{QuantError, Result};
@@ -139,5 +145,202 @@ impl LinearOp for DiskLinear {
     fn memory_bytes(&self) -> usize {
         // Resident: the bias only; the weight is mapped from disk.
         self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+/// A dense (not quantized) projection placed on `cpu`: its weight lives in host memory on the
+/// CPU backend and the product runs there; activations move to the host and back (accelerate's
+/// meaning of `cpu`: the weights stay on the CPU).
+pub struct CpuDenseLinear {
+    name: String,
+    linear: Linear,
+    cpu: Device,
+    shape: [usize; 2],
+    bytes: usize,
+}
+
+impl fmt::Debug for CpuDenseLinear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CpuDenseLinear")
+            .field("name", &self.name)
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+impl CpuDenseLinear {
+    /// Loads projection `spec` from `checkpoint` onto the CPU backend in `dtype`.
+    pub fn load(spec: &LinearSpec, checkpoint: &Checkpoint, dtype: DType) -> Result<Self> {
+        let cpu = cachet_tensor::device::cpu_device().map_err(|e| QuantError::DeviceMap {
+            reason: format!(
+                "{} is placed on cpu, but the CPU backend is missing: {e}",
+                spec.name
+            ),
+        })?;
+        let layer = DenseFactory.build(spec, checkpoint, &cpu, dtype)?;
+        let bytes = cachet_tensor::MemoryFootprint::memory_bytes(&layer);
+        let linear = layer
+            .as_dense()
+            .cloned()
+            .expect("DenseFactory builds dense layers");
+        Ok(Self {
+            name: spec.name.clone(),
+            linear,
+            cpu,
+            shape: [spec.out_features, spec.in_features],
+            bytes,
+        })
+    }
+}
+
+impl LinearOp for CpuDenseLinear {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let _span = tracing::trace_span!("cpu_dense_linear", name = self.name.as_str()).entered();
+        let device = x.device();
+        let y = self.linear.forward(x.to_device(&self.cpu));
+        y.to_device(&device)
+    }
+
+    fn in_features(&self) -> usize {
+        self.shape[1]
+    }
+
+    fn out_features(&self) -> usize {
+        self.shape[0]
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// A dense (not quantized) projection placed on `disk`: its weight (and bias) are written to
+/// `folder/<name>.safetensors` in the model's dtype, memory-mapped, and loaded onto the
+/// activations' device on each use (accelerate's disk offload), then dropped.
+pub struct DiskDenseLinear {
+    path: PathBuf,
+    checkpoint: Checkpoint,
+    name: String,
+    shape: [usize; 2],
+    bias: bool,
+    dtype: DType,
+}
+
+impl fmt::Debug for DiskDenseLinear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskDenseLinear")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+impl DiskDenseLinear {
+    /// Copies projection `spec` from `checkpoint` (cast to `dtype`) to
+    /// `folder/<name>.safetensors`, one tensor at a time, and maps it.
+    pub fn write(
+        folder: &Path,
+        spec: &LinearSpec,
+        checkpoint: &Checkpoint,
+        dtype: DType,
+    ) -> Result<Self> {
+        let shape = [spec.out_features, spec.in_features];
+        let mut tensors = Vec::new();
+        let mut names = vec![(format!("{}.weight", spec.name), shape.to_vec())];
+        if spec.bias {
+            names.push((format!("{}.bias", spec.name), vec![spec.out_features]));
+        }
+        for (name, want) in names {
+            let info =
+                checkpoint
+                    .info(&name)
+                    .ok_or_else(|| cachet_models::ModelError::MissingWeight {
+                        name: name.clone(),
+                        module: spec.name.clone(),
+                    })?;
+            if info.shape != want {
+                return Err(cachet_models::ModelError::WeightShape {
+                    name,
+                    expected: want,
+                    actual: info.shape.clone(),
+                }
+                .into());
+            }
+            if !info.dtype.is_loadable_float() {
+                return Err(QuantError::UnsupportedDType {
+                    tensor: name,
+                    dtype: info.dtype.to_string(),
+                });
+            }
+            let data = checkpoint.tensor_data(&name)?;
+            let data = if data.dtype() == dtype {
+                data
+            } else {
+                data.convert_dtype(dtype)
+            };
+            tensors.push((name, data));
+        }
+        let path = folder.join(format!("{}.safetensors", spec.name));
+        cachet_tensor::safetensors::save(&path, &tensors, None).map_err(|e| {
+            QuantError::OffloadFolder {
+                path: folder.to_path_buf(),
+                reason: format!("writing {}: {e}", path.display()),
+            }
+        })?;
+        drop(tensors);
+        Ok(Self {
+            checkpoint: Checkpoint::open(&path)?,
+            path,
+            name: spec.name.clone(),
+            shape,
+            bias: spec.bias,
+            dtype,
+        })
+    }
+
+    fn load(&self, device: &Device) -> Result<Linear> {
+        let weight = self.checkpoint.load_float::<2>(
+            &format!("{}.weight", self.name),
+            device,
+            self.dtype,
+        )?;
+        let bias = if self.bias {
+            Some(Param::from_tensor(self.checkpoint.load_float::<1>(
+                &format!("{}.bias", self.name),
+                device,
+                self.dtype,
+            )?))
+        } else {
+            None
+        };
+        // As DenseFactory builds it: Hugging Face's [out, in] transposed to burn's [in, out].
+        Ok(Linear {
+            weight: Param::from_tensor(weight.transpose()),
+            bias,
+        })
+    }
+}
+
+impl LinearOp for DiskDenseLinear {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let _span = tracing::trace_span!("disk_dense_linear", name = self.name.as_str()).entered();
+        let linear = self
+            .load(&x.device())
+            .unwrap_or_else(|e| panic!("disk-offloaded layer {}: {e}", self.name));
+        linear.forward(x)
+    }
+
+    fn in_features(&self) -> usize {
+        self.shape[1]
+    }
+
+    fn out_features(&self) -> usize {
+        self.shape[0]
+    }
+
+    fn memory_bytes(&self) -> usize {
+        // Nothing resident: weight and bias are mapped from disk.
+        0
     }
 }

@@ -91,55 +91,154 @@ fn u8_data(values: &[u8], shape: Vec<usize>) -> TensorData {
     TensorData::from_bytes_vec(values.to_vec(), shape, DType::U8)
 }
 
+/// One tensor of a quantized layer in transformers' layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// 4-bit: the packed codes (`weight`, U8 `[n, 1]`).
+    Packed,
+    /// 4-bit: `weight.absmax` (F32, or U8 under double quantization).
+    Absmax,
+    /// 4-bit double quant: `weight.nested_absmax` (F32).
+    NestedAbsmax,
+    /// 4-bit double quant: `weight.nested_quant_map` (F32).
+    NestedQuantMap,
+    /// 4-bit: `weight.quant_map` (F32 `[16]`).
+    QuantMap,
+    /// 4-bit: `weight.quant_state.bitsandbytes__{nf4,fp4}` (JSON bytes, U8).
+    QuantState,
+    /// LLM.int8: `weight` (I8 `[out, in]`).
+    Cb,
+    /// LLM.int8: `SCB` (F32 `[out]`).
+    Scb,
+    /// LLM.int8: `weight_format` (U8 scalar 0).
+    WeightFormat,
+}
+
+/// Name, part, dtype and shape of each tensor a 4-bit layer `prefix` saves — without copying
+/// any data (what a streaming writer needs to lay out its header).
+pub fn four_bit_parts(
+    prefix: &str,
+    q: &Quantized4bit,
+    dtype: Precision,
+) -> Vec<(String, Part, DType, Vec<usize>)> {
+    let w = format!("{prefix}.weight");
+    let mut out = vec![(w.clone(), Part::Packed, DType::U8, vec![q.packed.len(), 1])];
+    match &q.absmax {
+        AbsMax::Plain(a) => out.push((
+            format!("{w}.absmax"),
+            Part::Absmax,
+            DType::F32,
+            vec![a.len()],
+        )),
+        AbsMax::Nested(n) => {
+            out.push((
+                format!("{w}.absmax"),
+                Part::Absmax,
+                DType::U8,
+                vec![n.quantized.len()],
+            ));
+            out.push((
+                format!("{w}.nested_absmax"),
+                Part::NestedAbsmax,
+                DType::F32,
+                vec![n.absmax.len()],
+            ));
+            out.push((
+                format!("{w}.nested_quant_map"),
+                Part::NestedQuantMap,
+                DType::F32,
+                vec![n.code.len()],
+            ));
+        }
+    }
+    out.push((
+        format!("{w}.quant_map"),
+        Part::QuantMap,
+        DType::F32,
+        vec![16],
+    ));
+    let len = quant_state_json(q, dtype).len();
+    out.push((
+        format!("{w}.quant_state.bitsandbytes__{}", q.quant_type),
+        Part::QuantState,
+        DType::U8,
+        vec![len],
+    ));
+    out
+}
+
+/// The data of one part of a 4-bit layer (see [`four_bit_parts`]); `None` for an int8 part or
+/// a nested part of a layer without double quantization.
+pub fn four_bit_part(q: &Quantized4bit, dtype: Precision, part: Part) -> Option<TensorData> {
+    Some(match (part, &q.absmax) {
+        (Part::Packed, _) => u8_data(&q.packed, vec![q.packed.len(), 1]),
+        (Part::Absmax, AbsMax::Plain(a)) => f32_data(a, vec![a.len()]),
+        (Part::Absmax, AbsMax::Nested(n)) => u8_data(&n.quantized, vec![n.quantized.len()]),
+        (Part::NestedAbsmax, AbsMax::Nested(n)) => f32_data(&n.absmax, vec![n.absmax.len()]),
+        (Part::NestedQuantMap, AbsMax::Nested(n)) => f32_data(&n.code, vec![n.code.len()]),
+        (Part::QuantMap, _) => f32_data(q.quant_type.code(), vec![16]),
+        (Part::QuantState, _) => {
+            let json = quant_state_json(q, dtype).into_bytes();
+            let len = json.len();
+            TensorData::from_bytes_vec(json, vec![len], DType::U8)
+        }
+        _ => return None,
+    })
+}
+
 /// The tensors of a 4-bit layer `prefix` (e.g. `model.layers.0.mlp.up_proj`).
 pub fn four_bit_tensors(
     prefix: &str,
     q: &Quantized4bit,
     dtype: Precision,
 ) -> Vec<(String, TensorData)> {
-    let w = format!("{prefix}.weight");
-    let mut out = vec![(w.clone(), u8_data(&q.packed, vec![q.packed.len(), 1]))];
-    match &q.absmax {
-        AbsMax::Plain(a) => out.push((format!("{w}.absmax"), f32_data(a, vec![a.len()]))),
-        AbsMax::Nested(n) => {
-            out.push((
-                format!("{w}.absmax"),
-                u8_data(&n.quantized, vec![n.quantized.len()]),
-            ));
-            out.push((
-                format!("{w}.nested_absmax"),
-                f32_data(&n.absmax, vec![n.absmax.len()]),
-            ));
-            out.push((
-                format!("{w}.nested_quant_map"),
-                f32_data(&n.code, vec![n.code.len()]),
-            ));
+    four_bit_parts(prefix, q, dtype)
+        .into_iter()
+        .map(|(name, part, _, _)| {
+            let data = four_bit_part(q, dtype, part).expect("a part four_bit_parts lists");
+            (name, data)
+        })
+        .collect()
+}
+
+/// Name, part, dtype and shape of each tensor an LLM.int8 layer `prefix` saves.
+pub fn int8_parts(prefix: &str, w: &Int8Weight) -> Vec<(String, Part, DType, Vec<usize>)> {
+    vec![
+        (
+            format!("{prefix}.weight"),
+            Part::Cb,
+            DType::I8,
+            vec![w.rows, w.cols],
+        ),
+        (format!("{prefix}.SCB"), Part::Scb, DType::F32, vec![w.rows]),
+        (
+            format!("{prefix}.weight_format"),
+            Part::WeightFormat,
+            DType::U8,
+            vec![],
+        ),
+    ]
+}
+
+/// The data of one part of an LLM.int8 layer (see [`int8_parts`]); `None` for a 4-bit part.
+pub fn int8_part(w: &Int8Weight, part: Part) -> Option<TensorData> {
+    Some(match part {
+        Part::Cb => {
+            let cb: Vec<u8> = w.cb.iter().map(|&v| v as u8).collect();
+            TensorData::from_bytes_vec(cb, vec![w.rows, w.cols], DType::I8)
         }
-    }
-    out.push((
-        format!("{w}.quant_map"),
-        f32_data(q.quant_type.code(), vec![16]),
-    ));
-    let json = quant_state_json(q, dtype).into_bytes();
-    let len = json.len();
-    out.push((
-        format!("{w}.quant_state.bitsandbytes__{}", q.quant_type),
-        u8_data(&json, vec![len]),
-    ));
-    out
+        Part::Scb => f32_data(&w.scb, vec![w.rows]),
+        Part::WeightFormat => u8_data(&[0], vec![]),
+        _ => return None,
+    })
 }
 
 /// The tensors of an LLM.int8 layer `prefix`.
 pub fn int8_tensors(prefix: &str, w: &Int8Weight) -> Vec<(String, TensorData)> {
-    let cb: Vec<u8> = w.cb.iter().map(|&v| v as u8).collect();
-    vec![
-        (
-            format!("{prefix}.weight"),
-            TensorData::from_bytes_vec(cb, vec![w.rows, w.cols], DType::I8),
-        ),
-        (format!("{prefix}.SCB"), f32_data(&w.scb, vec![w.rows])),
-        (format!("{prefix}.weight_format"), u8_data(&[0], vec![])),
-    ]
+    int8_parts(prefix, w)
+        .into_iter()
+        .map(|(name, part, _, _)| (name, int8_part(w, part).expect("an int8 part")))
+        .collect()
 }
 
 /// How a layer is stored in a checkpoint.

@@ -282,4 +282,23 @@ fn failed_save_leaves_nothing_behind() {
         "staging directory left behind"
     );
     assert_eq!(std::fs::read(&target).unwrap(), b"occupied");
+    // The same with several shards being written.
+    let opts = cachet_quant::SaveOptions {
+        max_shard_size: 20_000,
+    };
+    assert!(q.save_pretrained_with(&target, &opts).is_err());
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["out".to_string()],
+        "sharded staging left behind"
+    );
+    // A shard size that is not one.
+    for bad in ["5 gigs", "1.5GB", "0"] {
+        let err = cachet_quant::parse_shard_size(bad).unwrap_err();
+        assert!(err.to_string().contains("max_shard_size"), "{err}");
+    }
 }

@@ -302,3 +302,236 @@ fn disk_and_cpu_offload_keep_layers_quantized_with_identical_outputs() {
         logits(&plain.model, &ids, 1)
     );
 }
+
+/// What the one-shot writer (every output tensor built, then one `safetensors::save`) wrote
+/// before saving was streamed: the streamed single file must be byte-identical to it.
+fn one_shot_file(q: &cachet_quant::QuantizedModel, path: &Path) {
+    let ck = Checkpoint::open(&q.source).unwrap();
+    let owned = |name: &str| {
+        q.layers.keys().any(|p| {
+            name.strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.starts_with(".weight") || rest == ".SCB")
+        })
+    };
+    let mut tensors = Vec::new();
+    for name in ck.names() {
+        if !owned(name) {
+            let data = ck.tensor_data(name).unwrap();
+            let data = if data.dtype().is_float() && data.dtype() != q.torch_dtype.dtype() {
+                data.convert_dtype(q.torch_dtype.dtype())
+            } else {
+                data
+            };
+            tensors.push((name.to_string(), data));
+        }
+    }
+    for (prefix, layer) in &q.layers {
+        tensors.extend(layer.tensors(prefix));
+    }
+    let mut metadata = std::collections::BTreeMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    cachet_tensor::safetensors::save(path, &tensors, Some(&metadata)).unwrap();
+}
+
+#[test]
+fn streamed_sharded_save_reloads_with_identical_logits() {
+    let device = device();
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [5i64, 17, 99, 3, 200, 41];
+    for (name, config) in variants() {
+        let q = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+        let want = logits(&q.model, &ids, 1);
+        // Default 5GB: one file, byte for byte what the one-shot writer produced.
+        let single = tmp.path().join(format!("{name}-single"));
+        q.save_pretrained(&single).unwrap();
+        one_shot_file(&q, &tmp.path().join(format!("{name}-oneshot.safetensors")));
+        assert!(
+            std::fs::read(single.join("model.safetensors")).unwrap()
+                == std::fs::read(tmp.path().join(format!("{name}-oneshot.safetensors"))).unwrap(),
+            "{name}: streamed single file differs from the one-shot writer"
+        );
+        assert!(!single.join("model.safetensors.index.json").exists());
+        // 40 kB shards: several files + an index, as transformers names them.
+        let sharded = tmp.path().join(format!("{name}-sharded"));
+        let opts = cachet_quant::SaveOptions {
+            max_shard_size: cachet_quant::parse_shard_size("40KB").unwrap(),
+        };
+        q.save_pretrained_with(&sharded, &opts).unwrap();
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        let mut files: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+        files.sort_unstable();
+        files.dedup();
+        let n = files.len();
+        assert!(n >= 3, "{name}: {files:?}");
+        for (i, f) in files.iter().enumerate() {
+            assert_eq!(*f, format!("model-{:05}-of-{n:05}.safetensors", i + 1));
+            let size = std::fs::metadata(sharded.join(f)).unwrap().len();
+            let shard = Checkpoint::open(sharded.join(f)).unwrap();
+            // Over the limit only when a single tensor is (lm_head, embed_tokens: 64 kB f32).
+            assert!(
+                shard.total_bytes() <= 40_000 || shard.len() == 1,
+                "{name} {f}: {size} bytes, {} tensors",
+                shard.len()
+            );
+        }
+        assert!(!sharded.join("model.safetensors").exists());
+        let one = Checkpoint::open(&single).unwrap();
+        let many = Checkpoint::open(&sharded).unwrap();
+        assert_eq!(one.names(), many.names(), "{name}");
+        assert_eq!(
+            index["metadata"]["total_size"].as_u64().unwrap(),
+            one.total_bytes()
+        );
+        for key in one.names() {
+            assert!(
+                one.tensor_data(key).unwrap().as_bytes()
+                    == many.tensor_data(key).unwrap().as_bytes(),
+                "{name} {key}"
+            );
+        }
+        let re = load_pretrained(&sharded, &device, Precision::F32).unwrap();
+        assert_eq!(logits(&re, &ids, 1), want, "{name}: sharded reload");
+        // Saving again as one file over the sharded one leaves no stale shard or index behind.
+        q.save_pretrained(&sharded).unwrap();
+        let left: Vec<String> = std::fs::read_dir(&sharded)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.ends_with(".safetensors") || f.ends_with(".json"))
+            .collect();
+        assert!(
+            !left
+                .iter()
+                .any(|f| f.starts_with("model-") || f.ends_with("index.json")),
+            "{left:?}"
+        );
+        assert_eq!(
+            logits(
+                &load_pretrained(&sharded, &device, Precision::F32).unwrap(),
+                &ids,
+                1
+            ),
+            want
+        );
+    }
+}
+
+#[test]
+fn streamed_save_casts_dense_parts_to_torch_dtype_like_the_one_shot_writer() {
+    // The f32 source saved as f16 / bf16: every float tensor goes through the cast path.
+    let device = device();
+    let tmp = tempfile::tempdir().unwrap();
+    for precision in [Precision::F16, Precision::BF16] {
+        let opts = LoadOptions {
+            torch_dtype: Some(precision),
+            ..LoadOptions::default()
+        };
+        let config = BnbQuantizationConfig::nf4(precision);
+        let q = load_and_quantize_model(source(), &config, &opts, &device).unwrap();
+        let out = tmp.path().join(format!("{precision:?}"));
+        q.save_pretrained_with(
+            &out,
+            &cachet_quant::SaveOptions {
+                max_shard_size: 1 << 30,
+            },
+        )
+        .unwrap();
+        let want = tmp.path().join(format!("{precision:?}.safetensors"));
+        one_shot_file(&q, &want);
+        assert!(
+            std::fs::read(out.join("model.safetensors")).unwrap() == std::fs::read(&want).unwrap(),
+            "{precision:?}"
+        );
+        let ck = Checkpoint::open(&out).unwrap();
+        assert_eq!(
+            ck.info("lm_head.weight").unwrap().dtype.name(),
+            if precision == Precision::F16 {
+                "F16"
+            } else {
+                "BF16"
+            }
+        );
+    }
+}
+
+#[test]
+fn dense_projections_honour_cpu_and_disk_placements_with_identical_logits() {
+    let device = device();
+    // Attention stays dense (skip_modules), lm_head too (skipped by default): dense and
+    // quantized projections on every placement.
+    let config = BnbQuantizationConfig {
+        skip_modules: Some(vec!["lm_head".into(), "self_attn".into()]),
+        ..BnbQuantizationConfig::nf4(Precision::F32)
+    };
+    let plain = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+    assert_eq!(plain.layers.len(), 6, "only the MLPs are quantized");
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("offload");
+    let map = cachet_quant::DeviceMap::parse(
+        r#"{"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+            "model.norm": "disk", "lm_head": "disk"}"#,
+    )
+    .unwrap();
+    let opts = LoadOptions {
+        device_map: Some(map),
+        offload_folder: Some(folder.clone()),
+        ..options()
+    };
+    let offloaded = load_and_quantize_model(source(), &config, &opts, &device).unwrap();
+    let ids = [7i64, 3, 250, 31, 9, 100];
+    assert_eq!(
+        logits(&offloaded.model, &ids, 2),
+        logits(&plain.model, &ids, 2),
+        "offloaded dense projections change the logits"
+    );
+    // On disk: lm_head and layer 1's four attention projections (dense f32 weights, in the
+    // checkpoint's names), and layer 1's three MLP projections (quantized).
+    let mut files: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 8, "{files:?}");
+    let head = Checkpoint::open(folder.join("lm_head.safetensors")).unwrap();
+    assert_eq!(head.names(), ["lm_head.weight"]);
+    assert_eq!(head.info("lm_head.weight").unwrap().shape, [256, 64]);
+    let source_ck = Checkpoint::open(source()).unwrap();
+    assert!(
+        head.tensor_data("lm_head.weight").unwrap().as_bytes()
+            == source_ck.tensor_data("lm_head.weight").unwrap().as_bytes()
+    );
+    assert!(
+        Checkpoint::open(folder.join("model.layers.1.self_attn.q_proj.safetensors"))
+            .unwrap()
+            .contains("model.layers.1.self_attn.q_proj.weight")
+    );
+    // Disk-offloaded layers hold nothing resident; cpu ones hold their f32 weight on the host.
+    use cachet_tensor::MemoryFootprint;
+    let head_bytes = |m: &Llama| m.lm_head.as_ref().unwrap().memory_bytes();
+    assert_eq!(head_bytes(&plain.model), 256 * 64 * 4);
+    assert_eq!(head_bytes(&offloaded.model), 0);
+    let q0 = |m: &Llama| m.layers[0].self_attn.q_proj.memory_bytes();
+    assert_eq!(q0(&offloaded.model), q0(&plain.model));
+    // Embeddings and norms cannot be offloaded: named, and left on the compute device.
+    assert_eq!(
+        offloaded.not_offloaded,
+        [
+            "model.embed_tokens",
+            "model.layers.0.input_layernorm",
+            "model.layers.0.post_attention_layernorm",
+            "model.layers.1.input_layernorm",
+            "model.layers.1.post_attention_layernorm",
+            "model.norm",
+        ]
+    );
+    assert!(plain.not_offloaded.is_empty());
+    // Greedy decoding agrees too (the disk layers are read again on every step).
+    let prompt = [1i64, 20, 30];
+    assert_eq!(
+        greedy(&offloaded.model, &prompt, 5),
+        greedy(&plain.model, &prompt, 5)
+    );
+}
