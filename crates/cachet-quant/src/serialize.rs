@@ -283,7 +283,35 @@ fn bytes_of(
         });
     }
     let shape = info.shape.clone();
-    Ok((checkpoint.tensor_data(name)?.as_bytes().to_vec(), shape))
+    let bytes = match read_stored(checkpoint, name) {
+        Some(bytes) => bytes,
+        None => checkpoint.tensor_data(name)?.as_bytes().to_vec(),
+    };
+    Ok((bytes, shape))
+}
+
+/// A tensor's stored bytes read from its file with ordinary reads rather than through the
+/// checkpoint's mapping: pages touched through a mapping stay in the process's resident set
+/// until the whole checkpoint is dropped, so quantizing a model while loading it would otherwise
+/// end up holding all of the f32 source. `None` where that is not possible (a checkpoint in
+/// memory, a big-endian host, a read error — the mapping then reports it properly).
+fn read_stored(checkpoint: &Checkpoint, name: &str) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    let info = checkpoint.info(name)?;
+    if info.dtype == StoredDType::BOOL {
+        return None;
+    }
+    let mut file = std::fs::File::open(checkpoint.file_of(name)?).ok()?;
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix).ok()?;
+    let start = 8 + u64::from_le_bytes(prefix) + info.data_offsets.0 as u64;
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut bytes = vec![0u8; info.byte_len()];
+    file.read_exact(&mut bytes).ok()?;
+    Some(bytes)
 }
 
 fn f32s_of(checkpoint: &Checkpoint, name: &str) -> Result<Vec<f32>> {
@@ -431,7 +459,11 @@ pub fn read_float(checkpoint: &Checkpoint, name: &str) -> Result<(Vec<f32>, Vec<
         });
     }
     let shape = info.shape.clone();
-    let data = checkpoint.tensor_data(name)?.convert::<f32>();
+    let data = match (read_stored(checkpoint, name), info.dtype.to_burn()) {
+        (Some(bytes), Some(dtype)) => TensorData::from_bytes_vec(bytes, shape.clone(), dtype),
+        _ => checkpoint.tensor_data(name)?,
+    }
+    .convert::<f32>();
     let values = data
         .try_into_vec::<f32>()
         .map_err(|e| QuantError::InconsistentState {

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use cachet::quant::{BnbQuantizationConfig, DeviceMap, LoadOptions, load_and_quantize_model};
+use cachet::quant::{
+    BnbQuantizationConfig, DeviceMap, LoadOptions, SaveOptions, load_and_quantize_model,
+    parse_shard_size,
+};
 use cachet::tensor::{DeviceSpec, Precision, human_bytes};
 
 /// Arguments of `cachet quantize`.
@@ -14,7 +17,8 @@ pub struct QuantizeArgs {
     /// Checkpoint directory (config.json + safetensors, single or sharded).
     #[arg(long)]
     model: PathBuf,
-    /// Output directory (config.json with quantization_config + model.safetensors).
+    /// Output directory (config.json with quantization_config + model.safetensors, or shards
+    /// and an index).
     #[arg(long)]
     out: PathBuf,
     /// 4 (NF4/FP4) or 8 (LLM.int8).
@@ -45,6 +49,10 @@ pub struct QuantizeArgs {
     /// Offload folder for `disk` placements.
     #[arg(long)]
     offload_folder: Option<PathBuf>,
+    /// Largest weight file, as transformers' `max_shard_size` ("5GB", "500MB", "2GiB" or
+    /// bytes); bigger models are saved as `model-0000i-of-0000N.safetensors` + an index.
+    #[arg(long, default_value = "5GB")]
+    max_shard_size: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -108,6 +116,9 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         .as_deref()
         .map(DeviceMap::parse)
         .transpose()?;
+    let save_options = SaveOptions {
+        max_shard_size: parse_shard_size(&args.max_shard_size)?,
+    };
     let device = DeviceSpec::Cpu.init()?;
     let before = dir_bytes(&args.model);
     let start = Instant::now();
@@ -120,11 +131,25 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let model = load_and_quantize_model(&args.model, &config, &options, &device)
         .with_context(|| format!("quantizing {}", args.model.display()))?;
     let quantize_seconds = start.elapsed().as_secs_f64();
+    if !model.not_offloaded.is_empty() && !args.json {
+        eprintln!(
+            "warning: only linear projections can be offloaded; kept on the compute device: {}",
+            model.not_offloaded.join(", ")
+        );
+    }
     model
-        .save_pretrained(&args.out)
+        .save_pretrained_with(&args.out, &save_options)
         .with_context(|| format!("saving to {}", args.out.display()))?;
     let total_seconds = start.elapsed().as_secs_f64();
     let after = dir_bytes(&args.out);
+    let shards = std::fs::read_dir(&args.out)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .count()
+        })
+        .unwrap_or(0);
     let rss = peak_rss();
     let layers = model.layers.len();
     if args.json {
@@ -138,6 +163,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             "quantized_layers": layers,
             "bytes_before": before,
             "bytes_after": after,
+            "shards": shards,
+            "not_offloaded": model.not_offloaded,
             "memory_bytes": model.memory_bytes(),
             "quantize_seconds": quantize_seconds,
             "total_seconds": total_seconds,
@@ -175,6 +202,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             before as f64 / after.max(1) as f64,
             human_bytes(model.memory_bytes() as u64)
         );
+        if shards > 1 {
+            println!(
+                "files:    {shards} shards of at most {} + model.safetensors.index.json",
+                args.max_shard_size
+            );
+        }
         println!("time:     {quantize_seconds:.2} s quantizing, {total_seconds:.2} s in all");
         if let Some(rss) = rss {
             println!("peak rss: {}", human_bytes(rss));

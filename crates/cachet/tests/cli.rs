@@ -483,3 +483,66 @@ fn denoise_bad_cache_options_fail_clearly() {
         ),
     ]);
 }
+
+#[test]
+fn quantize_shards_with_max_shard_size_and_generate_reads_the_shards() {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tokens = Vec::new();
+    for (name, size) in [("single", "5GB"), ("sharded", "40KB")] {
+        let out = tmp.path().join(name);
+        let json = stdout_json(&cachet(&[
+            "quantize",
+            "--json",
+            "--model",
+            source.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--bits",
+            "4",
+            "--double-quant",
+            "--max-shard-size",
+            size,
+        ]));
+        let shards = json["shards"].as_u64().unwrap();
+        if name == "single" {
+            assert_eq!(shards, 1, "{json}");
+            assert!(out.join("model.safetensors").exists());
+        } else {
+            assert!(shards >= 3, "{json}");
+            assert!(out.join("model.safetensors.index.json").exists());
+            assert!(
+                out.join(format!("model-00001-of-{shards:05}.safetensors"))
+                    .exists()
+            );
+        }
+        assert!(json["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0));
+        let generated = stdout_json(&cachet(&[
+            "generate",
+            "--json",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt-ids",
+            "5,17,99",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+        ]));
+        tokens.push(generated["tokens"].clone());
+    }
+    assert_eq!(tokens[0], tokens[1], "sharded and single-file checkpoints");
+    let out = tmp.path().join("bad");
+    assert_each_fails_with(&[(
+        &[
+            "quantize",
+            "--model",
+            source.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-shard-size",
+            "5 gigs",
+        ],
+        "max_shard_size",
+    )]);
+    assert!(!out.exists());
+}
