@@ -535,3 +535,38 @@ fn dense_projections_honour_cpu_and_disk_placements_with_identical_logits() {
         greedy(&plain.model, &prompt, 5)
     );
 }
+
+#[test]
+fn offloaded_dense_projections_keep_their_bias() {
+    // Qwen2's q/k/v projections have biases; keep attention dense and offload it.
+    let device = device();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2");
+    let config = BnbQuantizationConfig {
+        skip_modules: Some(vec!["lm_head".into(), "self_attn".into()]),
+        ..BnbQuantizationConfig::nf4(Precision::F32)
+    };
+    let plain = load_and_quantize_model(&dir, &config, &options(), &device).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = LoadOptions {
+        device_map: Some(
+            cachet_quant::DeviceMap::parse(
+                r#"{"model.layers.0": "disk", "model.layers.1": "cpu"}"#,
+            )
+            .unwrap(),
+        ),
+        offload_folder: Some(tmp.path().to_path_buf()),
+        ..options()
+    };
+    let offloaded = load_and_quantize_model(&dir, &config, &opts, &device).unwrap();
+    let q = Checkpoint::open(
+        tmp.path()
+            .join("model.layers.0.self_attn.q_proj.safetensors"),
+    )
+    .unwrap();
+    assert!(q.contains("model.layers.0.self_attn.q_proj.bias"));
+    let ids = [4i64, 8, 15, 16, 23, 42];
+    assert_eq!(
+        logits(&offloaded.model, &ids, 2),
+        logits(&plain.model, &ids, 2)
+    );
+}
