@@ -5,6 +5,7 @@
 //! and matches transformers' logits. Its attention takes an optional [`Cache`] from `cachet-kv`. [`generate()`] decodes (greedy, sampling, beam search); [`embedded`] ships a tiny
 //! checkpoint for offline demos.
 
+mod config_file;
 pub mod dit;
 pub mod embedded;
 pub mod error;

@@ -106,24 +106,13 @@ impl Default for CogVideoXConfig {
 impl CogVideoXConfig {
     /// Parses a config from JSON text; `origin` names it in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let deserializer = &mut serde_json::Deserializer::from_str(text);
-        let config: Self =
-            serde_path_to_error::deserialize(deserializer).map_err(|err| ModelError::Config {
-                origin: origin.to_string(),
-                reason: format!("field `{}`: {}", err.path(), err.inner()),
-            })?;
-        config.validate(origin)?;
-        Ok(config)
+        crate::config_file::parse(text, origin, Self::validate)
     }
 
     /// Reads `config.json` from a file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_json(&text, &path.display().to_string())
+        let (text, origin) = crate::config_file::read(path.as_ref())?;
+        Self::from_json(&text, &origin)
     }
 
     /// `num_attention_heads * attention_head_dim`.
