@@ -146,6 +146,40 @@ impl LinearFactory for DenseFactory {
     }
 }
 
+/// Loads a model's named tensors with shape checks and builds its projections through a
+/// [`LinearFactory`]: what every model's `load_with` uses.
+pub(crate) struct Loader<'a> {
+    pub checkpoint: &'a Checkpoint,
+    pub device: &'a Device,
+    pub dtype: DType,
+    pub factory: &'a dyn LinearFactory,
+}
+
+impl Loader<'_> {
+    /// Tensor `name`, which must have `shape`.
+    pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        load_checked(self.checkpoint, name, shape, self.device, self.dtype)
+    }
+
+    /// The projection `prefix` (`{prefix}.weight` `[d_out, d_in]`, optional `{prefix}.bias`).
+    pub fn linear(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<LinearLayer> {
+        let spec = LinearSpec {
+            name: prefix.to_string(),
+            in_features: d_in,
+            out_features: d_out,
+            bias,
+        };
+        self.factory
+            .build(&spec, self.checkpoint, self.device, self.dtype)
+    }
+}
+
 /// Loads `name` as a float tensor of `shape`, with typed errors for a missing name or wrong shape.
 pub fn load_checked<const D: usize>(
     checkpoint: &Checkpoint,

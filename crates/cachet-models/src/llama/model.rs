@@ -11,7 +11,7 @@ use cachet_tensor::{Checkpoint, Precision, ensure_supported};
 use super::config::LlamaConfig;
 use super::rope::{RotaryEmbedding, apply_rotary};
 use crate::error::{ModelError, Result};
-use crate::linear::{DenseFactory, LinearFactory, LinearLayer, LinearSpec, load_checked};
+use crate::linear::{DenseFactory, LinearFactory, LinearLayer, Loader};
 use cachet_kv::{Cache, MaskLayout};
 
 /// Root-mean-square layer norm, computed in f32 as transformers does.
@@ -524,29 +524,4 @@ impl Llama {
 pub fn default_position_ids(attention_mask: Tensor<2, Int>) -> Tensor<2, Int> {
     let positions = attention_mask.clone().cumsum(1).sub_scalar(1);
     positions.mask_fill(attention_mask.equal_elem(0), 0)
-}
-
-/// Loads named tensors with shape checks, and projections through the factory.
-struct Loader<'a> {
-    checkpoint: &'a Checkpoint,
-    device: &'a Device,
-    dtype: DType,
-    factory: &'a dyn LinearFactory,
-}
-
-impl Loader<'_> {
-    fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        load_checked(self.checkpoint, name, shape, self.device, self.dtype)
-    }
-
-    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LinearLayer> {
-        let spec = LinearSpec {
-            name: prefix.to_string(),
-            in_features: d_in,
-            out_features: d_out,
-            bias,
-        };
-        self.factory
-            .build(&spec, self.checkpoint, self.device, self.dtype)
-    }
 }

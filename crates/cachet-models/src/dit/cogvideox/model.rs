@@ -18,7 +18,7 @@ use crate::dit::hooks::{
     ModuleKind, ModulePath, hooked_module,
 };
 use crate::error::{ModelError, Result};
-use crate::linear::{DenseFactory, LinearFactory, LinearLayer, LinearSpec, load_checked};
+use crate::linear::{DenseFactory, LinearFactory, LinearLayer, Loader};
 
 /// Name of the block list in diffusers (and in hook paths).
 pub const TRANSFORMER_BLOCKS: &str = "transformer_blocks";
@@ -793,29 +793,5 @@ fn weights_path(dir: &Path) -> std::path::PathBuf {
         single
     } else {
         dir.to_path_buf()
-    }
-}
-
-struct Loader<'a> {
-    checkpoint: &'a Checkpoint,
-    device: &'a Device,
-    dtype: DType,
-    factory: &'a dyn LinearFactory,
-}
-
-impl Loader<'_> {
-    fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        load_checked(self.checkpoint, name, shape, self.device, self.dtype)
-    }
-
-    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LinearLayer> {
-        let spec = LinearSpec {
-            name: prefix.to_string(),
-            in_features: d_in,
-            out_features: d_out,
-            bias,
-        };
-        self.factory
-            .build(&spec, self.checkpoint, self.device, self.dtype)
     }
 }
