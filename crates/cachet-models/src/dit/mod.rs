@@ -14,3 +14,18 @@ pub use hooks::{
     ForwardPattern, HookPoint, HookableDit, ModuleFn, ModuleKind, ModulePath, NoHooks,
     hooked_module,
 };
+
+/// diffusers' weights in a model directory: the shard index when sharded, else
+/// `diffusion_pytorch_model.safetensors`, else every safetensors file of the directory.
+pub(crate) fn open_weights(dir: &std::path::Path) -> crate::Result<cachet_tensor::Checkpoint> {
+    let index = dir.join(flux::WEIGHTS_INDEX);
+    let single = dir.join(flux::WEIGHTS_FILE);
+    let path = if index.is_file() {
+        index
+    } else if single.is_file() {
+        single
+    } else {
+        dir.to_path_buf()
+    };
+    Ok(cachet_tensor::Checkpoint::open(path)?)
+}

@@ -360,7 +360,7 @@ impl CogVideoX {
         let dir = dir.as_ref();
         let _span = tracing::info_span!("load_cogvideox", dir = %dir.display()).entered();
         let config = CogVideoXConfig::from_file(dir.join("config.json"))?;
-        let checkpoint = Checkpoint::open(weights_path(dir))?;
+        let checkpoint = crate::dit::open_weights(dir)?;
         Self::load(config, &checkpoint, device, precision)
     }
 
@@ -777,21 +777,5 @@ impl HookableDit for CogVideoX {
                 kind: ModuleKind::SpatialAttention,
             })
             .collect()
-    }
-}
-
-/// diffusers' weight file in `dir`: the shard index when sharded, else the single file (a fixture
-/// directory may hold other safetensors files next to it).
-fn weights_path(dir: &Path) -> std::path::PathBuf {
-    const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-    let index = dir.join(format!("{WEIGHTS}.index.json"));
-    if index.is_file() {
-        return index;
-    }
-    let single = dir.join(WEIGHTS);
-    if single.is_file() {
-        single
-    } else {
-        dir.to_path_buf()
     }
 }

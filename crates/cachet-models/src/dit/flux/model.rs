@@ -499,17 +499,6 @@ pub struct FluxTransformer {
     pub precision: Precision,
 }
 
-/// Opens the weights of a diffusers model directory (sharded index preferred).
-fn open_weights(dir: &Path) -> Result<Checkpoint> {
-    let index = dir.join(WEIGHTS_INDEX);
-    let path = if index.is_file() {
-        index
-    } else {
-        dir.join(WEIGHTS_FILE)
-    };
-    Ok(Checkpoint::open(path)?)
-}
-
 struct Loader<'a> {
     checkpoint: &'a Checkpoint,
     device: &'a Device,
@@ -607,7 +596,7 @@ impl FluxTransformer {
         let dir = dir.as_ref();
         let _span = tracing::info_span!("load_flux", dir = %dir.display()).entered();
         let config = FluxConfig::from_file(dir.join("config.json"))?;
-        let checkpoint = open_weights(dir)?;
+        let checkpoint = crate::dit::open_weights(dir)?;
         Self::load(config, &checkpoint, device, precision)
     }
 
