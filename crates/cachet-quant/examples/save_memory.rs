@@ -5,10 +5,14 @@
 //! cargo run -p cachet-quant --example save_memory -- gen /tmp/synth 16
 //! cargo run -p cachet-quant --example save_memory -- streamed /tmp/synth
 //! cargo run -p cachet-quant --example save_memory -- oneshot /tmp/synth
+//! cargo run --release -p cachet-quant --example save_memory -- gen-gpt2-xl /tmp/gpt2xl
+//! cargo run --release -p cachet-quant --example save_memory -- size /tmp/gpt2xl 8
 //! ```
 //!
 //! `gen DIR LAYERS` writes a random f32 checkpoint (hidden 1024, intermediate 2816, vocab
-//! 32000). The other modes quantize it to NF4 + double quant, reset the process's peak RSS
+//! 32000). `gen-gpt2-xl DIR` writes a GPT2-XL stand-in (see `Shape::gpt2_xl`, 6.2 GB f32 in
+//! 9 shards); `size DIR 8|4` quantizes it (LLM.int8, or NF4 + double quant; the rest in fp16),
+//! saves it and prints the checkpoint sizes. The other modes quantize it to NF4 + double quant, reset the process's peak RSS
 //! (`/proc/self/clear_refs`), save, and print the RSS before the save and its peak during it.
 
 use std::collections::BTreeMap;
@@ -28,15 +32,66 @@ fn status_kb(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn generate(dir: &Path, layers: usize) -> anyhow::Result<()> {
+/// Shape of a synthetic checkpoint.
+struct Shape {
+    hidden: usize,
+    inter: usize,
+    vocab: usize,
+    heads: usize,
+    layers: usize,
+    tied: bool,
+    /// Decoder layers per shard (0: one file).
+    layers_per_shard: usize,
+}
+
+impl Shape {
+    /// The 16-layer model of the save-memory measurements (1.08 GB f32).
+    fn small(layers: usize) -> Self {
+        Self {
+            hidden: 1024,
+            inter: 2816,
+            vocab: 32000,
+            heads: 16,
+            layers,
+            tied: false,
+            layers_per_shard: 0,
+        }
+    }
+
+    /// A GPT2-XL stand-in: GPT2-XL's width, depth and vocabulary (hidden 1600, 48 layers,
+    /// vocab 50257, lm_head tied to the embeddings as GPT2 ties it), with a SwiGLU MLP of
+    /// intermediate 4267 so its three matrices hold as many weights as GPT2's two 1600×6400
+    /// ones: 1.555 B parameters (GPT2-XL: 1.558 B, of which 1.6 M position embeddings).
+    fn gpt2_xl() -> Self {
+        Self {
+            hidden: 1600,
+            inter: 4267,
+            vocab: 50257,
+            heads: 25,
+            layers: 48,
+            tied: true,
+            layers_per_shard: 6,
+        }
+    }
+}
+
+fn generate(dir: &Path, shape: &Shape) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let (hidden, inter, vocab, heads) = (1024usize, 2816usize, 32000usize, 16usize);
+    let Shape {
+        hidden,
+        inter,
+        vocab,
+        heads,
+        layers,
+        tied,
+        layers_per_shard,
+    } = *shape;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": hidden / heads,
         "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": false, "hidden_act": "silu",
+        "rope_theta": 10000.0, "tie_word_embeddings": tied, "hidden_act": "silu",
         "attention_bias": false, "mlp_bias": false, "torch_dtype": "float32",
         "bos_token_id": 1, "eos_token_id": 2
     });
@@ -55,27 +110,114 @@ fn generate(dir: &Path, layers: usize) -> anyhow::Result<()> {
             })
             .collect()
     };
-    let mut tensors = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>| {
-        let n = shape.iter().product();
-        tensors.push((name, TensorData::new(random(n), shape)));
-    };
-    add("model.embed_tokens.weight".into(), vec![vocab, hidden]);
-    add("lm_head.weight".into(), vec![vocab, hidden]);
-    add("model.norm.weight".into(), vec![hidden]);
+    // Tensors grouped by shard: the embeddings (and lm_head, final norm) first, then
+    // `layers_per_shard` decoder layers per shard (everything in one group when 0).
+    let mut groups: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    groups[0].push(("model.embed_tokens.weight".into(), vec![vocab, hidden]));
+    if !tied {
+        groups[0].push(("lm_head.weight".into(), vec![vocab, hidden]));
+    }
+    groups[0].push(("model.norm.weight".into(), vec![hidden]));
     for i in 0..layers {
+        if layers_per_shard > 0 && i % layers_per_shard == 0 {
+            groups.push(Vec::new());
+        }
+        let g = groups.last_mut().expect("a group");
         let p = format!("model.layers.{i}");
         for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            add(format!("{p}.self_attn.{m}.weight"), vec![hidden, hidden]);
+            g.push((format!("{p}.self_attn.{m}.weight"), vec![hidden, hidden]));
         }
-        add(format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]);
-        add(format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]);
-        add(format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]);
-        add(format!("{p}.input_layernorm.weight"), vec![hidden]);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![hidden]);
+        g.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]));
+        g.push((format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]));
+        g.push((format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]));
+        g.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
+        g.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
     }
-    cachet_tensor::safetensors::save(dir.join("model.safetensors"), &tensors, None)?;
-    println!("wrote {}", dir.display());
+    let n = groups.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    let mut params = 0usize;
+    for (k, group) in groups.into_iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+        };
+        let mut tensors = Vec::new();
+        for (name, shape) in group {
+            let count: usize = shape.iter().product();
+            params += count;
+            total += count * 4;
+            weight_map.insert(name.clone(), serde_json::json!(file));
+            tensors.push((name, TensorData::new(random(count), shape)));
+        }
+        cachet_tensor::safetensors::save(dir.join(&file), &tensors, None)?;
+        println!("wrote {file}");
+    }
+    if n > 1 {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)?,
+        )?;
+    }
+    println!(
+        "wrote {}: {params} parameters, {} of f32 weights in {n} file(s)",
+        dir.display(),
+        human_bytes(total as u64)
+    );
+    Ok(())
+}
+
+/// Quantizes `dir` to `bits` (8: LLM.int8; 4: NF4 + double quant), floating-point parts in
+/// fp16 as transformers users load them, saves it and reports the sizes.
+fn measure_size(dir: &Path, bits: u32) -> anyhow::Result<()> {
+    let device = DeviceSpec::Cpu.init()?;
+    let config = if bits == 8 {
+        BnbQuantizationConfig::int8()
+    } else {
+        BnbQuantizationConfig::nf4(Precision::F16)
+    };
+    let options = LoadOptions {
+        torch_dtype: Some(Precision::F16),
+        ..LoadOptions::default()
+    };
+    let source = Checkpoint::open(dir)?.total_bytes();
+    let start = std::time::Instant::now();
+    let q = load_and_quantize_model(dir, &config, &options, &device)?;
+    let quantized = start.elapsed().as_secs_f64();
+    let rss = status_kb("VmHWM:") * 1024;
+    let out = dir.with_extension(format!("out-{bits}bit"));
+    let _ = std::fs::remove_dir_all(&out);
+    let start = std::time::Instant::now();
+    q.save_pretrained(&out)?;
+    let saved = start.elapsed().as_secs_f64();
+    let mut written = 0u64;
+    let mut weights = 0u64;
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(&out)? {
+        let e = e?;
+        let len = e.metadata()?.len();
+        written += len;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") {
+            weights += len;
+        }
+        files.push(name);
+    }
+    files.sort();
+    let ck = Checkpoint::open(&out)?;
+    println!(
+        "{bits}-bit: source {} ({source} B) -> in memory {} ({} B), saved weights {} ({weights} B, {} in all), files {files:?}; lm_head.weight saved: {}; quantize {quantized:.1} s, save {saved:.1} s, peak RSS while quantizing {}",
+        human_bytes(source),
+        human_bytes(q.memory_bytes() as u64),
+        q.memory_bytes(),
+        human_bytes(weights),
+        human_bytes(written),
+        ck.contains("lm_head.weight"),
+        human_bytes(rss),
+    );
     Ok(())
 }
 
@@ -108,9 +250,17 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map_or("streamed", String::as_str);
     let dir = Path::new(args.get(2).map_or("/tmp/cachet-synth", String::as_str));
-    if mode == "gen" {
-        let layers = args.get(3).map_or(Ok(16), |s| s.parse())?;
-        return generate(dir, layers);
+    match mode {
+        "gen" => {
+            let layers = args.get(3).map_or(Ok(16), |s| s.parse())?;
+            return generate(dir, &Shape::small(layers));
+        }
+        "gen-gpt2-xl" => return generate(dir, &Shape::gpt2_xl()),
+        "size" => {
+            let bits = args.get(3).map_or(Ok(8), |s| s.parse())?;
+            return measure_size(dir, bits);
+        }
+        _ => {}
     }
     let device = DeviceSpec::Cpu.init()?;
     let options = LoadOptions {

@@ -254,7 +254,8 @@ impl BnbQuantizationConfig {
             // transformers loads the rest of the model in the checkpoint's dtype.
             torch_dtype: None,
             skip_modules: list("llm_int8_skip_modules")?,
-            keep_in_fp32_modules: None,
+            // cachet extension (transformers keeps a model class's `_keep_in_fp32_modules`).
+            keep_in_fp32_modules: list("keep_in_fp32_modules")?,
             bnb_4bit_blocksize: blocksize,
         };
         config.validate(origin)?;
@@ -284,6 +285,16 @@ impl BnbQuantizationConfig {
             "quant_method": "bitsandbytes",
         }))
         .expect("an object");
+        if let Some(keep) = self.keep_in_fp32_modules.as_ref().filter(|k| !k.is_empty()) {
+            // Kept modules are stored as plain f32 tensors: transformers must not quantize them
+            // on load, so they join llm_int8_skip_modules; cachet reads its own key back to
+            // keep them in f32.
+            map.insert(
+                "llm_int8_skip_modules".into(),
+                json!(self.modules_not_to_convert()),
+            );
+            map.insert("keep_in_fp32_modules".into(), json!(keep));
+        }
         if self.bnb_4bit_blocksize != 64 {
             map.insert("bnb_4bit_blocksize".into(), json!(self.bnb_4bit_blocksize));
         }

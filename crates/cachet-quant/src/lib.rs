@@ -32,7 +32,7 @@ pub use config::BnbQuantizationConfig;
 pub use device_map::{DeviceMap, Placement};
 pub use error::{QuantError, Result};
 pub use int8::{Int8Weight, int8_matmul};
-pub use linear::{Linear4bit, Linear8bitLt};
+pub use linear::{Fp32Linear, Linear4bit, Linear8bitLt};
 pub use load::{
     LoadOptions, QuantizedLinear, QuantizedModel, QuantizingFactory, load_and_quantize_model,
     load_pretrained,

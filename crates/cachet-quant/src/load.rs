@@ -16,7 +16,7 @@ use crate::config::BnbQuantizationConfig;
 use crate::device_map::{DeviceMap, Placement};
 use crate::error::{QuantError, Result};
 use crate::int8::Int8Weight;
-use crate::linear::{Linear4bit, Linear8bitLt};
+use crate::linear::{Fp32Linear, Linear4bit, Linear8bitLt};
 use crate::offload::{CpuDenseLinear, DiskDenseLinear, DiskLinear};
 use crate::serialize::{
     Part, StoredLayout, four_bit_part, four_bit_parts, four_bit_tensors, int8_part, int8_parts,
@@ -92,6 +92,7 @@ pub struct QuantizingFactory {
     device_map: Option<DeviceMap>,
     offload_folder: Option<PathBuf>,
     built: Mutex<BTreeMap<String, QuantizedLinear>>,
+    kept_fp32: Mutex<BTreeMap<String, Arc<Fp32Linear>>>,
     progress: ProgressBar,
 }
 
@@ -125,6 +126,7 @@ impl QuantizingFactory {
             device_map: None,
             offload_folder: None,
             built: Mutex::new(BTreeMap::new()),
+            kept_fp32: Mutex::new(BTreeMap::new()),
             progress: ProgressBar::hidden(),
         })
     }
@@ -144,8 +146,24 @@ impl QuantizingFactory {
 
     /// The quantized layers built so far, by module name.
     pub fn into_layers(self) -> BTreeMap<String, QuantizedLinear> {
+        self.into_parts().0
+    }
+
+    /// The quantized layers and the `keep_in_fp32_modules` projections built so far.
+    #[allow(clippy::type_complexity)]
+    pub fn into_parts(
+        self,
+    ) -> (
+        BTreeMap<String, QuantizedLinear>,
+        BTreeMap<String, Arc<Fp32Linear>>,
+    ) {
         self.progress.finish_and_clear();
-        self.built.into_inner().unwrap_or_else(|e| e.into_inner())
+        (
+            self.built.into_inner().unwrap_or_else(|e| e.into_inner()),
+            self.kept_fp32
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     fn bias(&self, spec: &LinearSpec, checkpoint: &Checkpoint) -> Result<Option<Vec<f32>>> {
@@ -247,17 +265,36 @@ impl QuantizingFactory {
         };
         let Some(layer) = self.build_quantized(spec, checkpoint)? else {
             // Dense projections (lm_head, skip_modules, keep_in_fp32_modules) honour the
-            // placement too.
-            let op: Arc<dyn cachet_models::LinearOp> = match placement {
-                Placement::Device => {
-                    return Ok(DenseFactory.build(spec, checkpoint, device, dtype)?);
-                }
-                Placement::Cpu => Arc::new(CpuDenseLinear::load(spec, checkpoint, dtype)?),
-                Placement::Disk => {
-                    Arc::new(DiskDenseLinear::write(folder()?, spec, checkpoint, dtype)?)
-                }
+            // placement too; keep_in_fp32_modules are built in f32 whatever the model's dtype.
+            let keep = self.config.keeps_in_fp32(&spec.name);
+            let dense_dtype = if keep { DType::F32 } else { dtype };
+            let dense = match placement {
+                Placement::Device => DenseFactory.build(spec, checkpoint, device, dense_dtype)?,
+                Placement::Cpu => LinearLayer::custom(Arc::new(CpuDenseLinear::load(
+                    spec,
+                    checkpoint,
+                    dense_dtype,
+                )?)),
+                Placement::Disk => LinearLayer::custom(Arc::new(DiskDenseLinear::write(
+                    folder()?,
+                    spec,
+                    checkpoint,
+                    dense_dtype,
+                )?)),
             };
-            return Ok(LinearLayer::custom(op));
+            if !keep {
+                return Ok(dense);
+            }
+            let kept = Arc::new(Fp32Linear::new(
+                &spec.name,
+                dense,
+                [spec.out_features, spec.in_features],
+            ));
+            self.kept_fp32
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(spec.name.clone(), kept.clone());
+            return Ok(LinearLayer::custom(kept));
         };
         let op: Arc<dyn cachet_models::LinearOp> = match (&placement, &layer) {
             (Placement::Disk, _) => Arc::new(DiskLinear::write(folder()?, &spec.name, &layer)?),
@@ -305,6 +342,9 @@ pub struct QuantizedModel {
     pub dense_bytes: usize,
     /// dtype of the floating-point parts (they are saved in it, as transformers does).
     pub torch_dtype: Precision,
+    /// Projections of `keep_in_fp32_modules`, by module name: held, computed and saved in f32
+    /// whatever `torch_dtype` is (the activations are cast to f32 and back around them).
+    pub fp32_modules: BTreeMap<String, Arc<Fp32Linear>>,
     /// Modules the `device_map` places on `cpu` or `disk` that stay on the compute device
     /// anyway (embeddings and norms: only linear projections can be offloaded); a warning
     /// naming them is logged when the model loads.
@@ -331,6 +371,19 @@ pub(crate) fn owned_by(layers: &BTreeMap<String, QuantizedLinear>, name: &str) -
         name.strip_prefix(p.as_str())
             .is_some_and(|rest| rest.starts_with(".weight") || rest == ".SCB")
     })
+}
+
+/// The dtype float tensor `name` of the checkpoint is held and saved in: f32 for the weight
+/// and bias of a `keep_in_fp32_modules` projection, `torch_dtype` otherwise.
+pub(crate) fn float_dtype_of(
+    fp32_modules: &BTreeMap<String, Arc<Fp32Linear>>,
+    torch_dtype: Precision,
+    name: &str,
+) -> Precision {
+    let kept = name
+        .rsplit_once('.')
+        .is_some_and(|(module, _)| fp32_modules.contains_key(module));
+    if kept { Precision::F32 } else { torch_dtype }
 }
 
 /// Number of projections `Llama::load_with` builds for `config`.
@@ -451,21 +504,27 @@ pub fn load_and_quantize_model(
         );
         factory = factory.with_progress(bar);
     }
+    let tied = model_config.tie_word_embeddings;
     let model = Llama::load_with(model_config, &checkpoint, device, torch_dtype, &factory)?;
-    let layers = factory.into_layers();
+    let (layers, fp32_modules) = factory.into_parts();
     let dense_bytes = checkpoint
         .names()
         .into_iter()
         .filter(|n| !owned_by(&layers, n))
-        .filter_map(|n| checkpoint.info(n))
-        .filter(|i| i.dtype.is_loadable_float())
-        .map(|i| i.num_elements() * torch_dtype.size())
+        .filter(|n| !(tied && *n == "lm_head.weight"))
+        .filter_map(|n| {
+            let size = float_dtype_of(&fp32_modules, torch_dtype, n).size();
+            checkpoint.info(n).map(|i| (i, size))
+        })
+        .filter(|(i, _)| i.dtype.is_loadable_float())
+        .map(|(i, size)| i.num_elements() * size)
         .sum();
     Ok(QuantizedModel {
         model,
         dense_bytes,
         torch_dtype,
         layers,
+        fp32_modules,
         not_offloaded,
         config: config.clone(),
         source: dir.to_path_buf(),

@@ -20,7 +20,7 @@ use cachet_tensor::safetensors::StoredDType;
 use serde_json::Value;
 
 use crate::error::{QuantError, Result};
-use crate::load::{QuantizedLinear, QuantizedModel, owned_by};
+use crate::load::{QuantizedLinear, QuantizedModel, float_dtype_of, owned_by};
 use crate::serialize::Part;
 
 /// transformers' default `max_shard_size` ("5GB").
@@ -186,16 +186,20 @@ impl QuantizedModel {
             });
         }
         let checkpoint = Checkpoint::open(&self.source)?;
-        let float_dtype = StoredDType::from_burn(self.torch_dtype.dtype())
-            .expect("f32, f16 and bf16 are safetensors dtypes");
         let mut entries: Vec<Entry<'_>> = Vec::new();
+        let tied = self.model.config.tie_word_embeddings;
         for name in checkpoint.names() {
-            if owned_by(&self.layers, name) {
+            // A tied lm_head is the embedding matrix: transformers drops tied duplicates when
+            // it saves (`_tied_weights_keys`), so the matrix is written once.
+            if owned_by(&self.layers, name) || (tied && name == "lm_head.weight") {
                 continue;
             }
             let info = checkpoint.info(name).expect("a listed tensor has an info");
             let dtype = if info.dtype.is_loadable_float() {
-                float_dtype
+                StoredDType::from_burn(
+                    float_dtype_of(&self.fp32_modules, self.torch_dtype, name).dtype(),
+                )
+                .expect("f32, f16 and bf16 are safetensors dtypes")
             } else {
                 info.dtype
             };
@@ -415,8 +419,9 @@ fn write_streaming(
                 let stored_float = checkpoint
                     .info(&e.name)
                     .is_some_and(|i| i.dtype.is_loadable_float());
-                if stored_float && data.dtype() != model.torch_dtype.dtype() {
-                    data.convert_dtype(model.torch_dtype.dtype())
+                let want = float_dtype_of(&model.fp32_modules, model.torch_dtype, &e.name).dtype();
+                if stored_float && data.dtype() != want {
+                    data.convert_dtype(want)
                 } else {
                     data
                 }

@@ -570,3 +570,214 @@ fn offloaded_dense_projections_keep_their_bias() {
         logits(&plain.model, &ids, 2)
     );
 }
+
+/// The reference for a `keep_in_fp32_modules` projection, written out by hand: the f32 weight
+/// in host memory, the activations read as f32, `x · Wᵀ` summed in f32, the result rounded to
+/// the activations' dtype.
+#[derive(Debug)]
+struct HostF32Linear {
+    weight: Vec<f32>,
+    out: usize,
+    inp: usize,
+}
+
+impl cachet_models::LinearOp for HostF32Linear {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let (device, dtype) = (x.device(), x.dtype());
+        let [b, s, _] = x.dims();
+        let x: Vec<f32> = x.into_data().convert::<f32>().try_into_vec().unwrap();
+        let mut y = vec![0.0f32; b * s * self.out];
+        for (xr, yr) in x.chunks(self.inp).zip(y.chunks_mut(self.out)) {
+            for (o, y) in yr.iter_mut().enumerate() {
+                let w = &self.weight[o * self.inp..(o + 1) * self.inp];
+                *y = w.iter().zip(xr).map(|(a, b)| a * b).sum();
+            }
+        }
+        Tensor::<3>::from_data(TensorData::new(y, [b, s, self.out]), (&device, dtype))
+    }
+    fn in_features(&self) -> usize {
+        self.inp
+    }
+    fn out_features(&self) -> usize {
+        self.out
+    }
+    fn memory_bytes(&self) -> usize {
+        self.weight.len() * 4
+    }
+}
+
+/// Builds the reference model: the quantized layers of `q` as they are, `keep` projections as
+/// [`HostF32Linear`] from the f32 source, everything else dense in the model's dtype.
+struct ReferenceFactory<'a> {
+    q: &'a cachet_quant::QuantizedModel,
+    keep: &'a str,
+}
+
+impl cachet_models::LinearFactory for ReferenceFactory<'_> {
+    fn build(
+        &self,
+        spec: &cachet_models::LinearSpec,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: burn::tensor::DType,
+    ) -> cachet_models::Result<cachet_models::LinearLayer> {
+        use cachet_models::LinearLayer;
+        use cachet_quant::QuantizedLinear;
+        if spec.name.contains(self.keep) {
+            return Ok(LinearLayer::custom(std::sync::Arc::new(HostF32Linear {
+                weight: f32s(checkpoint, &format!("{}.weight", spec.name)),
+                out: spec.out_features,
+                inp: spec.in_features,
+            })));
+        }
+        Ok(match self.q.layers.get(&spec.name) {
+            Some(QuantizedLinear::FourBit(l, _)) => LinearLayer::custom(l.clone()),
+            Some(QuantizedLinear::Int8(l)) => LinearLayer::custom(l.clone()),
+            None => cachet_models::DenseFactory.build(spec, checkpoint, device, dtype)?,
+        })
+    }
+}
+
+#[test]
+fn keep_in_fp32_modules_are_f32_in_memory_in_the_saved_file_and_after_reload() {
+    use burn::tensor::DType;
+    let device = device();
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [5i64, 17, 99, 3, 200, 41];
+    let bf16 = LoadOptions {
+        torch_dtype: Some(Precision::BF16),
+        ..LoadOptions::default()
+    };
+    let config = BnbQuantizationConfig {
+        keep_in_fp32_modules: Some(vec!["down_proj".into()]),
+        ..BnbQuantizationConfig::nf4(Precision::BF16)
+    };
+    let q = load_and_quantize_model(source(), &config, &bf16, &device).unwrap();
+    let layers = q.model.layers.len();
+
+    // In memory: every down_proj is an f32 layer, nothing else is.
+    assert_eq!(q.fp32_modules.len(), layers);
+    for (name, kept) in &q.fp32_modules {
+        assert!(name.ends_with("mlp.down_proj"), "{name}");
+        assert_eq!(kept.weight_dtype(), Some(DType::F32), "{name}");
+        assert!(!q.layers.contains_key(name), "{name} is not quantized");
+    }
+    assert_eq!(
+        q.layers.len(),
+        layers * 6,
+        "the other projections are 4-bit"
+    );
+    let embed = q.model.embed_tokens.weight.val().dtype();
+    assert_eq!(embed, DType::BF16, "the rest stays in torch_dtype");
+
+    // Logits against the hand-written reference: close, and much closer than the same model
+    // with down_proj in bf16 (so the f32 path is what runs).
+    let source_ck = Checkpoint::open(source()).unwrap();
+    let model_config = cachet_models::LlamaConfig::from_file(source().join("config.json")).unwrap();
+    let reference = Llama::load_with(
+        model_config.clone(),
+        &source_ck,
+        &device,
+        Precision::BF16,
+        &ReferenceFactory {
+            q: &q,
+            keep: "down_proj",
+        },
+    )
+    .unwrap();
+    let want = logits(&reference, &ids, 1);
+    let got = logits(&q.model, &ids, 1);
+    let in_bf16 = BnbQuantizationConfig {
+        skip_modules: Some(vec!["lm_head".into(), "down_proj".into()]),
+        ..BnbQuantizationConfig::nf4(Precision::BF16)
+    };
+    let q16 = load_and_quantize_model(source(), &in_bf16, &bf16, &device).unwrap();
+    assert!(q16.fp32_modules.is_empty());
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let (d_kept, d_bf16) = (
+        max_diff(&got, &want),
+        max_diff(&logits(&q16.model, &ids, 1), &want),
+    );
+    eprintln!(
+        "max |logit| {scale}: kept-in-f32 vs reference {d_kept}, down_proj in bf16 vs reference {d_bf16}"
+    );
+    assert!(d_kept <= 0.02 * scale, "{d_kept} vs scale {scale}");
+    assert!(d_kept * 4.0 < d_bf16, "{d_kept} vs {d_bf16}");
+
+    // Saved: the kept weights are f32 (the source's values bit for bit), the rest bf16, and
+    // the config records the modules (and keeps transformers from quantizing them).
+    let out = tmp.path().join("kept");
+    q.save_pretrained(&out).unwrap();
+    let saved = Checkpoint::open(&out).unwrap();
+    for i in 0..layers {
+        let name = format!("model.layers.{i}.mlp.down_proj.weight");
+        assert_eq!(saved.info(&name).unwrap().dtype.name(), "F32", "{name}");
+        assert!(
+            saved.tensor_data(&name).unwrap().as_bytes()
+                == source_ck.tensor_data(&name).unwrap().as_bytes(),
+            "{name}"
+        );
+        let norm = format!("model.layers.{i}.input_layernorm.weight");
+        assert_eq!(saved.info(&norm).unwrap().dtype.name(), "BF16");
+    }
+    let cfg = BnbQuantizationConfig::from_model_dir(&out)
+        .unwrap()
+        .expect("quantization_config");
+    assert_eq!(
+        cfg.keep_in_fp32_modules,
+        Some(vec!["down_proj".to_string()])
+    );
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let skip = &json["quantization_config"]["llm_int8_skip_modules"];
+    assert_eq!(skip, &serde_json::json!(["lm_head", "down_proj"]));
+
+    // Reloaded: f32 again, identical logits.
+    let re = load_and_quantize_model(&out, &cfg, &bf16, &device).unwrap();
+    assert_eq!(re.fp32_modules.len(), layers);
+    for kept in re.fp32_modules.values() {
+        assert_eq!(kept.weight_dtype(), Some(DType::F32));
+    }
+    assert_eq!(logits(&re.model, &ids, 1), got, "reload");
+    let plain = load_pretrained(&out, &device, Precision::BF16).unwrap();
+    assert_eq!(logits(&plain, &ids, 1), got, "load_pretrained");
+}
+
+#[test]
+fn a_tied_lm_head_is_saved_once() {
+    // A tied checkpoint that also stores lm_head.weight (some do): the saved checkpoint holds
+    // the embeddings once, as transformers writes it, and reloads with the same logits.
+    let device = device();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("tied");
+    std::fs::create_dir_all(&src).unwrap();
+    let text = std::fs::read_to_string(source().join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["tie_word_embeddings"] = serde_json::json!(true);
+    std::fs::write(src.join("config.json"), json.to_string()).unwrap();
+    let ck = Checkpoint::open(source()).unwrap();
+    let mut tensors: Vec<(String, TensorData)> = ck
+        .names()
+        .into_iter()
+        .map(|n| (n.to_string(), ck.tensor_data(n).unwrap()))
+        .collect();
+    if !ck.contains("lm_head.weight") {
+        let embed = ck.tensor_data("model.embed_tokens.weight").unwrap();
+        tensors.push(("lm_head.weight".into(), embed));
+    }
+    cachet_tensor::safetensors::save(src.join("model.safetensors"), &tensors, None).unwrap();
+    for config in [
+        BnbQuantizationConfig::int8(),
+        BnbQuantizationConfig::nf4(Precision::F32),
+    ] {
+        let q = load_and_quantize_model(&src, &config, &options(), &device).unwrap();
+        let out = tmp.path().join(format!("out-{}", config.load_in_8bit));
+        q.save_pretrained(&out).unwrap();
+        let saved = Checkpoint::open(&out).unwrap();
+        assert!(!saved.contains("lm_head.weight"));
+        assert!(saved.contains("model.embed_tokens.weight"));
+        let ids = [5i64, 17, 99, 3];
+        let re = load_pretrained(&out, &device, Precision::F32).unwrap();
+        assert_eq!(logits(&re, &ids, 1), logits(&q.model, &ids, 1));
+    }
+}
