@@ -741,6 +741,31 @@ fn keep_in_fp32_modules_are_f32_in_memory_in_the_saved_file_and_after_reload() {
     assert_eq!(logits(&re.model, &ids, 1), got, "reload");
     let plain = load_pretrained(&out, &device, Precision::BF16).unwrap();
     assert_eq!(logits(&plain, &ids, 1), got, "load_pretrained");
+
+    // Offloaded kept modules stay f32 too: on cpu, and on disk (written in f32).
+    let folder = tmp.path().join("offload");
+    let map = cachet_quant::DeviceMap::parse(
+        r#"{"model.layers.0.mlp.down_proj": "cpu", "model.layers.1.mlp.down_proj": "disk"}"#,
+    )
+    .unwrap();
+    let opts = LoadOptions {
+        device_map: Some(map),
+        offload_folder: Some(folder.clone()),
+        ..bf16
+    };
+    let offloaded = load_and_quantize_model(source(), &config, &opts, &device).unwrap();
+    assert_eq!(offloaded.fp32_modules.len(), layers);
+    assert_eq!(logits(&offloaded.model, &ids, 1), got, "offloaded");
+    let on_disk =
+        Checkpoint::open(folder.join("model.layers.1.mlp.down_proj.safetensors")).unwrap();
+    assert_eq!(
+        on_disk
+            .info("model.layers.1.mlp.down_proj.weight")
+            .unwrap()
+            .dtype
+            .name(),
+        "F32"
+    );
 }
 
 #[test]
