@@ -106,7 +106,17 @@ fn benches(c: &mut Criterion) {
             black_box(&dst);
         })
     });
-    g.bench_function("nf4_dequantize", |b| b.iter(|| black_box(q.dequantize())));
+    // Into a reused buffer, like the memcpy reference; `_alloc` also pays for a fresh 64 MiB
+    // output (page faults), as `dequantize()` does.
+    g.bench_function("nf4_dequantize", |b| {
+        b.iter(|| {
+            q.dequantize_into(&mut dst);
+            black_box(&dst);
+        })
+    });
+    g.bench_function("nf4_dequantize_alloc", |b| {
+        b.iter(|| black_box(q.dequantize()))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("quantize_4096x4096");

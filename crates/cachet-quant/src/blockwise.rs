@@ -142,15 +142,24 @@ impl Quantized4bit {
     /// `get_4bit_type`; bnb's own CPU kernels give -0.0 or +0.0 for it depending on the SIMD path
     /// the shape selects (AVX2 and scalar: -0.0; AVX-512 and the torch fallback: +0.0).
     pub fn dequantize(&self) -> Vec<f32> {
-        let absmax = self.absmax.to_f32();
         let mut out = vec![0.0f32; self.numel()];
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    /// Dequantizes into `out` (`numel()` values), e.g. a reused buffer.
+    ///
+    /// # Panics
+    /// If `out` does not hold exactly `numel()` values.
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        assert_eq!(out.len(), self.numel(), "dequantize_into: output length");
+        let absmax = self.absmax.to_f32();
         // Chunks of whole blocks (block sizes are even, so chunks start on a byte).
         let chunk = self.blocksize * 64;
         let code = self.quant_type.code();
         out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
             dequantize_4bit_with(&self.packed, &absmax, self.blocksize, code, i * chunk, o);
         });
-        out
     }
 
     /// Bytes the quantized tensor takes in memory.
@@ -548,6 +557,49 @@ pub fn dequantize_4bit_into(
     dequantize_4bit_with(packed, absmax, blocksize, quant_type.code(), start, out);
 }
 
+/// Dequantizes whole blocks with AVX-512: per 16 values one 8-byte load, one permute through the
+/// 16-entry code, one multiply by the block's absmax and one store.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dequantize_blocks_avx512(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 16],
+    start: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let first = start / blocksize;
+    let blocks = out.len() / blocksize;
+    assert!(
+        start.is_multiple_of(blocksize)
+            && out.len().is_multiple_of(blocksize)
+            && blocksize.is_multiple_of(16)
+            && packed.len() * 2 >= start + out.len()
+            && absmax.len() >= first + blocks
+    );
+    // SAFETY: the assert bounds every access: bytes (start + 16·i)/2 .. +8 lie in `packed`,
+    // floats 16·i .. +16 in `out`, block indices in `absmax`.
+    unsafe {
+        let lut = _mm512_loadu_ps(code.as_ptr());
+        let mask = _mm_set1_epi8(0x0f);
+        let bytes = packed.as_ptr().add(start / 2);
+        for b in 0..blocks {
+            let scale = _mm512_set1_ps(*absmax.get_unchecked(first + b));
+            let base = b * blocksize;
+            for i in (0..blocksize).step_by(16) {
+                let raw = _mm_loadl_epi64(bytes.add((base + i) / 2).cast());
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
+                let lo = _mm_and_si128(raw, mask);
+                let idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+                let w = _mm512_mul_ps(_mm512_permutexvar_ps(idx, lut), scale);
+                _mm512_storeu_ps(out.as_mut_ptr().add(base + i), w);
+            }
+        }
+    }
+}
+
 fn dequantize_4bit_with(
     packed: &[u8],
     absmax: &[f32],
@@ -557,6 +609,32 @@ fn dequantize_4bit_with(
     out: &mut [f32],
 ) {
     debug_assert!(start.is_multiple_of(2));
+    #[cfg(target_arch = "x86_64")]
+    if start.is_multiple_of(blocksize)
+        && blocksize.is_multiple_of(16)
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
+        let whole = out.len() - out.len() % blocksize;
+        let (head, tail) = out.split_at_mut(whole);
+        // SAFETY: avx512f was detected at run time; `head` is whole blocks from a block start.
+        unsafe { dequantize_blocks_avx512(packed, absmax, blocksize, code, start, head) };
+        if tail.is_empty() {
+            return;
+        }
+        return dequantize_4bit_scalar(packed, absmax, blocksize, code, start + whole, tail);
+    }
+    dequantize_4bit_scalar(packed, absmax, blocksize, code, start, out);
+}
+
+/// The portable dequantizer (any start, any block size).
+fn dequantize_4bit_scalar(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 16],
+    start: usize,
+    out: &mut [f32],
+) {
     let lut: [[f32; 2]; 256] = std::array::from_fn(|b| [code[b >> 4], code[b & 0x0f]]);
     let mut e = start;
     let end = start + out.len();

@@ -90,6 +90,53 @@ unsafe fn dot_codes_avx512(bytes: &[u8], x: &[f32], code: &[f32; 16]) -> f32 {
     sum
 }
 
+/// One output of the fused gemv for a row made of whole blocks (`start` and `x.len()` multiples
+/// of `blocksize`, itself a multiple of 16) with AVX-512: each block's codes are looked up with
+/// one permute per 16 values and accumulated in a vector, scaled by the block's absmax with one
+/// FMA, and the row is reduced once at the end.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_row_blocks_avx512(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 16],
+    x: &[f32],
+    start: usize,
+) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert!(
+        start.is_multiple_of(blocksize)
+            && x.len().is_multiple_of(blocksize)
+            && blocksize.is_multiple_of(16)
+    );
+    let first = start / blocksize;
+    let blocks = x.len() / blocksize;
+    assert!(packed.len() * 2 >= start + x.len() && absmax.len() >= first + blocks);
+    // SAFETY: the assert above bounds every load: bytes (start + 16·i)/2 .. +8 lie in `packed`,
+    // floats 16·i .. +16 in `x`, and block indices in `absmax`.
+    unsafe {
+        let lut = _mm512_loadu_ps(code.as_ptr());
+        let mask = _mm_set1_epi8(0x0f);
+        let mut row = _mm512_setzero_ps();
+        let bytes = packed.as_ptr().add(start / 2);
+        for b in 0..blocks {
+            let mut acc = _mm512_setzero_ps();
+            let base = b * blocksize;
+            for i in (0..blocksize).step_by(16) {
+                let raw = _mm_loadl_epi64(bytes.add((base + i) / 2).cast());
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
+                let lo = _mm_and_si128(raw, mask);
+                let idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+                let w = _mm512_permutexvar_ps(idx, lut);
+                acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x.as_ptr().add(base + i)), acc);
+            }
+            row = _mm512_fmadd_ps(acc, _mm512_set1_ps(*absmax.get_unchecked(first + b)), row);
+        }
+        _mm512_reduce_add_ps(row)
+    }
+}
+
 /// One output of the fused 4-bit gemv: `Σ_c W[row, c] · x[c]` for the row starting at flat
 /// element `start`, decoding codes on the fly block by block.
 fn gemv_row_4bit(
@@ -101,6 +148,15 @@ fn gemv_row_4bit(
     x: &[f32],
     start: usize,
 ) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if start.is_multiple_of(blocksize)
+        && x.len().is_multiple_of(blocksize)
+        && blocksize.is_multiple_of(16)
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
+        // SAFETY: avx512f was detected at run time; the row is made of whole blocks.
+        return unsafe { gemv_row_blocks_avx512(packed, absmax, blocksize, code, x, start) };
+    }
     let end = start + x.len();
     let mut e = start;
     let mut acc = 0.0f32;
