@@ -557,6 +557,27 @@ pub fn dequantize_4bit_into(
     dequantize_4bit_with(packed, absmax, blocksize, quant_type.code(), start, out);
 }
 
+/// The 16 code values of 8 packed bytes at `bytes` (high nibble first), looked up in the
+/// 16-entry code `lut` with one permute.
+///
+/// # Safety
+/// AVX-512F must be available and `bytes` must point to 8 readable bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn decode16_avx512(
+    bytes: *const u8,
+    lut: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees 8 readable bytes.
+    let raw = unsafe { _mm_loadl_epi64(bytes.cast()) };
+    let mask = _mm_set1_epi8(0x0f);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
+    let lo = _mm_and_si128(raw, mask);
+    _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut)
+}
+
 /// Dequantizes whole blocks with AVX-512: per 16 values one 8-byte load, one permute through the
 /// 16-entry code, one multiply by the block's absmax and one store.
 #[cfg(target_arch = "x86_64")]
@@ -583,17 +604,12 @@ unsafe fn dequantize_blocks_avx512(
     // floats 16·i .. +16 in `out`, block indices in `absmax`.
     unsafe {
         let lut = _mm512_loadu_ps(code.as_ptr());
-        let mask = _mm_set1_epi8(0x0f);
         let bytes = packed.as_ptr().add(start / 2);
         for b in 0..blocks {
             let scale = _mm512_set1_ps(*absmax.get_unchecked(first + b));
             let base = b * blocksize;
             for i in (0..blocksize).step_by(16) {
-                let raw = _mm_loadl_epi64(bytes.add((base + i) / 2).cast());
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
-                let lo = _mm_and_si128(raw, mask);
-                let idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
-                let w = _mm512_mul_ps(_mm512_permutexvar_ps(idx, lut), scale);
+                let w = _mm512_mul_ps(decode16_avx512(bytes.add((base + i) / 2), lut), scale);
                 _mm512_storeu_ps(out.as_mut_ptr().add(base + i), w);
             }
         }

@@ -70,14 +70,9 @@ unsafe fn dot_codes_avx512(bytes: &[u8], x: &[f32], code: &[f32; 16]) -> f32 {
     // SAFETY: every load reads within `bytes` (8 bytes at 8i < len) and `x` (16 floats at 16i).
     let mut sum = unsafe {
         let lut = _mm512_loadu_ps(code.as_ptr());
-        let mask = _mm_set1_epi8(0x0f);
         let mut acc = _mm512_setzero_ps();
         for i in 0..n {
-            let raw = _mm_loadl_epi64(bytes.as_ptr().add(i * 8).cast());
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
-            let lo = _mm_and_si128(raw, mask);
-            let idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
-            let w = _mm512_permutexvar_ps(idx, lut);
+            let w = crate::blockwise::decode16_avx512(bytes.as_ptr().add(i * 8), lut);
             let xv = _mm512_loadu_ps(x.as_ptr().add(i * 16));
             acc = _mm512_fmadd_ps(w, xv, acc);
         }
@@ -117,18 +112,13 @@ unsafe fn gemv_row_blocks_avx512(
     // floats 16·i .. +16 in `x`, and block indices in `absmax`.
     unsafe {
         let lut = _mm512_loadu_ps(code.as_ptr());
-        let mask = _mm_set1_epi8(0x0f);
         let mut row = _mm512_setzero_ps();
         let bytes = packed.as_ptr().add(start / 2);
         for b in 0..blocks {
             let mut acc = _mm512_setzero_ps();
             let base = b * blocksize;
             for i in (0..blocksize).step_by(16) {
-                let raw = _mm_loadl_epi64(bytes.add((base + i) / 2).cast());
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
-                let lo = _mm_and_si128(raw, mask);
-                let idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
-                let w = _mm512_permutexvar_ps(idx, lut);
+                let w = crate::blockwise::decode16_avx512(bytes.add((base + i) / 2), lut);
                 acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x.as_ptr().add(base + i)), acc);
             }
             row = _mm512_fmadd_ps(acc, _mm512_set1_ps(*absmax.get_unchecked(first + b)), row);
