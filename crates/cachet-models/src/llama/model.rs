@@ -80,13 +80,13 @@ pub struct Attention {
 }
 
 /// What every layer of one forward shares: RoPE tables, positions and the padding mask.
-struct ForwardContext {
+struct ForwardContext<'a> {
     cos: Tensor<4>,
     sin: Tensor<4>,
     cache_position: Vec<usize>,
     attention_mask: Option<Tensor<2, Int>>,
     /// RoPE frequencies per position (linear scaling folded in), for a sink cache's shift.
-    rope_inv_freq: Vec<f32>,
+    rope_inv_freq: &'a [f32],
 }
 
 impl Attention {
@@ -126,7 +126,7 @@ impl Attention {
             // forward by as much for them, and attend to the sinks with the plain query.
             let sinks = layout.sink_tokens.min(kv_len);
             let shifted =
-                cachet_kv::sink::rotate_by(q.clone(), &ctx.rope_inv_freq, layout.rope_shift);
+                cachet_kv::sink::rotate_by(q.clone(), ctx.rope_inv_freq, layout.rope_shift);
             let k_sinks = k.clone().slice([0..batch, 0..kv_heads, 0..sinks, 0..dim]);
             let k_rest = k
                 .clone()
@@ -427,13 +427,7 @@ impl Llama {
             sliding_window: self
                 .config
                 .sliding_window_for(self.layers.len().saturating_sub(1)),
-            rope_inv_freq: {
-                let rope = self.config.rope().expect("validated at load");
-                let (freqs, position_scale) =
-                    super::rope::inverse_frequencies(rope, self.config.head_dim());
-                // Linear scaling divides positions; dividing the frequencies gives the same angles.
-                freqs.into_iter().map(|f| f / position_scale).collect()
-            },
+            rope_inv_freq: self.rotary.angle_per_position().to_vec(),
         }
     }
 
@@ -503,7 +497,7 @@ impl Llama {
             sin,
             cache_position: (past..past + seq).collect(),
             attention_mask,
-            rope_inv_freq: self.cache_info().rope_inv_freq,
+            rope_inv_freq: self.rotary.angle_per_position(),
         };
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {

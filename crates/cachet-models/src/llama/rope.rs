@@ -56,16 +56,27 @@ pub fn inverse_frequencies(rope: Rope, head_dim: usize) -> (Vec<f32>, f32) {
 pub struct RotaryEmbedding {
     inv_freq: Tensor<1>,
     position_scale: f32,
+    /// `inv_freq / position_scale` on the host: the angle per position (for cache shifts).
+    angle_per_position: Vec<f32>,
 }
 
 impl RotaryEmbedding {
     /// Builds the frequencies of `rope` on `device`.
     pub fn new(rope: Rope, head_dim: usize, device: &Device) -> Self {
         let (freqs, position_scale) = inverse_frequencies(rope, head_dim);
+        // Linear scaling divides positions; dividing the frequencies gives the same angles.
+        let angle_per_position = freqs.iter().map(|f| f / position_scale).collect();
         Self {
             inv_freq: Tensor::from_data(freqs.as_slice(), (device, DType::F32)),
             position_scale,
+            angle_per_position,
         }
+    }
+
+    /// Rotation angle per position of each frequency pair (`inv_freq` with linear scaling folded
+    /// in), computed once at load.
+    pub fn angle_per_position(&self) -> &[f32] {
+        &self.angle_per_position
     }
 
     /// cos and sin of shape `[batch, 1, seq, head_dim]` for `position_ids` `[batch, seq]`, in f32.
