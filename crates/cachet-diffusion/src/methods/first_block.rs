@@ -89,6 +89,8 @@ impl BlockMethod for FirstBlockCache {
             })?;
         let offset = self.layout.offset(group.name)?;
         let total = self.layout.total();
+        let threshold = self.threshold;
+        let shared = self.states.entry(context.clone()).or_default();
         let mut states = states;
         let mut computed = 0;
         for i in 0..group.len {
@@ -98,12 +100,11 @@ impl BlockMethod for FirstBlockCache {
                 let output = block(hooks, i, states)?;
                 computed += 1;
                 let residual = output.hidden.clone() - input_hidden;
-                let shared = self.states.entry(context.clone()).or_default();
                 let (should_compute, diff) = match &shared.head_residual {
                     None => (true, None),
                     Some(prev) => {
                         let diff = relative_l1(prev, &residual);
-                        (diff > self.threshold, Some(diff))
+                        (diff > threshold, Some(diff))
                     }
                 };
                 shared.should_compute = should_compute;
@@ -126,14 +127,12 @@ impl BlockMethod for FirstBlockCache {
                 };
                 continue;
             }
-            let shared = self.states.entry(context.clone()).or_default();
             if !shared.should_compute {
                 continue;
             }
             states = block(hooks, i, states)?;
             computed += 1;
             if global == total - 1 {
-                let shared = self.states.entry(context.clone()).or_default();
                 let head = shared.head_output.as_ref().ok_or_else(|| {
                     DiffusionError::State("FirstBlockCache: head block output missing".into())
                 })?;
@@ -145,7 +144,6 @@ impl BlockMethod for FirstBlockCache {
                 shared.tail_residuals = Some((hidden_res, encoder_res));
             }
         }
-        let shared = self.states.entry(context.clone()).or_default();
         let action = if shared.should_compute {
             Action::Computed
         } else {
