@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::process::Command;
 use std::time::Duration;
 
-use cachet_quant::{Linear4bit, QuantType, quantize_4bit};
+use cachet_quant::{HostLinear4bit, QuantType, quantize_4bit};
 use cachet_tensor::Precision;
 use criterion::{Criterion, criterion_group, criterion_main};
 use rayon::prelude::*;
@@ -77,7 +77,7 @@ fn benches(c: &mut Criterion) {
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
     let q = quantize_4bit("bench", &w, &[N, N], 64, QuantType::Nf4, false).unwrap();
-    let layer = Linear4bit {
+    let layer = HostLinear4bit {
         weight: q.clone(),
         bias: None,
         compute_dtype: Precision::F32,

@@ -4,7 +4,9 @@
 //!   blockwise quantization on the dynamic map, bit-exact with bitsandbytes 0.50.2.
 //! * [`int8`] — LLM.int8: row-wise int8 weights (`CB`/`SCB`) and the outlier decomposition.
 //! * [`codes`] — the NF4, FP4 and dynamic code tables.
-//! * [`linear`] — `Linear4bit` / `Linear8bitLt`, plugged into models as `LinearOp`s.
+//! * [`linear`] — `Linear4bit` / `Linear8bitLt`: burn modules, plugged into models as
+//!   `LinearOp`s, with host-memory weights on the host device and packed device-resident ones
+//!   on a GPU ([`device`]).
 //! * [`load`] — `load_and_quantize_model`, `load_pretrained` (transformers' checkpoint layout,
 //!   single or sharded), with [`config::BnbQuantizationConfig`], [`device_map`] and [`offload`]
 //!   to `cpu` / `disk` (quantized layers stay quantized; dense projections are kept in host
@@ -15,6 +17,7 @@
 pub mod blockwise;
 pub mod codes;
 pub mod config;
+pub mod device;
 pub mod device_map;
 pub mod error;
 pub mod int8;
@@ -29,12 +32,13 @@ pub use blockwise::{
 };
 pub use codes::QuantType;
 pub use config::BnbQuantizationConfig;
+pub use device::{DEFAULT_TILE_BYTES, Resident4bit, Resident8bit, WeightResidence, is_host_device};
 pub use device_map::{DeviceMap, Placement};
 pub use error::{QuantError, Result};
 pub use int8::{Int8Weight, int8_matmul};
-pub use linear::{Fp32Linear, Linear4bit, Linear8bitLt};
+pub use linear::{Fp32Linear, HostLinear4bit, HostLinear8bitLt, Linear4bit, Linear8bitLt};
 pub use load::{
     LoadOptions, QuantizedLinear, QuantizedModel, QuantizingFactory, load_and_quantize_model,
-    load_pretrained,
+    load_and_quantize_model_with, load_pretrained,
 };
 pub use save::{DEFAULT_MAX_SHARD_SIZE, SaveOptions, parse_shard_size};

@@ -1,21 +1,30 @@
 //! Quantized linear layers plugged into the model through `cachet_models::LinearOp`:
 //! [`Linear4bit`] (NF4/FP4) and [`Linear8bitLt`] (LLM.int8).
 //!
-//! Weights stay quantized in host memory. Batch-1 decode runs a fused dequantize-and-multiply
-//! gemv (rayon over output rows, a byte→pair lookup table feeding an 8-lane accumulator) that
-//! never materialises the f32 weight; larger batches dequantize tiles of rows and reuse each
-//! tile for every input row.
+//! Both are burn modules holding their weights in one of two forms, chosen by the compute
+//! device at load: on the host device the **host form** ([`HostLinear4bit`],
+//! [`HostLinear8bitLt`]) keeps them quantized in host memory and runs the host kernels below;
+//! on a GPU the **device-resident form** ([`crate::device`]) keeps them packed on the device and
+//! runs tensor ops there.
+//!
+//! Host kernels: batch-1 decode runs a fused dequantize-and-multiply gemv (rayon over output
+//! rows, a byte→pair lookup table feeding an 8-lane accumulator) that never materialises the
+//! f32 weight; larger batches dequantize tiles of rows and reuse each tile for every input row.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
 use cachet_models::LinearOp;
 use cachet_tensor::Precision;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::blockwise::{Quantized4bit, dequantize_4bit_into};
+use crate::device::{DEFAULT_TILE_BYTES, Resident4bit, Resident8bit, WeightResidence};
+use crate::error::Result;
 use crate::int8::{Int8Weight, int8_matmul};
 
 /// Output rows per tile of the batched path.
@@ -28,17 +37,6 @@ fn round_to(p: Precision, v: f32) -> f32 {
         Precision::F16 => f16::from_f32(v).to_f32(),
         Precision::BF16 => bf16::from_f32(v).to_f32(),
     }
-}
-
-/// Reads `[b, s, k]` activations to host f32, returning the data and the dims.
-fn host_input(x: Tensor<3>) -> ([usize; 3], Vec<f32>) {
-    let dims = x.dims();
-    let data = x
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("an f32 tensor reads back as f32");
-    (dims, data)
 }
 
 /// Dot product with 8 independent lanes (auto-vectorised).
@@ -193,8 +191,10 @@ fn gemv_row_4bit(
     acc
 }
 
-/// A 4-bit (NF4/FP4) linear layer, bitsandbytes `Linear4bit`.
-pub struct Linear4bit {
+/// The host form of a 4-bit (NF4/FP4) layer: bnb's packed bytes in host memory, run by the
+/// host kernels ([`HostLinear4bit::forward_host`]). [`Linear4bit`] wraps it (or the
+/// device-resident form).
+pub struct HostLinear4bit {
     /// The quantized `[out, in]` weight.
     pub weight: Quantized4bit,
     /// Optional bias (`[out]`, f32).
@@ -205,9 +205,9 @@ pub struct Linear4bit {
     pub weight_dtype: Precision,
 }
 
-impl fmt::Debug for Linear4bit {
+impl fmt::Debug for HostLinear4bit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Linear4bit")
+        f.debug_struct("HostLinear4bit")
             .field("shape", &self.weight.shape)
             .field("quant_type", &self.weight.quant_type)
             .field("blocksize", &self.weight.blocksize)
@@ -221,7 +221,7 @@ impl fmt::Debug for Linear4bit {
     }
 }
 
-impl Linear4bit {
+impl HostLinear4bit {
     /// Output and input features.
     pub fn dims(&self) -> (usize, usize) {
         (self.weight.shape[0], self.weight.shape[1])
@@ -305,31 +305,209 @@ impl Linear4bit {
     }
 }
 
-impl LinearOp for Linear4bit {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let device = x.device();
-        let dtype = x.dtype();
-        let ([b, s, _], data) = host_input(x);
-        let out = self.forward_host(&data, b * s);
-        let n = self.weight.shape[0];
-        Tensor::<3>::from_data(TensorData::new(out, [b, s, n]), (&device, dtype))
-    }
+/// Runs a host kernel `f` (`[rows, in]` f32 → `[rows, out]` f32) on `x` `[.., in]`: the
+/// activations travel to the host and the result back to `x`'s device, in `x`'s dtype.
+fn via_host<const D: usize>(
+    x: Tensor<D>,
+    out_features: usize,
+    f: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> Tensor<D> {
+    let device = x.device();
+    let dtype = x.dtype();
+    let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let data = x
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("an f32 tensor reads back as f32");
+    let out = f(&data, rows);
+    dims[D - 1] = out_features;
+    Tensor::<D>::from_data(TensorData::new(out, dims), (&device, dtype))
+}
 
-    fn in_features(&self) -> usize {
-        self.weight.shape[1]
-    }
+/// A 4-bit (NF4/FP4) linear layer, bitsandbytes `Linear4bit`: a burn module (embed it in any
+/// `#[derive(Module)]` struct) and a [`LinearOp`] for cachet's models. Its weights live either
+/// in host memory ([`HostLinear4bit`], run by the host kernels; the form for the host device)
+/// or on the compute device, still packed ([`Resident4bit`], run with tensor ops there; the form
+/// for a GPU). [`Linear4bit::for_device`] picks by device, as the loaders do.
+#[derive(Module, Debug)]
+pub struct Linear4bit {
+    /// Device-resident weights (`None` in the host form).
+    resident: Option<Resident4bit>,
+    /// Host-form weights, shared between clones (`None` when device-resident).
+    #[module(skip)]
+    host: Option<Arc<HostLinear4bit>>,
+}
 
-    fn out_features(&self) -> usize {
-        self.weight.shape[0]
-    }
-
-    fn memory_bytes(&self) -> usize {
-        self.weight.memory_bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+impl From<HostLinear4bit> for Linear4bit {
+    fn from(host: HostLinear4bit) -> Self {
+        Self {
+            resident: None,
+            host: Some(Arc::new(host)),
+        }
     }
 }
 
-/// An LLM.int8 linear layer, bitsandbytes `Linear8bitLt` (inference, `has_fp16_weights=False`).
-pub struct Linear8bitLt {
+impl Linear4bit {
+    /// A layer in host form from a quantized `[out, in]` weight and optional f32 bias.
+    pub fn new(
+        weight: Quantized4bit,
+        bias: Option<Vec<f32>>,
+        compute_dtype: Precision,
+        weight_dtype: Precision,
+    ) -> Self {
+        HostLinear4bit {
+            weight,
+            bias,
+            compute_dtype,
+            weight_dtype,
+        }
+        .into()
+    }
+
+    /// This layer with its weights on `device` (packed codes and scales uploaded, or moved from
+    /// another device), forward by tensor ops there, even when `device` is the host.
+    pub fn to_device_resident(&self, device: &Device) -> Result<Self> {
+        self.to_device_resident_with(device, DEFAULT_TILE_BYTES)
+    }
+
+    /// [`Linear4bit::to_device_resident`] with a bound on the forward's transient memory per
+    /// tile of output rows (`tile_bytes`; the default is [`DEFAULT_TILE_BYTES`]).
+    pub fn to_device_resident_with(&self, device: &Device, tile_bytes: usize) -> Result<Self> {
+        let mut resident = match (&self.resident, &self.host) {
+            (Some(r), _) => r.clone().to_device(device),
+            (None, Some(h)) => Resident4bit::upload(
+                &h.weight,
+                h.bias.as_deref(),
+                h.compute_dtype,
+                h.weight_dtype,
+                device,
+                tile_bytes,
+            )?,
+            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        };
+        resident.set_tile_bytes(tile_bytes);
+        Ok(Self {
+            resident: Some(resident),
+            host: None,
+        })
+    }
+
+    /// This layer in host form (read back from the device if it is device-resident).
+    pub fn to_host_form(&self) -> Result<Self> {
+        Ok(Self {
+            resident: None,
+            host: Some(self.host_copy()?),
+        })
+    }
+
+    /// This layer in the form `residence` gives for `device`: device-resident on a GPU, host
+    /// form on the host device (with [`WeightResidence::Auto`]).
+    pub fn for_device(self, device: &Device, residence: WeightResidence) -> Result<Self> {
+        match (residence.on_device(device), &self.resident) {
+            (true, Some(r)) if r.device() == *device => Ok(self),
+            (true, _) => self.to_device_resident(device),
+            (false, None) => Ok(self),
+            (false, Some(_)) => self.to_host_form(),
+        }
+    }
+
+    /// Whether the weights live on a compute device (rather than in host memory).
+    pub fn is_device_resident(&self) -> bool {
+        self.resident.is_some()
+    }
+
+    /// The host form, if this is one.
+    pub fn host(&self) -> Option<&HostLinear4bit> {
+        self.host.as_deref()
+    }
+
+    /// The device-resident form, if this is one.
+    pub fn resident(&self) -> Option<&Resident4bit> {
+        self.resident.as_ref()
+    }
+
+    /// The host form: shared if this is one, else read back from the device (bit-identical).
+    pub fn host_copy(&self) -> Result<Arc<HostLinear4bit>> {
+        match (&self.host, &self.resident) {
+            (Some(h), _) => Ok(h.clone()),
+            (None, Some(r)) => {
+                let (weight, bias) = r.to_host()?;
+                Ok(Arc::new(HostLinear4bit {
+                    weight,
+                    bias,
+                    compute_dtype: r.compute_dtype(),
+                    weight_dtype: r.weight_dtype(),
+                }))
+            }
+            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        }
+    }
+
+    /// Output and input features.
+    pub fn dims(&self) -> (usize, usize) {
+        match (&self.host, &self.resident) {
+            (Some(h), _) => h.dims(),
+            (None, Some(r)) => (r.shape()[0], r.shape()[1]),
+            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        }
+    }
+
+    /// Compute dtype (`bnb_4bit_compute_dtype`).
+    pub fn compute_dtype(&self) -> Precision {
+        match (&self.host, &self.resident) {
+            (Some(h), _) => h.compute_dtype,
+            (None, Some(r)) => r.compute_dtype(),
+            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        }
+    }
+
+    /// dtype the weight had before quantization (the quant state's `dtype`).
+    pub fn weight_dtype(&self) -> Precision {
+        match (&self.host, &self.resident) {
+            (Some(h), _) => h.weight_dtype,
+            (None, Some(r)) => r.weight_dtype(),
+            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        }
+    }
+
+    /// `y = x · Wᵀ + b` for `x` `[.., in]`, output in `x`'s dtype on `x`'s device.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match (&self.resident, &self.host) {
+            (Some(r), _) => r.forward(x),
+            (None, Some(h)) => via_host(x, h.dims().0, |data, rows| h.forward_host(data, rows)),
+            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        }
+    }
+}
+
+impl LinearOp for Linear4bit {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        Linear4bit::forward(self, x)
+    }
+
+    fn in_features(&self) -> usize {
+        self.dims().1
+    }
+
+    fn out_features(&self) -> usize {
+        self.dims().0
+    }
+
+    /// Host bytes (codes, scales, bias) in the host form; device bytes when device-resident.
+    fn memory_bytes(&self) -> usize {
+        match (&self.resident, &self.host) {
+            (Some(r), _) => r.memory_bytes(),
+            (None, Some(h)) => h.weight.memory_bytes() + h.bias.as_ref().map_or(0, |b| b.len() * 4),
+            (None, None) => 0,
+        }
+    }
+}
+
+/// The host form of an LLM.int8 layer: `CB`/`SCB` in host memory, run by the host kernel
+/// ([`HostLinear8bitLt::forward_host`]). [`Linear8bitLt`] wraps it (or the device-resident form).
+pub struct HostLinear8bitLt {
     /// `CB` / `SCB`.
     pub weight: Int8Weight,
     /// Optional bias (`[out]`, f32).
@@ -338,9 +516,9 @@ pub struct Linear8bitLt {
     pub threshold: f32,
 }
 
-impl fmt::Debug for Linear8bitLt {
+impl fmt::Debug for HostLinear8bitLt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Linear8bitLt")
+        f.debug_struct("HostLinear8bitLt")
             .field("rows", &self.weight.rows)
             .field("cols", &self.weight.cols)
             .field("threshold", &self.threshold)
@@ -349,7 +527,7 @@ impl fmt::Debug for Linear8bitLt {
     }
 }
 
-impl Linear8bitLt {
+impl HostLinear8bitLt {
     /// `y = x · Wᵀ + b` for row-major `x` `[rows, in]` on the host.
     pub fn forward_host(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let _span = tracing::trace_span!("linear8bitlt", rows, n = self.weight.rows).entered();
@@ -357,28 +535,162 @@ impl Linear8bitLt {
     }
 }
 
+/// An LLM.int8 linear layer, bitsandbytes `Linear8bitLt` (inference, `has_fp16_weights=False`):
+/// a burn module and a [`LinearOp`], its weights in host memory ([`HostLinear8bitLt`], host
+/// kernel) or on the compute device ([`Resident8bit`], tensor ops there); see
+/// [`Linear8bitLt::for_device`].
+#[derive(Module, Debug)]
+pub struct Linear8bitLt {
+    /// Device-resident weights (`None` in the host form).
+    resident: Option<Resident8bit>,
+    /// Host-form weights, shared between clones (`None` when device-resident).
+    #[module(skip)]
+    host: Option<Arc<HostLinear8bitLt>>,
+}
+
+impl From<HostLinear8bitLt> for Linear8bitLt {
+    fn from(host: HostLinear8bitLt) -> Self {
+        Self {
+            resident: None,
+            host: Some(Arc::new(host)),
+        }
+    }
+}
+
+impl Linear8bitLt {
+    /// A layer in host form from `CB`/`SCB`, an optional f32 bias and the outlier threshold.
+    pub fn new(weight: Int8Weight, bias: Option<Vec<f32>>, threshold: f32) -> Self {
+        HostLinear8bitLt {
+            weight,
+            bias,
+            threshold,
+        }
+        .into()
+    }
+
+    /// This layer with its weights on `device`, forward by tensor ops there.
+    pub fn to_device_resident(&self, device: &Device) -> Result<Self> {
+        self.to_device_resident_with(device, DEFAULT_TILE_BYTES)
+    }
+
+    /// [`Linear8bitLt::to_device_resident`] with a bound on the forward's transient memory
+    /// per tile of output rows.
+    pub fn to_device_resident_with(&self, device: &Device, tile_bytes: usize) -> Result<Self> {
+        let mut resident = match (&self.resident, &self.host) {
+            (Some(r), _) => r.clone().to_device(device),
+            (None, Some(h)) => Resident8bit::upload(
+                &h.weight,
+                h.bias.as_deref(),
+                h.threshold,
+                device,
+                tile_bytes,
+            )?,
+            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
+        };
+        resident.set_tile_bytes(tile_bytes);
+        Ok(Self {
+            resident: Some(resident),
+            host: None,
+        })
+    }
+
+    /// This layer in host form (read back from the device if it is device-resident).
+    pub fn to_host_form(&self) -> Result<Self> {
+        Ok(Self {
+            resident: None,
+            host: Some(self.host_copy()?),
+        })
+    }
+
+    /// This layer in the form `residence` gives for `device`.
+    pub fn for_device(self, device: &Device, residence: WeightResidence) -> Result<Self> {
+        match (residence.on_device(device), &self.resident) {
+            (true, Some(r)) if r.device() == *device => Ok(self),
+            (true, _) => self.to_device_resident(device),
+            (false, None) => Ok(self),
+            (false, Some(_)) => self.to_host_form(),
+        }
+    }
+
+    /// Whether the weights live on a compute device.
+    pub fn is_device_resident(&self) -> bool {
+        self.resident.is_some()
+    }
+
+    /// The host form, if this is one.
+    pub fn host(&self) -> Option<&HostLinear8bitLt> {
+        self.host.as_deref()
+    }
+
+    /// The device-resident form, if this is one.
+    pub fn resident(&self) -> Option<&Resident8bit> {
+        self.resident.as_ref()
+    }
+
+    /// The host form: shared if this is one, else read back from the device (bit-identical).
+    pub fn host_copy(&self) -> Result<Arc<HostLinear8bitLt>> {
+        match (&self.host, &self.resident) {
+            (Some(h), _) => Ok(h.clone()),
+            (None, Some(r)) => {
+                let (weight, bias) = r.to_host()?;
+                Ok(Arc::new(HostLinear8bitLt {
+                    weight,
+                    bias,
+                    threshold: r.threshold(),
+                }))
+            }
+            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
+        }
+    }
+
+    /// Output and input features.
+    pub fn dims(&self) -> (usize, usize) {
+        match (&self.host, &self.resident) {
+            (Some(h), _) => (h.weight.rows, h.weight.cols),
+            (None, Some(r)) => (r.shape()[0], r.shape()[1]),
+            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
+        }
+    }
+
+    /// Outlier threshold (`llm_int8_threshold`).
+    pub fn threshold(&self) -> f32 {
+        match (&self.host, &self.resident) {
+            (Some(h), _) => h.threshold,
+            (None, Some(r)) => r.threshold(),
+            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
+        }
+    }
+
+    /// `y = x · Wᵀ + b` for `x` `[.., in]`, output in `x`'s dtype on `x`'s device.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match (&self.resident, &self.host) {
+            (Some(r), _) => r.forward(x),
+            (None, Some(h)) => via_host(x, h.weight.rows, |data, rows| h.forward_host(data, rows)),
+            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
+        }
+    }
+}
+
 impl LinearOp for Linear8bitLt {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let device = x.device();
-        let dtype = x.dtype();
-        let ([b, s, _], data) = host_input(x);
-        let out = self.forward_host(&data, b * s);
-        Tensor::<3>::from_data(
-            TensorData::new(out, [b, s, self.weight.rows]),
-            (&device, dtype),
-        )
+        Linear8bitLt::forward(self, x)
     }
 
     fn in_features(&self) -> usize {
-        self.weight.cols
+        self.dims().1
     }
 
     fn out_features(&self) -> usize {
-        self.weight.rows
+        self.dims().0
     }
 
+    /// Host bytes in the host form; device bytes when device-resident.
     fn memory_bytes(&self) -> usize {
-        self.weight.memory_bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+        match (&self.resident, &self.host) {
+            (Some(r), _) => r.memory_bytes(),
+            (None, Some(h)) => h.weight.memory_bytes() + h.bias.as_ref().map_or(0, |b| b.len() * 4),
+            (None, None) => 0,
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::blockwise::quantize_4bit;
 use crate::config::BnbQuantizationConfig;
+use crate::device::WeightResidence;
 use crate::device_map::{DeviceMap, Placement};
 use crate::error::{QuantError, Result};
 use crate::int8::Int8Weight;
@@ -42,29 +43,64 @@ impl QuantizedLinear {
         }
     }
 
-    /// The tensors this layer saves under `prefix`, in transformers' layout (bias excluded).
-    pub fn tensors(&self, prefix: &str) -> Vec<(String, burn::tensor::TensorData)> {
+    /// Whether the layer's weights live on a compute device (rather than in host memory).
+    pub fn is_device_resident(&self) -> bool {
         match self {
-            Self::FourBit(l, dtype) => four_bit_tensors(prefix, &l.weight, *dtype),
-            Self::Int8(l) => int8_tensors(prefix, &l.weight),
+            Self::FourBit(l, _) => l.is_device_resident(),
+            Self::Int8(l) => l.is_device_resident(),
         }
+    }
+
+    /// The tensors this layer saves under `prefix`, in transformers' layout (bias excluded).
+    ///
+    /// # Panics
+    /// If a device-resident layer cannot be read back; [`QuantizedLinear::try_tensors`]
+    /// returns that error instead.
+    pub fn tensors(&self, prefix: &str) -> Vec<(String, burn::tensor::TensorData)> {
+        self.try_tensors(prefix)
+            .unwrap_or_else(|e| panic!("reading {prefix} back to host memory: {e}"))
+    }
+
+    /// [`QuantizedLinear::tensors`]; a device-resident layer is read back to host bytes first.
+    pub fn try_tensors(&self, prefix: &str) -> Result<Vec<(String, burn::tensor::TensorData)>> {
+        Ok(match self {
+            Self::FourBit(l, dtype) => four_bit_tensors(prefix, &l.host_copy()?.weight, *dtype),
+            Self::Int8(l) => int8_tensors(prefix, &l.host_copy()?.weight),
+        })
     }
 
     /// Name, part, dtype and shape of each tensor [`QuantizedLinear::tensors`] returns, without
     /// copying data (a streaming writer lays out its header from these).
     pub fn parts(&self, prefix: &str) -> Vec<(String, Part, DType, Vec<usize>)> {
         match self {
-            Self::FourBit(l, dtype) => four_bit_parts(prefix, &l.weight, *dtype),
-            Self::Int8(l) => int8_parts(prefix, &l.weight),
+            Self::FourBit(l, dtype) => match (l.resident(), l.host()) {
+                (Some(r), _) => r.parts(prefix, *dtype),
+                (None, Some(h)) => four_bit_parts(prefix, &h.weight, *dtype),
+                (None, None) => Vec::new(),
+            },
+            Self::Int8(l) => match (l.resident(), l.host()) {
+                (Some(r), _) => r.parts(prefix),
+                (None, Some(h)) => int8_parts(prefix, &h.weight),
+                (None, None) => Vec::new(),
+            },
         }
     }
 
-    /// The data of one part listed by [`QuantizedLinear::parts`].
-    pub fn part(&self, part: Part) -> Option<burn::tensor::TensorData> {
-        match self {
-            Self::FourBit(l, dtype) => four_bit_part(&l.weight, *dtype, part),
-            Self::Int8(l) => int8_part(&l.weight, part),
-        }
+    /// The data of one part listed by [`QuantizedLinear::parts`] (read back from the device,
+    /// that tensor only, when the layer is device-resident); `None` for a part it lacks.
+    pub fn part(&self, part: Part) -> Result<Option<burn::tensor::TensorData>> {
+        Ok(match self {
+            Self::FourBit(l, dtype) => match (l.resident(), l.host()) {
+                (Some(r), _) => r.part(*dtype, part)?,
+                (None, Some(h)) => four_bit_part(&h.weight, *dtype, part),
+                (None, None) => None,
+            },
+            Self::Int8(l) => match (l.resident(), l.host()) {
+                (Some(r), _) => r.part(part)?,
+                (None, Some(h)) => int8_part(&h.weight, part),
+                (None, None) => None,
+            },
+        })
     }
 }
 
@@ -91,6 +127,7 @@ pub struct QuantizingFactory {
     compute_dtype: Precision,
     device_map: Option<DeviceMap>,
     offload_folder: Option<PathBuf>,
+    residence: WeightResidence,
     built: Mutex<BTreeMap<String, QuantizedLinear>>,
     kept_fp32: Mutex<BTreeMap<String, Arc<Fp32Linear>>>,
     progress: ProgressBar,
@@ -125,6 +162,7 @@ impl QuantizingFactory {
             compute_dtype,
             device_map: None,
             offload_folder: None,
+            residence: WeightResidence::Auto,
             built: Mutex::new(BTreeMap::new()),
             kept_fp32: Mutex::new(BTreeMap::new()),
             progress: ProgressBar::hidden(),
@@ -135,6 +173,13 @@ impl QuantizingFactory {
     pub fn with_device_map(mut self, map: DeviceMap, offload_folder: Option<PathBuf>) -> Self {
         self.device_map = Some(map);
         self.offload_folder = offload_folder;
+        self
+    }
+
+    /// Where quantized layers placed on the compute device keep their weights (default
+    /// [`WeightResidence::Auto`]: on the device unless it is the host).
+    pub fn with_residence(mut self, residence: WeightResidence) -> Self {
+        self.residence = residence;
         self
     }
 
@@ -184,20 +229,20 @@ impl QuantizingFactory {
             StoredLayout::FourBit(qt) => {
                 let (weight, dtype) = read_four_bit(checkpoint, &spec.name, qt, shape)?;
                 QuantizedLinear::FourBit(
-                    Arc::new(Linear4bit {
+                    Arc::new(Linear4bit::new(
                         weight,
-                        bias: self.bias(spec, checkpoint)?,
-                        compute_dtype: self.compute_dtype,
-                        weight_dtype: dtype,
-                    }),
+                        self.bias(spec, checkpoint)?,
+                        self.compute_dtype,
+                        dtype,
+                    )),
                     dtype,
                 )
             }
-            StoredLayout::Int8 => QuantizedLinear::Int8(Arc::new(Linear8bitLt {
-                weight: read_int8(checkpoint, &spec.name, shape)?,
-                bias: self.bias(spec, checkpoint)?,
-                threshold: self.config.llm_int8_threshold,
-            })),
+            StoredLayout::Int8 => QuantizedLinear::Int8(Arc::new(Linear8bitLt::new(
+                read_int8(checkpoint, &spec.name, shape)?,
+                self.bias(spec, checkpoint)?,
+                self.config.llm_int8_threshold,
+            ))),
             StoredLayout::Float => {
                 if !self.config.converts(&spec.name) {
                     return Ok(None);
@@ -222,20 +267,20 @@ impl QuantizingFactory {
                         self.config.bnb_4bit_use_double_quant,
                     )?;
                     QuantizedLinear::FourBit(
-                        Arc::new(Linear4bit {
+                        Arc::new(Linear4bit::new(
                             weight,
-                            bias: self.bias(spec, checkpoint)?,
-                            compute_dtype: self.compute_dtype,
-                            weight_dtype: self.torch_dtype,
-                        }),
+                            self.bias(spec, checkpoint)?,
+                            self.compute_dtype,
+                            self.torch_dtype,
+                        )),
                         self.torch_dtype,
                     )
                 } else {
-                    QuantizedLinear::Int8(Arc::new(Linear8bitLt {
-                        weight: Int8Weight::quantize(&name, &values, shape[0], shape[1])?,
-                        bias: self.bias(spec, checkpoint)?,
-                        threshold: self.config.llm_int8_threshold,
-                    }))
+                    QuantizedLinear::Int8(Arc::new(Linear8bitLt::new(
+                        Int8Weight::quantize(&name, &values, shape[0], shape[1])?,
+                        self.bias(spec, checkpoint)?,
+                        self.config.llm_int8_threshold,
+                    )))
                 }
             }
         };
@@ -263,7 +308,7 @@ impl QuantizingFactory {
                     ),
                 })
         };
-        let Some(layer) = self.build_quantized(spec, checkpoint)? else {
+        let Some(mut layer) = self.build_quantized(spec, checkpoint)? else {
             // Dense projections (lm_head, skip_modules, keep_in_fp32_modules) honour the
             // placement too; keep_in_fp32_modules are built in f32 whatever the model's dtype.
             let keep = self.config.keeps_in_fp32(&spec.name);
@@ -296,6 +341,9 @@ impl QuantizingFactory {
                 .insert(spec.name.clone(), kept.clone());
             return Ok(LinearLayer::custom(kept));
         };
+        if placement == Placement::Device && self.residence.on_device(device) {
+            layer = self.to_device_resident(spec, layer, device)?;
+        }
         let op: Arc<dyn cachet_models::LinearOp> = match (&placement, &layer) {
             (Placement::Disk, _) => Arc::new(DiskLinear::write(folder()?, &spec.name, &layer)?),
             (_, QuantizedLinear::FourBit(l, _)) => l.clone(),
@@ -306,6 +354,40 @@ impl QuantizingFactory {
             .unwrap_or_else(|e| e.into_inner())
             .insert(spec.name.clone(), layer);
         Ok(LinearLayer::custom(op))
+    }
+}
+
+impl QuantizingFactory {
+    /// Moves `layer` (host form) onto `device`; keeps it in host form, with a warning, when
+    /// the device cannot compute in the layer's dtype.
+    fn to_device_resident(
+        &self,
+        spec: &LinearSpec,
+        layer: QuantizedLinear,
+        device: &Device,
+    ) -> Result<QuantizedLinear> {
+        let moved = match &layer {
+            QuantizedLinear::FourBit(l, dtype) => l
+                .to_device_resident(device)
+                .map(|r| QuantizedLinear::FourBit(Arc::new(r), *dtype)),
+            QuantizedLinear::Int8(l) => l
+                .to_device_resident(device)
+                .map(|r| QuantizedLinear::Int8(Arc::new(r))),
+        };
+        match moved {
+            Ok(moved) => Ok(moved),
+            Err(QuantError::Tensor(err))
+                if matches!(*err, cachet_tensor::TensorError::UnsupportedDType { .. }) =>
+            {
+                tracing::warn!(
+                    module = spec.name.as_str(),
+                    %err,
+                    "keeping the quantized weights in host memory"
+                );
+                Ok(layer)
+            }
+            Err(err) => Err(err),
+        }
     }
 }
 
@@ -449,11 +531,31 @@ pub fn module_names(config: &LlamaConfig) -> BTreeSet<String> {
 /// sharded safetensors): every projection is quantized as it is read — one weight at a time, so
 /// peak memory stays near the quantized size — except `lm_head`, `skip_modules` and
 /// `keep_in_fp32_modules`. Already-quantized checkpoints (transformers' layout) load as they are.
+/// Quantized layers placed on the compute device keep their weights there, packed, when it is
+/// a GPU, and in host memory when it is the host (see [`load_and_quantize_model_with`]).
 pub fn load_and_quantize_model(
     weights_location: impl AsRef<Path>,
     config: &BnbQuantizationConfig,
     options: &LoadOptions,
     device: &Device,
+) -> Result<QuantizedModel> {
+    load_and_quantize_model_with(
+        weights_location,
+        config,
+        options,
+        device,
+        WeightResidence::Auto,
+    )
+}
+
+/// [`load_and_quantize_model`] with the residence of the quantized weights placed on the
+/// compute device chosen (`cpu`/`disk` placements keep their host and mapped forms).
+pub fn load_and_quantize_model_with(
+    weights_location: impl AsRef<Path>,
+    config: &BnbQuantizationConfig,
+    options: &LoadOptions,
+    device: &Device,
+    residence: WeightResidence,
 ) -> Result<QuantizedModel> {
     let dir = weights_location.as_ref();
     let start = Instant::now();
@@ -465,7 +567,8 @@ pub fn load_and_quantize_model(
         Some(p) => p,
         None => config.torch_dtype(&origin)?,
     };
-    let mut factory = QuantizingFactory::new(config.clone(), &origin, torch_dtype)?;
+    let mut factory =
+        QuantizingFactory::new(config.clone(), &origin, torch_dtype)?.with_residence(residence);
     let mut not_offloaded = Vec::new();
     if let Some(map) = &options.device_map {
         map.validate(&module_names(&model_config))?;

@@ -15,7 +15,7 @@ use cachet_models::{DenseFactory, LinearFactory, LinearOp, LinearSpec};
 use cachet_tensor::{Checkpoint, Precision};
 
 use crate::error::{QuantError, Result};
-use crate::linear::{Linear4bit, Linear8bitLt};
+use crate::linear::{HostLinear4bit, HostLinear8bitLt};
 use crate::load::QuantizedLinear;
 use crate::serialize::{read_four_bit, read_int8};
 
@@ -62,7 +62,7 @@ impl DiskLinear {
     /// Writes `layer` to `folder/<name>.safetensors` and maps it.
     pub fn write(folder: &Path, name: &str, layer: &QuantizedLinear) -> Result<Self> {
         let path = folder.join(format!("{name}.safetensors"));
-        cachet_tensor::safetensors::save(&path, &layer.tensors(name), None).map_err(|e| {
+        cachet_tensor::safetensors::save(&path, &layer.try_tensors(name)?, None).map_err(|e| {
             QuantError::OffloadFolder {
                 path: folder.to_path_buf(),
                 reason: format!("writing {}: {e}", path.display()),
@@ -70,16 +70,22 @@ impl DiskLinear {
         })?;
         let checkpoint = Checkpoint::open(&path)?;
         let (kind, shape, bias) = match layer {
-            QuantizedLinear::FourBit(l, _) => (
-                Kind::FourBit(l.weight.quant_type, l.compute_dtype),
-                [l.weight.shape[0], l.weight.shape[1]],
-                l.bias.clone(),
-            ),
-            QuantizedLinear::Int8(l) => (
-                Kind::Int8(l.threshold),
-                [l.weight.rows, l.weight.cols],
-                l.bias.clone(),
-            ),
+            QuantizedLinear::FourBit(l, _) => {
+                let l = l.host_copy()?;
+                (
+                    Kind::FourBit(l.weight.quant_type, l.compute_dtype),
+                    [l.weight.shape[0], l.weight.shape[1]],
+                    l.bias.clone(),
+                )
+            }
+            QuantizedLinear::Int8(l) => {
+                let l = l.host_copy()?;
+                (
+                    Kind::Int8(l.threshold),
+                    [l.weight.rows, l.weight.cols],
+                    l.bias.clone(),
+                )
+            }
         };
         Ok(Self {
             path,
@@ -97,7 +103,7 @@ impl DiskLinear {
         Ok(match self.kind {
             Kind::FourBit(qt, compute) => {
                 let (weight, dtype) = read_four_bit(&self.checkpoint, &self.name, qt, self.shape)?;
-                Linear4bit {
+                HostLinear4bit {
                     weight,
                     bias: self.bias.clone(),
                     compute_dtype: compute,
@@ -105,7 +111,7 @@ impl DiskLinear {
                 }
                 .forward_host(x, rows)
             }
-            Kind::Int8(threshold) => Linear8bitLt {
+            Kind::Int8(threshold) => HostLinear8bitLt {
                 weight: read_int8(&self.checkpoint, &self.name, self.shape)?,
                 bias: self.bias.clone(),
                 threshold,

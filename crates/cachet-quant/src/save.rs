@@ -428,7 +428,7 @@ fn write_streaming(
             }
             Source::Quantized(layer, part) => {
                 layer
-                    .part(part)
+                    .part(part)?
                     .ok_or_else(|| QuantError::InconsistentState {
                         tensor: e.name.clone(),
                         reason: format!("the layer has no {part:?} part"),
