@@ -3,11 +3,14 @@
 //! `dequantize` (vs memcpy of the same output; goal ratio ≤ 4, i.e. ≥ 25% of memcpy bandwidth),
 //! `quantize` (vs bitsandbytes 0.50.2's CPU backend timed in the goldens venv; goal ratio ≤ 0.1;
 //! skipped with a message when the venv is missing). `cargo xtask bench` prints the ratios.
+//! Rows `*_avx512`, `*_avx2`, `*_portable` force that kernel level (`SimdLevel::force`); levels
+//! this CPU lacks are skipped with a message; the unsuffixed rows use the detected level.
 
 use std::hint::black_box;
 use std::process::Command;
 use std::time::Duration;
 
+use cachet_quant::simd::SimdLevel;
 use cachet_quant::{HostLinear4bit, QuantType, quantize_4bit};
 use cachet_tensor::Precision;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -71,6 +74,19 @@ fn bnb_quantize_seconds() -> Option<f64> {
         .ok()
 }
 
+/// The kernel levels this CPU can run, best first (a message names the ones it lacks).
+fn levels() -> Vec<SimdLevel> {
+    SimdLevel::ALL
+        .into_iter()
+        .filter(|l| {
+            if !l.is_available() {
+                eprintln!("{l} rows skipped: this CPU lacks it");
+            }
+            l.is_available()
+        })
+        .collect()
+}
+
 fn benches(c: &mut Criterion) {
     let w = weight();
     let x: Vec<f32> = (0..N)
@@ -93,6 +109,13 @@ fn benches(c: &mut Criterion) {
     g.bench_function("nf4_fused_gemv", |b| {
         b.iter(|| black_box(layer.forward_host(black_box(&x), 1)))
     });
+    for level in levels() {
+        SimdLevel::force(Some(level));
+        g.bench_function(format!("nf4_gemv_{level}"), |b| {
+            b.iter(|| black_box(layer.forward_host(black_box(&x), 1)))
+        });
+    }
+    SimdLevel::force(None);
     g.finish();
 
     let mut g = c.benchmark_group("dequantize_4096x4096");
@@ -117,6 +140,16 @@ fn benches(c: &mut Criterion) {
     g.bench_function("nf4_dequantize_alloc", |b| {
         b.iter(|| black_box(q.dequantize()))
     });
+    for level in levels() {
+        SimdLevel::force(Some(level));
+        g.bench_function(format!("nf4_dequantize_{level}"), |b| {
+            b.iter(|| {
+                q.dequantize_into(&mut dst);
+                black_box(&dst);
+            })
+        });
+    }
+    SimdLevel::force(None);
     g.finish();
 
     let mut g = c.benchmark_group("quantize_4096x4096");
@@ -143,6 +176,15 @@ fn benches(c: &mut Criterion) {
     g.bench_function("nf4_double_quant", |b| {
         b.iter(|| black_box(quantize_4bit("bench", &w, &[N, N], 64, QuantType::Nf4, true).unwrap()))
     });
+    for level in levels() {
+        SimdLevel::force(Some(level));
+        g.bench_function(format!("nf4_quantize_{level}"), |b| {
+            b.iter(|| {
+                black_box(quantize_4bit("bench", &w, &[N, N], 64, QuantType::Nf4, false).unwrap())
+            })
+        });
+    }
+    SimdLevel::force(None);
     g.finish();
 }
 

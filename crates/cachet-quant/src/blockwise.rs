@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::codes::{DYNAMIC_MAP, QuantType, midpoints};
 use crate::error::{QuantError, Result};
+use crate::simd::SimdLevel;
 
 /// Block sizes bnb accepts for 4-bit quantization.
 pub const VALID_4BIT_BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
@@ -157,8 +158,10 @@ impl Quantized4bit {
         // Chunks of whole blocks (block sizes are even, so chunks start on a byte).
         let chunk = self.blocksize * 64;
         let code = self.quant_type.code();
+        let level = SimdLevel::current();
         out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-            dequantize_4bit_with(&self.packed, &absmax, self.blocksize, code, i * chunk, o);
+            let (packed, blocksize) = (&self.packed, self.blocksize);
+            dequantize_4bit_with(packed, &absmax, blocksize, code, i * chunk, o, level);
         });
     }
 
@@ -239,46 +242,16 @@ pub fn quantize_4bit(
             reason: format!("{} values for shape {shape:?}", data.len()),
         });
     }
-    let (bounds, order) = midpoints(quant_type);
-    let non_finite = std::sync::atomic::AtomicBool::new(false);
     let mut packed = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0.0f32; n.div_ceil(blocksize)];
-    #[cfg(target_arch = "x86_64")]
-    let simd = std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
-    // Whole blocks per rayon task, about 64 Ki values each: few enough tasks that splitting
-    // costs nothing next to the work, enough to balance two to dozens of cores.
-    let per_task = (1usize << 16).div_ceil(blocksize).max(1);
-    packed
-        .par_chunks_mut(per_task * blocksize / 2)
-        .zip(absmax.par_chunks_mut(per_task))
-        .zip(data.par_chunks(per_task * blocksize))
-        .for_each(|((out, am), chunk)| {
-            for ((out, am), block) in out
-                .chunks_mut(blocksize / 2)
-                .zip(am.iter_mut())
-                .zip(chunk.chunks(blocksize))
-            {
-                let full = block.len() == blocksize;
-                #[cfg(target_arch = "x86_64")]
-                if simd && full {
-                    // SAFETY: avx512f was detected at run time; the block holds `blocksize`
-                    // values (a multiple of 16) and `out` blocksize / 2 bytes.
-                    match unsafe { quantize_block_avx512(block, out, &bounds, &order, quant_type) }
-                    {
-                        Some(max) => *am = max,
-                        None => non_finite.store(true, std::sync::atomic::Ordering::Relaxed),
-                    }
-                    continue;
-                }
-                let _ = simd;
-                if !quantize_block_portable(block, out, am, full, &bounds, &order) {
-                    non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        });
-    if non_finite.into_inner() {
+    if !quantize_4bit_codes(
+        data,
+        blocksize,
+        quant_type,
+        SimdLevel::current(),
+        &mut packed,
+        &mut absmax,
+    ) {
         check_finite(tensor, data)?;
     }
     let absmax = if double_quant {
@@ -293,6 +266,76 @@ pub fn quantize_4bit(
         blocksize,
         quant_type,
     })
+}
+
+/// The codes (`packed`, `ceil(n / 2)` bytes) and absmax (one per block) of `data` with the
+/// kernels of `level` (lowered to what the CPU has); `false` when `data` holds a non-finite
+/// value (the outputs are then incomplete).
+pub(crate) fn quantize_4bit_codes(
+    data: &[f32],
+    blocksize: usize,
+    quant_type: QuantType,
+    level: SimdLevel,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> bool {
+    let level = level.best_up_to();
+    let (bounds, order) = midpoints(quant_type);
+    let non_finite = std::sync::atomic::AtomicBool::new(false);
+    // Whole blocks per rayon task, about 64 Ki values each: few enough tasks that splitting
+    // costs nothing next to the work, enough to balance two to dozens of cores.
+    let per_task = (1usize << 16).div_ceil(blocksize).max(1);
+    packed
+        .par_chunks_mut(per_task * blocksize / 2)
+        .zip(absmax.par_chunks_mut(per_task))
+        .zip(data.par_chunks(per_task * blocksize))
+        .for_each(|((out, am), chunk)| {
+            for ((out, am), block) in out
+                .chunks_mut(blocksize / 2)
+                .zip(am.iter_mut())
+                .zip(chunk.chunks(blocksize))
+            {
+                if !quantize_block(level, block, out, am, blocksize, &bounds, &order) {
+                    non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    !non_finite.into_inner()
+}
+
+/// One block with the kernel of `level` (an available level): full blocks go to the SIMD
+/// kernels, a trailing partial block to the portable loop.
+#[inline]
+fn quantize_block(
+    level: SimdLevel,
+    block: &[f32],
+    out: &mut [u8],
+    am: &mut f32,
+    blocksize: usize,
+    bounds: &[f32; 15],
+    order: &[u8; 16],
+) -> bool {
+    let full = block.len() == blocksize;
+    #[cfg(target_arch = "x86_64")]
+    if full && level != SimdLevel::Portable {
+        let max = if level == SimdLevel::Avx512 {
+            // SAFETY: `level` is available (the caller lowered it), so avx512f is; the block
+            // holds `blocksize` values (a multiple of 16) and `out` blocksize / 2 bytes.
+            unsafe { quantize_block_avx512(block, out, bounds, order) }
+        } else {
+            // SAFETY: as above, with avx2 and fma.
+            unsafe { quantize_block_avx2(block, out, bounds, order) }
+        };
+        return match max {
+            Some(max) => {
+                *am = max;
+                true
+            }
+            None => false,
+        };
+    }
+    let _ = level;
+    quantize_block_portable(block, out, am, full, bounds, order)
 }
 
 /// Quantizes one block to 4-bit codes in `out` (high nibble first) and its absmax in `am`;
@@ -372,10 +415,9 @@ unsafe fn quantize_block_avx512(
     out: &mut [u8],
     bounds: &[f32; 15],
     order: &[u8; 16],
-    quant_type: QuantType,
 ) -> Option<f32> {
     use std::arch::x86_64::*;
-    debug_assert!(block.len().is_multiple_of(16) && out.len() * 2 == block.len());
+    assert!(block.len().is_multiple_of(16) && out.len() * 2 == block.len());
     let vectors = block.len() / 16;
     let src = block.as_ptr();
     let dst = out.as_mut_ptr();
@@ -401,7 +443,7 @@ unsafe fn quantize_block_avx512(
         let middle = _mm512_set1_ps(bounds[7]);
         let order_i32: [i32; 16] = std::array::from_fn(|i| i32::from(order[i]));
         let order_v = _mm512_loadu_si512(order_i32.as_ptr().cast());
-        let reorder = quant_type != QuantType::Nf4;
+        let reorder = !is_identity(order);
         let (k8, k4, k2, k1) = (
             _mm512_set1_epi32(8),
             _mm512_set1_epi32(4),
@@ -430,6 +472,118 @@ unsafe fn quantize_block_avx512(
                 _mm512_srli_epi64::<32>(codes),
             );
             _mm_storel_epi64(dst.add(i * 8).cast(), _mm512_cvtepi64_epi8(pairs));
+        }
+        Some(max)
+    }
+}
+
+/// Whether the code order maps every bucket to itself (NF4: its code is sorted).
+fn is_identity(order: &[u8; 16]) -> bool {
+    order.iter().enumerate().all(|(i, &o)| usize::from(o) == i)
+}
+
+/// One full block with AVX2+FMA, bit-identical to [`quantize_block_portable`] by the method of
+/// [`quantize_block_avx512`] on 8 lanes: the absmax as an integer max over the magnitudes' bits;
+/// the bucket as a 4-step branchless binary search over the sorted midpoints, where each step
+/// has at most 8 candidates, so one blend or one 8-entry permute fetches the midpoint to
+/// compare with; 16 codes paired into 8 bytes with 64-bit shifts and two shuffles. Returns the
+/// absmax, or `None` for a block holding a non-finite value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(
+    block: &[f32],
+    out: &mut [u8],
+    bounds: &[f32; 15],
+    order: &[u8; 16],
+) -> Option<f32> {
+    use std::arch::x86_64::*;
+    // Whole 16-value groups (block sizes are multiples of 32).
+    assert!(block.len().is_multiple_of(16) && out.len() * 2 == block.len());
+    let groups = block.len() / 16;
+    let src = block.as_ptr();
+    let dst = out.as_mut_ptr();
+    // SAFETY: every load reads 8 floats at 8i < block.len() (16 per group); every store writes
+    // 8 bytes at 8g < out.len().
+    unsafe {
+        let magnitude = _mm256_set1_epi32(0x7fff_ffff);
+        let mut m = _mm256_setzero_si256();
+        for i in 0..groups * 2 {
+            let v = _mm256_loadu_si256(src.add(i * 8).cast());
+            m = _mm256_max_epu32(m, _mm256_and_si256(v, magnitude));
+        }
+        let m = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256::<1>(m));
+        let m = _mm_max_epu32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
+        let m = _mm_max_epu32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
+        let bits = _mm_cvtsi128_si32(m) as u32;
+        if bits >= 0x7f80_0000 {
+            return None;
+        }
+        let max = f32::from_bits(bits);
+        let recip = _mm256_set1_ps(1.0f32 / max.max(1e-38));
+        let (lo, hi) = (_mm256_set1_ps(-1.0), _mm256_set1_ps(1.0));
+        let b = bounds;
+        // Step 8 compares with b[7]; step 4 with b[3] or b[11]; step 2 with b[idx + 1] for
+        // idx in {0, 4, 8, 12}; step 1 with b[idx] for even idx.
+        let (b7, b3, b11) = (
+            _mm256_set1_ps(b[7]),
+            _mm256_set1_ps(b[3]),
+            _mm256_set1_ps(b[11]),
+        );
+        let t2 = _mm256_setr_ps(b[1], b[5], b[9], b[13], 0.0, 0.0, 0.0, 0.0);
+        let t1 = _mm256_setr_ps(b[0], b[2], b[4], b[6], b[8], b[10], b[12], b[14]);
+        let (k8, k4, k2) = (
+            _mm256_set1_epi32(8),
+            _mm256_set1_epi32(4),
+            _mm256_set1_epi32(2),
+        );
+        let reorder = !is_identity(order);
+        let o = order.map(i32::from);
+        let order_lo = _mm256_loadu_si256(o.as_ptr().cast());
+        let order_hi = _mm256_loadu_si256(o.as_ptr().add(8).cast());
+        let code = |v: __m256| -> __m256i {
+            let s = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, recip), lo), hi);
+            let m8 = _mm256_cmp_ps::<_CMP_LT_OQ>(b7, s);
+            let mut idx = _mm256_and_si256(_mm256_castps_si256(m8), k8);
+            let c = _mm256_blendv_ps(b3, b11, m8);
+            let m4 = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(c, s));
+            idx = _mm256_add_epi32(idx, _mm256_and_si256(m4, k4));
+            let c = _mm256_permutevar8x32_ps(t2, _mm256_srli_epi32::<2>(idx));
+            let m2 = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(c, s));
+            idx = _mm256_add_epi32(idx, _mm256_and_si256(m2, k2));
+            let c = _mm256_permutevar8x32_ps(t1, _mm256_srli_epi32::<1>(idx));
+            let m1 = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(c, s));
+            idx = _mm256_sub_epi32(idx, m1);
+            if reorder {
+                let upper = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
+                _mm256_blendv_epi8(
+                    _mm256_permutevar8x32_epi32(order_lo, idx),
+                    _mm256_permutevar8x32_epi32(order_hi, idx),
+                    upper,
+                )
+            } else {
+                idx
+            }
+        };
+        // Byte 0 of each 32-bit lane to the low 4 bytes of its 128-bit half.
+        let pick = _mm256_setr_epi8(
+            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1,
+            -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        );
+        for g in 0..groups {
+            let c0 = code(_mm256_loadu_ps(src.add(g * 16)));
+            let c1 = code(_mm256_loadu_ps(src.add(g * 16 + 8)));
+            // Low 32 bits of each 64-bit lane: byte = even << 4 | odd (B0..B3, then B4..B7).
+            let p0 = _mm256_or_si256(_mm256_slli_epi64::<4>(c0), _mm256_srli_epi64::<32>(c0));
+            let p1 = _mm256_or_si256(_mm256_slli_epi64::<4>(c1), _mm256_srli_epi64::<32>(c1));
+            // Halves: [B0 B1 B4 B5 | B2 B3 B6 B7] as 32-bit lanes, then as bytes.
+            let q = _mm256_castps_si256(_mm256_shuffle_ps::<0b10_00_10_00>(
+                _mm256_castsi256_ps(p0),
+                _mm256_castsi256_ps(p1),
+            ));
+            let q = _mm256_shuffle_epi8(q, pick);
+            let bytes =
+                _mm_unpacklo_epi16(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            _mm_storel_epi64(dst.add(g * 8).cast(), bytes);
         }
         Some(max)
     }
@@ -554,7 +708,15 @@ pub fn dequantize_4bit_into(
     start: usize,
     out: &mut [f32],
 ) {
-    dequantize_4bit_with(packed, absmax, blocksize, quant_type.code(), start, out);
+    dequantize_4bit_with(
+        packed,
+        absmax,
+        blocksize,
+        quant_type.code(),
+        start,
+        out,
+        SimdLevel::current(),
+    );
 }
 
 /// The 16 code values of 8 packed bytes at `bytes` (high nibble first), looked up in the
@@ -576,6 +738,101 @@ pub(crate) unsafe fn decode16_avx512(
     let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
     let lo = _mm_and_si128(raw, mask);
     _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut)
+}
+
+/// The 16-entry code split for AVX2 lookups: entries 0..8 and 8..16, one register each.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct CodeAvx2 {
+    lo: std::arch::x86_64::__m256,
+    hi: std::arch::x86_64::__m256,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CodeAvx2 {
+    /// Loads `code` into two registers.
+    ///
+    /// # Safety
+    /// AVX must be available.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) unsafe fn new(code: &[f32; 16]) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: `code` holds 16 floats: two loads of 8.
+        unsafe {
+            Self {
+                lo: _mm256_loadu_ps(code.as_ptr()),
+                hi: _mm256_loadu_ps(code.as_ptr().add(8)),
+            }
+        }
+    }
+}
+
+/// The 8 code values of the 4 packed bytes at `bytes` (high nibble first) with AVX2: the 32 bits
+/// broadcast to every lane, each lane shifts its own nibble down (an 8-entry permute reads only
+/// the low 3 bits, so no mask) and the nibble's bit 3 up to the sign, which picks the lower or
+/// upper half of the code with one blend. No cross-lane unpacking: one load, two shifts, two
+/// permutes and one blend per 8 values.
+///
+/// # Safety
+/// AVX2 must be available and `bytes` must point to 4 readable bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn decode8_avx2(bytes: *const u8, code: CodeAvx2) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees 4 readable bytes.
+    let word = unsafe { bytes.cast::<i32>().read_unaligned() };
+    let b = _mm256_set1_epi32(word);
+    // Value j is the high (j even) or low nibble of byte j / 2: bits 8·(j/2) + 4·(1 - j%2).
+    let index = _mm256_srlv_epi32(b, _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24));
+    let upper = _mm256_sllv_epi32(b, _mm256_setr_epi32(24, 28, 16, 20, 8, 12, 0, 4));
+    _mm256_blendv_ps(
+        _mm256_permutevar8x32_ps(code.lo, index),
+        _mm256_permutevar8x32_ps(code.hi, index),
+        _mm256_castsi256_ps(upper),
+    )
+}
+
+/// Dequantizes whole blocks with AVX2: per 8 values one 4-byte broadcast, the lookup of
+/// [`decode8_avx2`], one multiply by the block's absmax and one store.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequantize_blocks_avx2(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 16],
+    start: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let first = start / blocksize;
+    let blocks = out.len() / blocksize;
+    assert!(
+        start.is_multiple_of(blocksize)
+            && out.len().is_multiple_of(blocksize)
+            && blocksize.is_multiple_of(16)
+            && packed.len() * 2 >= start + out.len()
+            && absmax.len() >= first + blocks
+    );
+    // SAFETY: the assert bounds every access: bytes (start + 8·i)/2 .. +4 lie in `packed`,
+    // floats 8·i .. +8 in `out`, block indices in `absmax`; avx2 is enabled here.
+    unsafe {
+        let lut = CodeAvx2::new(code);
+        let bytes = packed.as_ptr().add(start / 2);
+        let dst = out.as_mut_ptr();
+        for b in 0..blocks {
+            let scale = _mm256_set1_ps(*absmax.get_unchecked(first + b));
+            let base = b * blocksize;
+            for i in (0..blocksize).step_by(16) {
+                let w0 = decode8_avx2(bytes.add((base + i) / 2), lut);
+                let w1 = decode8_avx2(bytes.add((base + i) / 2 + 4), lut);
+                _mm256_storeu_ps(dst.add(base + i), _mm256_mul_ps(w0, scale));
+                _mm256_storeu_ps(dst.add(base + i + 8), _mm256_mul_ps(w1, scale));
+            }
+        }
+    }
 }
 
 /// Dequantizes whole blocks with AVX-512: per 16 values one 8-byte load, one permute through the
@@ -616,24 +873,34 @@ unsafe fn dequantize_blocks_avx512(
     }
 }
 
-fn dequantize_4bit_with(
+/// Dequantizes with the kernels of `level` (lowered to what the CPU has): whole blocks from a
+/// block start through SIMD, the rest (and any other start) through the portable loop.
+pub(crate) fn dequantize_4bit_with(
     packed: &[u8],
     absmax: &[f32],
     blocksize: usize,
     code: &[f32; 16],
     start: usize,
     out: &mut [f32],
+    level: SimdLevel,
 ) {
     debug_assert!(start.is_multiple_of(2));
+    let level = level.best_up_to();
     #[cfg(target_arch = "x86_64")]
-    if start.is_multiple_of(blocksize)
+    if level != SimdLevel::Portable
+        && start.is_multiple_of(blocksize)
         && blocksize.is_multiple_of(16)
-        && std::arch::is_x86_feature_detected!("avx512f")
     {
         let whole = out.len() - out.len() % blocksize;
         let (head, tail) = out.split_at_mut(whole);
-        // SAFETY: avx512f was detected at run time; `head` is whole blocks from a block start.
-        unsafe { dequantize_blocks_avx512(packed, absmax, blocksize, code, start, head) };
+        if level == SimdLevel::Avx512 {
+            // SAFETY: `level` is available, so avx512f is; `head` is whole blocks from a block
+            // start.
+            unsafe { dequantize_blocks_avx512(packed, absmax, blocksize, code, start, head) };
+        } else {
+            // SAFETY: as above, with avx2 and fma.
+            unsafe { dequantize_blocks_avx2(packed, absmax, blocksize, code, start, head) };
+        }
         if tail.is_empty() {
             return;
         }
@@ -778,65 +1045,206 @@ pub fn dequantize_blockwise_with(
 mod tests {
     use super::*;
 
-    /// The AVX-512 block kernel against the portable one, on values that include every
-    /// midpoint exactly (bucketize ties), ±1 after scaling, zeros and a zero block.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx512_blocks_equal_the_portable_ones() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            eprintln!("no avx512f: nothing to compare");
-            return;
+    /// Pseudo-random values in ±0.15 (xorshift, no RNG dependency).
+    fn values(state: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                ((*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.3
+            })
+            .collect()
+    }
+
+    /// The SIMD levels this CPU has besides the portable reference.
+    fn simd_levels() -> Vec<SimdLevel> {
+        let levels: Vec<SimdLevel> = [SimdLevel::Avx512, SimdLevel::Avx2]
+            .into_iter()
+            .filter(|l| l.is_available())
+            .collect();
+        if levels.is_empty() {
+            eprintln!("no SIMD level on this CPU: nothing to compare");
         }
+        levels
+    }
+
+    /// Every SIMD block kernel against the portable one, on values that include every midpoint
+    /// exactly (bucketize ties), ±1 after scaling, zeros and a zero block; a NaN is reported.
+    #[test]
+    fn simd_blocks_equal_the_portable_ones() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
-        for quant_type in [QuantType::Nf4, QuantType::Fp4] {
-            let (bounds, order) = midpoints(quant_type);
-            for blocksize in VALID_4BIT_BLOCKSIZES {
-                for case in 0..6 {
-                    let mut block: Vec<f32> = (0..blocksize)
-                        .map(|_| {
-                            state ^= state << 13;
-                            state ^= state >> 7;
-                            state ^= state << 17;
-                            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.3
-                        })
-                        .collect();
-                    match case {
-                        0 => {}
-                        1 => {
-                            // absmax 1: the midpoints themselves appear.
-                            block[0] = 1.0;
-                            for (v, b) in block[1..].iter_mut().zip(bounds.iter().cycle()) {
-                                *v = *b;
+        for level in simd_levels() {
+            for quant_type in [QuantType::Nf4, QuantType::Fp4] {
+                let (bounds, order) = midpoints(quant_type);
+                for blocksize in VALID_4BIT_BLOCKSIZES {
+                    for case in 0..6 {
+                        let mut block = values(&mut state, blocksize);
+                        match case {
+                            0 => {}
+                            1 => {
+                                // absmax 1: the midpoints themselves appear.
+                                block[0] = 1.0;
+                                for (v, b) in block[1..].iter_mut().zip(bounds.iter().cycle()) {
+                                    *v = *b;
+                                }
                             }
+                            2 => block.fill(0.0),
+                            3 => block.iter_mut().step_by(3).for_each(|v| *v = -*v * 7.0),
+                            4 => block.iter_mut().step_by(5).for_each(|v| *v = 0.0),
+                            _ => block[blocksize / 2] = -2.5,
                         }
-                        2 => block.fill(0.0),
-                        3 => block.iter_mut().step_by(3).for_each(|v| *v = -*v * 7.0),
-                        4 => block.iter_mut().step_by(5).for_each(|v| *v = 0.0),
-                        _ => block[blocksize / 2] = -2.5,
+                        let what = format!("{level} {quant_type} {blocksize} case {case}");
+                        let mut want = vec![0u8; blocksize / 2];
+                        let mut want_am = 0.0f32;
+                        assert!(quantize_block_portable(
+                            &block,
+                            &mut want,
+                            &mut want_am,
+                            true,
+                            &bounds,
+                            &order
+                        ));
+                        let mut got = vec![0u8; blocksize / 2];
+                        let mut am = f32::NAN;
+                        let (b, o) = (&bounds, &order);
+                        assert!(quantize_block(
+                            level, &block, &mut got, &mut am, blocksize, b, o
+                        ));
+                        assert_eq!(am.to_bits(), want_am.to_bits(), "{what}");
+                        assert_eq!(got, want, "{what}");
+                        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                            block[1] = bad;
+                            assert!(!quantize_block(
+                                level, &block, &mut got, &mut am, blocksize, b, o
+                            ));
+                        }
                     }
-                    let mut want = vec![0u8; blocksize / 2];
-                    let mut want_am = 0.0f32;
-                    assert!(quantize_block_portable(
-                        &block,
-                        &mut want,
-                        &mut want_am,
-                        true,
-                        &bounds,
-                        &order
-                    ));
-                    let mut got = vec![0u8; blocksize / 2];
-                    // SAFETY: avx512f detected above; sizes as the kernel requires.
-                    let am = unsafe {
-                        quantize_block_avx512(&block, &mut got, &bounds, &order, quant_type)
+                }
+            }
+        }
+    }
+
+    /// Edge values for a tensor: zeros, ±absmax, every midpoint times the absmax (ties after
+    /// scaling when the absmax is a power of two), code values times the absmax.
+    fn edge_tensor(state: &mut u64, n: usize, blocksize: usize, quant_type: QuantType) -> Vec<f32> {
+        let (bounds, _) = midpoints(quant_type);
+        let code = quant_type.code();
+        let mut data = values(state, n);
+        for (b, block) in data.chunks_mut(blocksize).enumerate() {
+            let scale = [1.0f32, 0.5, 0.25, 3.0, 0.1][b % 5];
+            match b % 4 {
+                0 => {
+                    for (i, v) in block.iter_mut().enumerate() {
+                        *v = match i % 4 {
+                            0 => bounds[(i / 4) % 15] * scale,
+                            1 => -bounds[(i / 4 + 7) % 15] * scale,
+                            2 => code[i % 16] * scale,
+                            _ => 0.0,
+                        };
+                    }
+                    block[0] = scale;
+                    if block.len() > 1 {
+                        block[block.len() - 1] = -scale;
+                    }
+                }
+                1 => block.fill(0.0),
+                2 => {
+                    block.iter_mut().step_by(3).for_each(|v| *v = 0.0);
+                    if let Some(v) = block.last_mut() {
+                        *v = -0.2;
+                    }
+                }
+                _ => {}
+            }
+        }
+        data
+    }
+
+    /// Whole tensors (partial trailing blocks included) through every SIMD level: the same
+    /// bytes and absmax as the portable path, for every block size, NF4 and FP4.
+    #[test]
+    fn simd_quantize_4bit_equals_portable() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let levels = simd_levels();
+        for quant_type in [QuantType::Nf4, QuantType::Fp4] {
+            for blocksize in VALID_4BIT_BLOCKSIZES {
+                for n in [
+                    1,
+                    7,
+                    blocksize - 1,
+                    blocksize,
+                    blocksize + 1,
+                    3 * blocksize + 17,
+                    8 * blocksize,
+                    (1 << 16) + blocksize + 2,
+                ] {
+                    let data = edge_tensor(&mut state, n, blocksize, quant_type);
+                    let run = |level| {
+                        let mut packed = vec![0u8; n.div_ceil(2)];
+                        let mut absmax = vec![0.0f32; n.div_ceil(blocksize)];
+                        let args = (blocksize, quant_type, level);
+                        assert!(quantize_4bit_codes(
+                            &data,
+                            args.0,
+                            args.1,
+                            args.2,
+                            &mut packed,
+                            &mut absmax
+                        ));
+                        (
+                            packed,
+                            absmax.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                        )
                     };
-                    assert_eq!(am, Some(want_am), "{quant_type} {blocksize} case {case}");
-                    assert_eq!(got, want, "{quant_type} {blocksize} case {case}");
-                    block[1] = f32::NAN;
-                    // SAFETY: as above.
-                    let am = unsafe {
-                        quantize_block_avx512(&block, &mut got, &bounds, &order, quant_type)
+                    let want = run(SimdLevel::Portable);
+                    for &level in &levels {
+                        let got = run(level);
+                        let what = format!("{level} {quant_type} blocksize {blocksize} n {n}");
+                        assert_eq!(got.1, want.1, "absmax, {what}");
+                        assert_eq!(got.0, want.0, "codes, {what}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dequantization through every SIMD level equals the portable loop bit for bit: whole
+    /// tensors, ranges starting on and off block boundaries, partial trailing blocks.
+    #[test]
+    fn simd_dequantize_equals_portable() {
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let levels = simd_levels();
+        for quant_type in [QuantType::Nf4, QuantType::Fp4] {
+            let code = quant_type.code();
+            for blocksize in VALID_4BIT_BLOCKSIZES {
+                let n = 5 * blocksize + 37;
+                let data = edge_tensor(&mut state, n, blocksize, quant_type);
+                let q = quantize_4bit("t", &data, &[n], blocksize, quant_type, false).unwrap();
+                let absmax = q.absmax.to_f32();
+                for (start, len) in [
+                    (0, n),
+                    (0, 2 * blocksize),
+                    (blocksize, 3 * blocksize + 5),
+                    (2 * blocksize, n - 2 * blocksize),
+                    (2, blocksize),
+                    (blocksize + 16, 2 * blocksize + 1),
+                ] {
+                    let run = |level| {
+                        let mut out = vec![f32::NAN; len];
+                        dequantize_4bit_with(
+                            &q.packed, &absmax, blocksize, code, start, &mut out, level,
+                        );
+                        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                     };
-                    assert_eq!(am, None);
+                    let want = run(SimdLevel::Portable);
+                    for &level in &levels {
+                        assert_eq!(
+                            run(level),
+                            want,
+                            "{level} {quant_type} blocksize {blocksize} [{start}, +{len})"
+                        );
+                    }
                 }
             }
         }

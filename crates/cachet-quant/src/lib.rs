@@ -26,6 +26,7 @@ pub mod load;
 pub mod offload;
 pub mod save;
 pub mod serialize;
+pub mod simd;
 
 pub use blockwise::{
     AbsMax, Blockwise8bit, NestedAbsMax, Quantized4bit, quantize_4bit, quantize_blockwise,

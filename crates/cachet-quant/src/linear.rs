@@ -26,6 +26,7 @@ use crate::blockwise::{Quantized4bit, dequantize_4bit_into};
 use crate::device::{DEFAULT_TILE_BYTES, Resident4bit, Resident8bit, WeightResidence};
 use crate::error::Result;
 use crate::int8::{Int8Weight, int8_matmul};
+use crate::simd::SimdLevel;
 
 /// Output rows per tile of the batched path.
 const TILE_ROWS: usize = 16;
@@ -39,9 +40,32 @@ fn round_to(p: Precision, v: f32) -> f32 {
     }
 }
 
-/// Dot product with 8 independent lanes (auto-vectorised).
+/// Dot product (`x · w` rows of the batched path) with the kernels of the current
+/// [`SimdLevel`].
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_with(SimdLevel::current(), a, b)
+}
+
+/// [`dot`] with the kernels of `level` (lowered to what the CPU has).
+fn dot_with(level: SimdLevel, a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    #[cfg(target_arch = "x86_64")]
+    match level.best_up_to() {
+        // SAFETY: the level is available, so avx512f is; both slices hold `n` values.
+        SimdLevel::Avx512 => return unsafe { dot_avx512(a, b) },
+        // SAFETY: the level is available, so avx2 and fma are.
+        SimdLevel::Avx2 => return unsafe { dot_avx2(a, b) },
+        SimdLevel::Portable => {}
+    }
+    let _ = level;
+    dot_portable(a, b)
+}
+
+/// Dot product with 8 independent lanes (auto-vectorised).
+#[inline]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, ra) = a.as_chunks::<8>();
     let (cb, rb) = b.as_chunks::<8>();
@@ -57,13 +81,80 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Horizontal sum of 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn hsum_avx2(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Dot product of equal-length slices with AVX2+FMA (four 8-lane accumulators).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    assert_eq!(a.len(), b.len());
+    let n = a.len() / 32;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: every load reads 8 floats at offsets below 32·n ≤ len in both slices.
+    let mut sum = unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in 0..n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i * 32 + j * 8;
+                *acc =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            }
+        }
+        hsum_avx2(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
+    };
+    for (x, y) in a[n * 32..].iter().zip(&b[n * 32..]) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// Dot product of equal-length slices with AVX-512 (two 16-lane accumulators).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    assert_eq!(a.len(), b.len());
+    let n = a.len() / 32;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: every load reads 16 floats at offsets below 32·n ≤ len in both slices.
+    let mut sum = unsafe {
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for i in 0..n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i * 32 + j * 16;
+                *acc =
+                    _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    };
+    for (x, y) in a[n * 32..].iter().zip(&b[n * 32..]) {
+        sum += x * y;
+    }
+    sum
+}
+
 /// `Σ_j code[nibble_j] · x_j` over packed bytes (high nibble first) with AVX-512: 8 bytes
 /// become 16 indices, looked up in the 16-entry code with one permute, then one FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_codes_avx512(bytes: &[u8], x: &[f32], code: &[f32; 16]) -> f32 {
     use std::arch::x86_64::*;
-    debug_assert_eq!(x.len(), bytes.len() * 2);
+    assert_eq!(x.len(), bytes.len() * 2);
     let n = bytes.len() / 8;
     // SAFETY: every load reads within `bytes` (8 bytes at 8i < len) and `x` (16 floats at 16i).
     let mut sum = unsafe {
@@ -75,6 +166,37 @@ unsafe fn dot_codes_avx512(bytes: &[u8], x: &[f32], code: &[f32; 16]) -> f32 {
             acc = _mm512_fmadd_ps(w, xv, acc);
         }
         _mm512_reduce_add_ps(acc)
+    };
+    for j in n * 8..bytes.len() {
+        let b = bytes[j] as usize;
+        sum += code[b >> 4] * x[2 * j] + code[b & 0x0f] * x[2 * j + 1];
+    }
+    sum
+}
+
+/// `Σ_j code[nibble_j] · x_j` over packed bytes (high nibble first) with AVX2+FMA: 4 bytes give
+/// 8 code values ([`decode8_avx2`](crate::blockwise::decode8_avx2)), then one FMA; two
+/// accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_codes_avx2(bytes: &[u8], x: &[f32], code: &[f32; 16]) -> f32 {
+    use crate::blockwise::{CodeAvx2, decode8_avx2};
+    use std::arch::x86_64::*;
+    assert_eq!(x.len(), bytes.len() * 2);
+    let n = bytes.len() / 8;
+    // SAFETY: every load reads within `bytes` (4 bytes at 8i and 8i + 4, 8i + 8 ≤ len) and `x`
+    // (8 floats at 16i and 16i + 8).
+    let mut sum = unsafe {
+        let lut = CodeAvx2::new(code);
+        let (b, xp) = (bytes.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for i in 0..n {
+            let w0 = decode8_avx2(b.add(i * 8), lut);
+            let w1 = decode8_avx2(b.add(i * 8 + 4), lut);
+            acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(i * 16)), acc[0]);
+            acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(i * 16 + 8)), acc[1]);
+        }
+        hsum_avx2(_mm256_add_ps(acc[0], acc[1]))
     };
     for j in n * 8..bytes.len() {
         let b = bytes[j] as usize;
@@ -98,14 +220,15 @@ unsafe fn gemv_row_blocks_avx512(
     start: usize,
 ) -> f32 {
     use std::arch::x86_64::*;
-    debug_assert!(
+    let first = start / blocksize;
+    let blocks = x.len() / blocksize;
+    assert!(
         start.is_multiple_of(blocksize)
             && x.len().is_multiple_of(blocksize)
             && blocksize.is_multiple_of(16)
+            && packed.len() * 2 >= start + x.len()
+            && absmax.len() >= first + blocks
     );
-    let first = start / blocksize;
-    let blocks = x.len() / blocksize;
-    assert!(packed.len() * 2 >= start + x.len() && absmax.len() >= first + blocks);
     // SAFETY: the assert above bounds every load: bytes (start + 16·i)/2 .. +8 lie in `packed`,
     // floats 16·i .. +16 in `x`, and block indices in `absmax`.
     unsafe {
@@ -125,8 +248,57 @@ unsafe fn gemv_row_blocks_avx512(
     }
 }
 
+/// [`gemv_row_blocks_avx512`] with AVX2+FMA: 32 values (16 bytes) per step through
+/// [`decode8_avx2`](crate::blockwise::decode8_avx2) into four 8-lane accumulators (block sizes
+/// are multiples of 32), summed and scaled by the block's absmax with one FMA; one reduction per
+/// row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_row_blocks_avx2(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 16],
+    x: &[f32],
+    start: usize,
+) -> f32 {
+    use crate::blockwise::{CodeAvx2, decode8_avx2};
+    use std::arch::x86_64::*;
+    let first = start / blocksize;
+    let blocks = x.len() / blocksize;
+    assert!(
+        start.is_multiple_of(blocksize)
+            && x.len().is_multiple_of(blocksize)
+            && blocksize.is_multiple_of(32)
+            && packed.len() * 2 >= start + x.len()
+            && absmax.len() >= first + blocks
+    );
+    // SAFETY: the assert above bounds every load: bytes (start + 8·i)/2 .. +4 lie in `packed`,
+    // floats 8·i .. +8 in `x`, and block indices in `absmax`.
+    unsafe {
+        let lut = CodeAvx2::new(code);
+        let mut row = _mm256_setzero_ps();
+        let bytes = packed.as_ptr().add(start / 2);
+        let xp = x.as_ptr();
+        for b in 0..blocks {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let base = b * blocksize;
+            for i in (base..base + blocksize).step_by(32) {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let w = decode8_avx2(bytes.add(i / 2 + j * 4), lut);
+                    *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(i + j * 8)), *acc);
+                }
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            row = _mm256_fmadd_ps(sum, _mm256_set1_ps(*absmax.get_unchecked(first + b)), row);
+        }
+        hsum_avx2(row)
+    }
+}
+
 /// One output of the fused 4-bit gemv: `Σ_c W[row, c] · x[c]` for the row starting at flat
-/// element `start`, decoding codes on the fly block by block.
+/// element `start`, decoding codes on the fly block by block, with the kernels of the current
+/// [`SimdLevel`].
 fn gemv_row_4bit(
     packed: &[u8],
     absmax: &[f32],
@@ -136,14 +308,36 @@ fn gemv_row_4bit(
     x: &[f32],
     start: usize,
 ) -> f32 {
+    let level = SimdLevel::current();
+    gemv_row_4bit_with(level, packed, absmax, blocksize, lut, code, x, start)
+}
+
+/// [`gemv_row_4bit`] with the kernels of `level` (lowered to what the CPU has).
+#[allow(clippy::too_many_arguments)]
+fn gemv_row_4bit_with(
+    level: SimdLevel,
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    lut: &[[f32; 2]; 256],
+    code: &[f32; 16],
+    x: &[f32],
+    start: usize,
+) -> f32 {
+    let level = level.best_up_to();
     #[cfg(target_arch = "x86_64")]
-    if start.is_multiple_of(blocksize)
+    if level != SimdLevel::Portable
+        && start.is_multiple_of(blocksize)
         && x.len().is_multiple_of(blocksize)
-        && blocksize.is_multiple_of(16)
-        && std::arch::is_x86_feature_detected!("avx512f")
+        && blocksize.is_multiple_of(32)
     {
-        // SAFETY: avx512f was detected at run time; the row is made of whole blocks.
-        return unsafe { gemv_row_blocks_avx512(packed, absmax, blocksize, code, x, start) };
+        return if level == SimdLevel::Avx512 {
+            // SAFETY: the level is available, so avx512f is; the row is made of whole blocks.
+            unsafe { gemv_row_blocks_avx512(packed, absmax, blocksize, code, x, start) }
+        } else {
+            // SAFETY: the level is available, so avx2 and fma are; the row is whole blocks.
+            unsafe { gemv_row_blocks_avx2(packed, absmax, blocksize, code, x, start) }
+        };
     }
     let end = start + x.len();
     let mut e = start;
@@ -161,24 +355,22 @@ fn gemv_row_4bit(
         let pairs = (seg_end - i) / 2;
         let bytes = &packed[i / 2..i / 2 + pairs];
         let xs = &x[i - start..i - start + 2 * pairs];
-        #[cfg(target_arch = "x86_64")]
-        let simd = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        if simd {
+        match level {
             #[cfg(target_arch = "x86_64")]
-            {
-                // SAFETY: avx512f was detected at run time.
-                partial += unsafe { dot_codes_avx512(bytes, xs, code) };
-            }
-        } else {
-            for (chunk, xc) in bytes.chunks(32).zip(xs.chunks(64)) {
-                for (j, &b) in chunk.iter().enumerate() {
-                    let v = lut[b as usize];
-                    buf[2 * j] = v[0];
-                    buf[2 * j + 1] = v[1];
+            // SAFETY: the level is available, so avx512f is.
+            SimdLevel::Avx512 => partial += unsafe { dot_codes_avx512(bytes, xs, code) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level is available, so avx2 and fma are.
+            SimdLevel::Avx2 => partial += unsafe { dot_codes_avx2(bytes, xs, code) },
+            _ => {
+                for (chunk, xc) in bytes.chunks(32).zip(xs.chunks(64)) {
+                    for (j, &b) in chunk.iter().enumerate() {
+                        let v = lut[b as usize];
+                        buf[2 * j] = v[0];
+                        buf[2 * j + 1] = v[1];
+                    }
+                    partial += dot_portable(&buf[..xc.len()], xc);
                 }
-                partial += dot(&buf[..xc.len()], xc);
             }
         }
         i += 2 * pairs;
@@ -759,5 +951,106 @@ impl LinearOp for Fp32Linear {
 
     fn memory_bytes(&self) -> usize {
         cachet_tensor::MemoryFootprint::memory_bytes(&self.inner)
+    }
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+    use crate::blockwise::{VALID_4BIT_BLOCKSIZES, quantize_4bit};
+    use crate::codes::QuantType;
+
+    fn values(state: &mut u64, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                ((*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    fn simd_levels() -> Vec<SimdLevel> {
+        [SimdLevel::Avx512, SimdLevel::Avx2]
+            .into_iter()
+            .filter(|l| l.is_available())
+            .collect()
+    }
+
+    /// The largest |got − want| / Σ|w·x| over all rows (the scale the rounding of a sum of
+    /// products is measured against: relative to `want` itself a row summing to ~0 would have
+    /// no bound).
+    fn gemv_rel_err(level: SimdLevel, q: &crate::Quantized4bit, x: &[f32]) -> f32 {
+        let absmax = q.absmax.to_f32();
+        let code = q.quant_type.code();
+        let lut: [[f32; 2]; 256] = std::array::from_fn(|b| [code[b >> 4], code[b & 0x0f]]);
+        let w = q.dequantize();
+        let k = x.len();
+        let mut worst = 0.0f32;
+        for (r, wr) in w.chunks(k).enumerate() {
+            let run = |level| {
+                gemv_row_4bit_with(level, &q.packed, &absmax, q.blocksize, &lut, code, x, r * k)
+            };
+            let want = run(SimdLevel::Portable);
+            let got = run(level);
+            let exact: f64 = wr
+                .iter()
+                .zip(x)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
+            let scale: f32 = wr.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
+            assert!(
+                ((want as f64) - exact).abs() <= 1e-5 * scale as f64,
+                "portable vs f64"
+            );
+            worst = worst.max((got - want).abs() / scale.max(f32::MIN_POSITIVE));
+        }
+        worst
+    }
+
+    /// The fused gemv of every SIMD level against the portable one: rows made of whole blocks
+    /// (the block kernels) and rows that start inside a block or on an odd element (the
+    /// per-segment kernels), every block size, NF4 and FP4.
+    #[test]
+    fn simd_gemv_matches_portable() {
+        let mut state = 0x5851_f42d_4c95_7f2du64;
+        for level in simd_levels() {
+            for quant_type in [QuantType::Nf4, QuantType::Fp4] {
+                for blocksize in VALID_4BIT_BLOCKSIZES {
+                    for k in [blocksize, 2 * blocksize, 3 * blocksize + 7, 100, 257, 4096] {
+                        let rows = 5;
+                        let w = values(&mut state, rows * k, 0.2);
+                        let x = values(&mut state, k, 2.0);
+                        let q = quantize_4bit("w", &w, &[rows, k], blocksize, quant_type, false)
+                            .unwrap();
+                        let err = gemv_rel_err(level, &q, &x);
+                        assert!(
+                            err <= 1e-5,
+                            "{level} {quant_type} blocksize {blocksize} k {k}: rel err {err:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dot product of the batched path, every SIMD level against the portable one.
+    #[test]
+    fn simd_dot_matches_portable() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for n in [0, 1, 7, 8, 31, 32, 33, 100, 1000, 4096, 4099] {
+            let a = values(&mut state, n, 1.0);
+            let b = values(&mut state, n, 3.0);
+            let want = dot_with(SimdLevel::Portable, &a, &b);
+            let scale: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+            for level in simd_levels() {
+                let got = dot_with(level, &a, &b);
+                assert!(
+                    (got - want).abs() <= 1e-5 * scale.max(f32::MIN_POSITIVE),
+                    "{level} n {n}: {got} vs {want}"
+                );
+            }
+        }
     }
 }
