@@ -215,7 +215,7 @@ struct Meta4bit {
 
 /// A 4-bit (NF4/FP4) layer's weights on the compute device (see the module docs for the
 /// layout), with its tensor-op forward.
-#[derive(Module, Debug)]
+#[derive(Module)]
 pub struct Resident4bit {
     /// Codes, 8 per element.
     packed: Tensor<1, Int>,
@@ -233,6 +233,22 @@ pub struct Resident4bit {
     bias: Option<Tensor<1>>,
     #[module(skip)]
     meta: Meta4bit,
+}
+
+impl std::fmt::Debug for Resident4bit {
+    /// Metadata only: formatting the tensors would read the weights back from the device.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resident4bit")
+            .field("shape", &self.meta.shape)
+            .field("quant_type", &self.meta.quant_type)
+            .field("blocksize", &self.meta.blocksize)
+            .field("double_quant", &self.meta.nested.is_some())
+            .field("bias", &self.bias.is_some())
+            .field("compute_dtype", &self.meta.compute_dtype)
+            .field("device", &self.packed.device())
+            .field("bytes", &self.memory_bytes())
+            .finish()
+    }
 }
 
 impl Resident4bit {
@@ -580,7 +596,7 @@ struct Meta8bit {
 
 /// An LLM.int8 layer's weights on the compute device: `CB` packed 4 per i32, `SCB` and the
 /// bias in f32, with the tensor-op forward (outlier decomposition included).
-#[derive(Module, Debug)]
+#[derive(Module)]
 pub struct Resident8bit {
     /// `CB`, row-major `[out, in]`, 4 values per element.
     cb: Tensor<1, Int>,
@@ -590,6 +606,20 @@ pub struct Resident8bit {
     bias: Option<Tensor<1>>,
     #[module(skip)]
     meta: Meta8bit,
+}
+
+impl std::fmt::Debug for Resident8bit {
+    /// Metadata only: formatting the tensors would read the weights back from the device.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resident8bit")
+            .field("rows", &self.meta.rows)
+            .field("cols", &self.meta.cols)
+            .field("threshold", &self.meta.threshold)
+            .field("bias", &self.bias.is_some())
+            .field("device", &self.cb.device())
+            .field("bytes", &self.memory_bytes())
+            .finish()
+    }
 }
 
 impl Resident8bit {

@@ -10,8 +10,9 @@ use burn::module::Module;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use cachet_models::{LinearOp, Llama};
 use cachet_quant::{
-    AbsMax, BnbQuantizationConfig, Int8Weight, Linear4bit, Linear8bitLt, LoadOptions, QuantType,
-    QuantizedLinear, WeightResidence, is_host_device, load_and_quantize_model_with, quantize_4bit,
+    AbsMax, BnbQuantizationConfig, DeviceMap, Int8Weight, Linear4bit, Linear8bitLt, LoadOptions,
+    QuantType, QuantizedLinear, WeightResidence, is_host_device, load_and_quantize_model_with,
+    quantize_4bit,
 };
 use cachet_tensor::{Checkpoint, Device, DeviceSpec, MemoryFootprint, Precision};
 
@@ -217,6 +218,12 @@ fn reading_back_is_bit_identical_and_memory_is_counted_on_the_device() {
             Precision::F16,
         );
         let resident = host.to_device_resident(&device).unwrap();
+        // Debug shows metadata, never the (device) weights.
+        let debug = format!("{resident:?}");
+        assert!(
+            debug.contains("Resident4bit") && debug.len() < 400,
+            "{debug}"
+        );
         let back = resident.host_copy().unwrap();
         assert_eq!(back.weight, q);
         assert_eq!(back.bias, host.host().unwrap().bias);
@@ -415,4 +422,43 @@ fn tiny_llama_device_resident_gives_the_host_forms_greedy_tokens_and_saves_the_s
         let q0 = resident.model.layers[0].self_attn.q_proj.memory_bytes();
         assert!(q0 > 0);
     }
+}
+
+#[test]
+fn cpu_placed_layers_keep_the_host_form_next_to_device_resident_ones() {
+    let Some(device) = test_device() else { return };
+    let options = LoadOptions {
+        torch_dtype: Some(Precision::F32),
+        device_map: Some(DeviceMap::parse(r#"{"model.layers.0": "cpu", "": 0}"#).unwrap()),
+        ..LoadOptions::default()
+    };
+    let config = variants().remove(0).1;
+    let mixed = load_and_quantize_model_with(
+        source(),
+        &config,
+        &options,
+        &device,
+        WeightResidence::Device,
+    )
+    .unwrap();
+    for (name, layer) in &mixed.layers {
+        let on_cpu = name.starts_with("model.layers.0.");
+        assert_eq!(layer.is_device_resident(), !on_cpu, "{name}");
+    }
+    let host = load_and_quantize_model_with(
+        source(),
+        &config,
+        &LoadOptions {
+            torch_dtype: Some(Precision::F32),
+            ..LoadOptions::default()
+        },
+        &device,
+        WeightResidence::Host,
+    )
+    .unwrap();
+    let prompt = [5i64, 17, 99, 3];
+    assert_eq!(
+        greedy(&mixed.model, &prompt, 6),
+        greedy(&host.model, &prompt, 6)
+    );
 }
