@@ -252,3 +252,112 @@ fn a_bad_cache_position_surfaces_as_a_model_error() {
         .to_string();
     assert!(err.contains("attention_mask"), "{err}");
 }
+
+/// A quantized cache seen through the plain `update` API: attention gets the dequantized
+/// tensors instead of attending to the quantized prefix in place.
+#[derive(Debug, Clone)]
+struct Dequantizing(cachet_kv::QuantizedCache);
+
+impl Cache for Dequantizing {
+    fn update(
+        &mut self,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        cache_position: &[usize],
+    ) -> cachet_kv::Result<(Tensor<4>, Tensor<4>, cachet_kv::MaskLayout)> {
+        self.0.update(layer, keys, values, cache_position)
+    }
+    fn seq_length(&self, layer: usize) -> usize {
+        self.0.seq_length(layer)
+    }
+    fn max_length(&self) -> Option<usize> {
+        self.0.max_length()
+    }
+    fn mask_layout(&self, layer: usize, query_length: usize) -> cachet_kv::MaskLayout {
+        self.0.mask_layout(layer, query_length)
+    }
+    fn crop(&mut self, max_length: usize) -> cachet_kv::Result<()> {
+        self.0.crop(max_length)
+    }
+    fn reorder(&mut self, beam_indices: &[usize]) -> cachet_kv::Result<()> {
+        self.0.reorder(beam_indices)
+    }
+    fn batch_size(&self) -> Option<usize> {
+        self.0.batch_size()
+    }
+    fn reset(&mut self) {
+        self.0.reset()
+    }
+    fn memory_bytes(&self) -> usize {
+        self.0.memory_bytes()
+    }
+    fn boxed_clone(&self) -> Box<dyn Cache> {
+        Box::new(self.clone())
+    }
+    fn name(&self) -> &'static str {
+        "quantized"
+    }
+}
+
+#[test]
+fn quantized_prefix_attended_in_place_equals_dequantized_attention() {
+    let Some(device) = test_device() else { return };
+    let model = Llama::from_pretrained(fixture("llama"), &device, Precision::F32).unwrap();
+    for json in [
+        r#"{"backend": "quanto", "nbits": 4, "q_group_size": 16, "residual_length": 4}"#,
+        r#"{"backend": "hqq", "nbits": 2, "q_group_size": 8, "residual_length": 2, "axis_key": 1, "axis_value": 1}"#,
+    ] {
+        let config = cachet_kv::QuantizedCacheConfig::from_cache_config(
+            &CacheConfig::from_json(json).unwrap(),
+        )
+        .unwrap();
+        let mut in_place = cachet_kv::QuantizedCache::new(config).unwrap();
+        let mut dense = Dequantizing(cachet_kv::QuantizedCache::new(config).unwrap());
+        // Batch 2, left padding on the second row, chunks of several tokens after the prefill
+        // (multi-turn): every step attends to a quantized prefix under a causal + padding mask.
+        let rows: [&[i64]; 2] = [
+            &[
+                5, 17, 42, 9, 100, 3, 77, 250, 11, 12, 13, 14, 15, 16, 17, 18,
+            ],
+            &[0, 0, 0, 9, 100, 3, 7, 25, 111, 12, 3, 4, 5, 6, 7, 8],
+        ];
+        let mut mask: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| r.iter().map(|&t| (t != 0) as i64))
+            .collect();
+        mask[16..19].fill(0);
+        let mut at = 0;
+        for len in [5, 1, 1, 3, 1, 2, 1, 1, 1] {
+            let chunk: Vec<&[i64]> = rows.iter().map(|r| &r[at..at + len]).collect();
+            let attention: Vec<i64> = (0..2)
+                .flat_map(|r| mask[r * 16..r * 16 + at + len].to_vec())
+                .collect();
+            let attention =
+                Tensor::<2, Int>::from_data(TensorData::new(attention, [2, at + len]), &device);
+            let a = model
+                .forward_with_cache(
+                    ids(&chunk, &device),
+                    Some(attention.clone()),
+                    None,
+                    Some(&mut in_place),
+                )
+                .unwrap();
+            let b = model
+                .forward_with_cache(
+                    ids(&chunk, &device),
+                    Some(attention),
+                    None,
+                    Some(&mut dense),
+                )
+                .unwrap();
+            let diff = max_abs_diff(&to_vec(a), &to_vec(b));
+            assert!(diff <= 1e-4, "{json} at {at}+{len}: max |Δ| = {diff}");
+            at += len;
+        }
+        assert!(
+            in_place.quantized_length(0) >= 8,
+            "{json}: the prefix was never quantized"
+        );
+    }
+}

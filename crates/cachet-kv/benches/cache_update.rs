@@ -4,12 +4,20 @@
 //! Python venv with transformers is found — set `CACHET_BENCH_VENV`).
 //!
 //! Each measured step stores one token and then rewinds to the same context (crop), so the
-//! context stays fixed across iterations.
+//! context stays fixed across iterations. The quantized cache is measured through
+//! `update_view`, the call the model makes (its quantized prefix is attended to in place), and
+//! through the dequantizing `update` (`quantized_4bit_dense`).
+//!
+//! A second group, `kv_attend_per_layer_token`, times what a decode step then does with the
+//! cache at each context: one query token of 32 heads (4 per kv head) attending to it — dense
+//! f32 keys/values (`baseline`), the quantized prefix in place (`quantized_4bit_in_place`), and
+//! the quantized prefix dequantized into tensors first (`quantized_4bit_dequantized`).
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use burn::tensor::activation::softmax;
 use burn::tensor::{Distribution, Tensor};
 use cachet_kv::{
     Cache, DynamicCache, OffloadedCache, QuantizedCache, QuantizedCacheConfig, SinkCache,
@@ -110,7 +118,7 @@ fn bench(c: &mut Criterion) {
             ("static", Box::new(StaticCache::new(context + 1).unwrap())),
             ("offloaded", Box::new(OffloadedCache::new(&device, &device))),
             (
-                "quantized_4bit",
+                "quantized_4bit_dense",
                 Box::new(QuantizedCache::new(QuantizedCacheConfig::default()).unwrap()),
             ),
         ];
@@ -126,6 +134,21 @@ fn bench(c: &mut Criterion) {
                 })
             });
         }
+        let mut quantized = QuantizedCache::new(QuantizedCacheConfig::default()).unwrap();
+        filled(&mut quantized, context, &device);
+        group.bench_with_input(
+            BenchmarkId::new("quantized_4bit", context),
+            &context,
+            |b, &context| {
+                b.iter(|| {
+                    let view = quantized
+                        .update_view(0, new.clone(), new.clone(), &[context])
+                        .unwrap();
+                    drop(view);
+                    quantized.crop(context).unwrap();
+                })
+            },
+        );
         // The sliding window keeps `context` tokens; its storage does not grow, so no rewind.
         let mut sliding = SlidingWindowCache::new(context).unwrap();
         filled(&mut sliding, context, &device);
@@ -152,6 +175,75 @@ fn bench(c: &mut Criterion) {
                 drop(sink.update(0, new.clone(), new.clone(), &[at]).unwrap());
             })
         });
+    }
+    group.finish();
+    attend(c, &device);
+}
+
+/// Query heads per kv head (Llama-3-8B: 32 query heads over 8 kv heads).
+const REP: usize = 4;
+
+/// One decode step's attention at each context: dense f32, and the quantized cache.
+fn attend(c: &mut Criterion, device: &burn::tensor::Device) {
+    let mut group = c.benchmark_group("kv_attend_per_layer_token");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    let scale = 1.0 / (HEAD_DIM as f64).sqrt();
+    let query = Tensor::<4>::random([1, HEADS, REP, HEAD_DIM], Distribution::Default, device);
+    let new = Tensor::<4>::random([1, HEADS, 1, HEAD_DIM], Distribution::Default, device);
+    let dense_attention = |k: Tensor<4>, v: Tensor<4>| {
+        let probs = softmax(query.clone().matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+        probs.matmul(v)
+    };
+    for context in CONTEXTS {
+        let mut dynamic = DynamicCache::new();
+        filled(&mut dynamic, context, device);
+        let (k, v, _) = dynamic
+            .update(0, new.clone(), new.clone(), &[context])
+            .unwrap();
+        group.bench_with_input(BenchmarkId::new("baseline", context), &context, |b, _| {
+            b.iter(|| dense_attention(k.clone(), v.clone()).into_data())
+        });
+        let mut quantized = QuantizedCache::new(QuantizedCacheConfig::default()).unwrap();
+        filled(&mut quantized, context, device);
+        let view = quantized
+            .update_view(0, new.clone(), new.clone(), &[context])
+            .unwrap();
+        let prefix = view.prefix.clone().expect("a quantized prefix");
+        let n = prefix.len();
+        group.bench_with_input(
+            BenchmarkId::new("quantized_4bit_in_place", context),
+            &context,
+            |b, _| {
+                b.iter(|| {
+                    let scores = Tensor::cat(
+                        vec![
+                            prefix.scores(query.clone()).unwrap(),
+                            query.clone().matmul(view.keys.clone().swap_dims(2, 3)),
+                        ],
+                        3,
+                    );
+                    let probs = softmax(scores.mul_scalar(scale), 3);
+                    let total = probs.dims()[3];
+                    let old = probs.clone().slice([0..1, 0..HEADS, 0..REP, 0..n]);
+                    let recent = probs.slice([0..1, 0..HEADS, 0..REP, n..total]);
+                    (prefix.weighted_values(old).unwrap() + recent.matmul(view.values.clone()))
+                        .into_data()
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("quantized_4bit_dequantized", context),
+            &context,
+            |b, _| {
+                b.iter(|| {
+                    let (k, v, _) = view.clone().into_dense();
+                    dense_attention(k, v).into_data()
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -3,6 +3,7 @@
 use burn::tensor::Tensor;
 
 use crate::error::Result;
+use crate::quantized::QuantizedKv;
 
 /// How the keys a cache returns map to absolute token positions, so the model can mask them.
 ///
@@ -55,6 +56,54 @@ impl MaskLayout {
     }
 }
 
+/// What attention reads after an update: optionally a quantized prefix (attended to in place by
+/// [`QuantizedKv::scores`] and [`QuantizedKv::weighted_values`]), then dense keys and values.
+///
+/// The layout covers both: keys `0..prefix.len()` are the prefix, the rest are `keys`.
+#[derive(Debug, Clone)]
+pub struct KvView {
+    /// Leading tokens still quantized ([`crate::QuantizedCache`] only).
+    pub prefix: Option<QuantizedKv>,
+    /// Dense keys after the prefix, `[batch, kv_heads, seq, head_dim]`.
+    pub keys: Tensor<4>,
+    /// Dense values after the prefix.
+    pub values: Tensor<4>,
+    /// Positions of all the keys, prefix included.
+    pub layout: MaskLayout,
+}
+
+impl KvView {
+    /// Dense keys and values only.
+    pub fn dense(keys: Tensor<4>, values: Tensor<4>, layout: MaskLayout) -> Self {
+        Self {
+            prefix: None,
+            keys,
+            values,
+            layout,
+        }
+    }
+
+    /// Tokens in the quantized prefix.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, QuantizedKv::len)
+    }
+
+    /// Plain tensors: the prefix dequantized and concatenated before the dense part.
+    pub fn into_dense(self) -> (Tensor<4>, Tensor<4>, MaskLayout) {
+        match self.prefix {
+            Some(prefix) if !prefix.is_empty() => {
+                let (k, v) = prefix.dequantize();
+                (
+                    Tensor::cat(vec![k, self.keys], 2),
+                    Tensor::cat(vec![v, self.values], 2),
+                    self.layout,
+                )
+            }
+            _ => (self.keys, self.values, self.layout),
+        }
+    }
+}
+
 /// Per-layer key/value storage, shapes `[batch, kv_heads, seq, head_dim]`.
 ///
 /// Positions: `cache_position` lists the absolute positions of the new tokens (not affected by
@@ -69,6 +118,19 @@ pub trait Cache: Send + std::fmt::Debug {
         values: Tensor<4>,
         cache_position: &[usize],
     ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)>;
+
+    /// [`Cache::update`] for models that can attend to a quantized prefix in place: the quantized
+    /// cache then skips dequantizing its old tokens into tensors. Other caches return dense views.
+    fn update_view(
+        &mut self,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        cache_position: &[usize],
+    ) -> Result<KvView> {
+        let (keys, values, layout) = self.update(layer, keys, values, cache_position)?;
+        Ok(KvView::dense(keys, values, layout))
+    }
 
     /// Tokens `layer` has seen: the absolute position of the next token.
     fn seq_length(&self, layer: usize) -> usize;

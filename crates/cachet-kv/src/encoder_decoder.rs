@@ -4,7 +4,7 @@
 use burn::tensor::Tensor;
 use cachet_tensor::MemoryFootprint;
 
-use crate::cache::{Cache, MaskLayout};
+use crate::cache::{Cache, KvView, MaskLayout};
 use crate::error::{KvError, Result};
 use crate::store::{check_pair, select_rows};
 
@@ -91,6 +91,17 @@ impl Cache for EncoderDecoderCache {
     ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)> {
         self.self_attention
             .update(layer, keys, values, cache_position)
+    }
+
+    fn update_view(
+        &mut self,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        cache_position: &[usize],
+    ) -> Result<KvView> {
+        self.self_attention
+            .update_view(layer, keys, values, cache_position)
     }
 
     fn seq_length(&self, layer: usize) -> usize {

@@ -4,6 +4,8 @@
 //! A model calls [`Cache::update`] once per layer per forward with the keys and values of the new
 //! tokens (`[batch, kv_heads, seq, head_dim]`) and attends to what it returns; the returned
 //! [`MaskLayout`] says which absolute positions the keys hold, so the model can build the mask.
+//! Models that can attend to a quantized prefix in place call [`Cache::update_view`] instead:
+//! the quantized cache then returns its old tokens still quantized ([`QuantizedKv`]).
 //! Appending is O(1) amortised (no per-step concatenation of the whole cache), clones are cheap
 //! (copy-on-write storage) for prefix reuse, and every misuse is a typed [`KvError`].
 
@@ -20,14 +22,14 @@ pub mod sliding;
 pub mod static_cache;
 mod store;
 
-pub use cache::{Cache, MaskLayout};
+pub use cache::{Cache, KvView, MaskLayout};
 pub use config::{CacheConfig, CacheImplementation, ModelCacheInfo, build_cache};
 pub use dynamic::DynamicCache;
 pub use encoder_decoder::EncoderDecoderCache;
 pub use error::{KvError, Result};
 pub use mamba::{MambaCache, MambaCacheConfig};
 pub use offloaded::{OffloadStats, OffloadedCache, OffloadedStaticCache};
-pub use quantized::{QuantAxis, QuantBackend, QuantizedCache, QuantizedCacheConfig};
+pub use quantized::{QuantAxis, QuantBackend, QuantizedCache, QuantizedCacheConfig, QuantizedKv};
 pub use sink::SinkCache;
 pub use sliding::SlidingWindowCache;
 pub use static_cache::StaticCache;

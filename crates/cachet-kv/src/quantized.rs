@@ -3,8 +3,11 @@
 //! half-quadratic optimisation of the zero point.
 //!
 //! Storage per layer: the old tokens as packed 2/4/8-bit codes with a scale and a zero per group
-//! (in the cache dtype), and the most recent tokens (the *residual*) in full precision. Every
-//! update returns the dequantized old tokens, the residual and the new tokens, like transformers.
+//! (in the cache dtype), and the most recent tokens (the *residual*) in full precision.
+//! [`Cache::update`] returns the dequantized old tokens, the residual and the new tokens, like
+//! transformers; [`Cache::update_view`] (what the Llama attention calls) costs O(new tokens): it
+//! hands over the quantized tokens as a [`QuantizedKv`] that attention reads in place, one small
+//! dequantized tile at a time, instead of dequantizing the whole prefix into tensors every step.
 //!
 //! Differences from transformers, on purpose:
 //! * transformers dequantizes and re-quantizes the *whole* cache each time the residual fills,
@@ -30,7 +33,7 @@ use cachet_tensor::MemoryFootprint;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::cache::{Cache, MaskLayout};
+use crate::cache::{Cache, KvView, MaskLayout};
 use crate::config::CacheConfig;
 use crate::error::{KvError, Result};
 use crate::store::{LayerStore, check_layer_order, check_pair, check_positions};
@@ -567,14 +570,21 @@ impl Layout {
 
     /// Dequantizes the tokens of batch-head `row` of `block` into `dst` (`tokens * dim`).
     fn dequantize_row(&self, block: &Block, row: usize, dst: &mut [f32]) {
+        self.dequantize_tokens(block, row, 0, block.tokens, dst);
+    }
+
+    /// Dequantizes tokens `t0..t1` of batch-head `row` of `block` into `dst` (`(t1 - t0) * dim`);
+    /// with per-channel groups `t0` must start a group.
+    fn dequantize_tokens(&self, block: &Block, row: usize, t0: usize, t1: usize, dst: &mut [f32]) {
         let (n, dim, group) = (block.tokens, self.dim, self.group);
-        decode_codes(&block.codes, self.nbits, row * n * dim, dst);
+        debug_assert_eq!(dst.len(), (t1 - t0) * dim);
+        decode_codes(&block.codes, self.nbits, (row * n + t0) * dim, dst);
         let backend = self.backend;
         match self.axis {
             QuantAxis::PerToken => {
                 let per_token = dim / group;
-                for (t, token) in dst.chunks_mut(dim).enumerate() {
-                    let first = (row * n + t) * per_token;
+                for (i, token) in dst.chunks_mut(dim).enumerate() {
+                    let first = (row * n + t0 + i) * per_token;
                     for (g, values) in token.chunks_mut(group).enumerate() {
                         let (s, z) = (block.scale.get(first + g), block.zero.get(first + g));
                         for x in values {
@@ -584,9 +594,10 @@ impl Layout {
                 }
             }
             QuantAxis::PerChannel => {
+                debug_assert!(t0.is_multiple_of(group));
                 let (mut scales, mut zeros) = (vec![0f32; dim], vec![0f32; dim]);
-                for (tg, tokens) in dst.chunks_mut(group * dim).enumerate() {
-                    let first = (row * (n / group) + tg) * dim;
+                for (i, tokens) in dst.chunks_mut(group * dim).enumerate() {
+                    let first = (row * (n / group) + t0 / group + i) * dim;
                     for d in 0..dim {
                         scales[d] = block.scale.get(first + d);
                         zeros[d] = block.zero.get(first + d);
@@ -598,6 +609,33 @@ impl Layout {
                     }
                 }
             }
+        }
+    }
+
+    /// Tokens per tile of the attention kernels: about 64, whole groups when grouped per channel.
+    fn tile_tokens(&self) -> usize {
+        match self.axis {
+            QuantAxis::PerToken => ATTEND_TILE,
+            QuantAxis::PerChannel => self.group * (ATTEND_TILE / self.group).max(1),
+        }
+    }
+
+    /// Calls `f(first_token, tile)` for every tile of dequantized tokens of batch-head `row`,
+    /// in order; `tile` holds whole tokens (`dim` values each) and is reused between calls.
+    fn for_each_tile(&self, blocks: &[Arc<Block>], row: usize, mut f: impl FnMut(usize, &[f32])) {
+        let step = self.tile_tokens();
+        let mut buf = vec![0f32; step * self.dim];
+        let mut at = 0;
+        for block in blocks {
+            let mut t0 = 0;
+            while t0 < block.tokens {
+                let t1 = (t0 + step).min(block.tokens);
+                let tile = &mut buf[..(t1 - t0) * self.dim];
+                self.dequantize_tokens(block, row, t0, t1, tile);
+                f(at + t0, tile);
+                t0 = t1;
+            }
+            at += block.tokens;
         }
     }
 
@@ -649,8 +687,9 @@ struct QuantLayer {
     batch: usize,
     key_layout: Layout,
     value_layout: Layout,
-    keys: Vec<Arc<Block>>,
-    values: Vec<Arc<Block>>,
+    /// Append-only block lists, shared with the [`QuantizedKv`] snapshots handed to attention.
+    keys: Arc<Vec<Arc<Block>>>,
+    values: Arc<Vec<Arc<Block>>>,
     quantized: usize,
     residual: LayerStore,
     dtype: DType,
@@ -670,20 +709,19 @@ impl QuantLayer {
         )
     }
 
-    /// Dequantized keys and values of the quantized tokens, `[batch, heads, quantized, dim]`.
-    fn dequantized(&self) -> (Tensor<4>, Tensor<4>) {
-        let (h, dk, dv) = self.heads_and_dims();
-        let make = |data: Vec<f32>, d: usize| {
-            Tensor::<4>::from_data(
-                TensorData::new(data, [self.batch, h, self.quantized, d]),
-                (&self.device, DType::F32),
-            )
-            .cast(self.dtype)
-        };
-        (
-            make(self.key_layout.dequantize(&self.keys), dk),
-            make(self.value_layout.dequantize(&self.values), dv),
-        )
+    /// The quantized tokens as attention reads them (shares the blocks: O(1)).
+    fn snapshot(&self, layer: usize) -> QuantizedKv {
+        QuantizedKv {
+            layer,
+            batch: self.batch,
+            tokens: self.quantized,
+            key_layout: self.key_layout,
+            value_layout: self.value_layout,
+            keys: self.keys.clone(),
+            values: self.values.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }
     }
 
     /// Quantizes the first `n` tokens of `keys`/`values` (`[batch, heads, >= n, dim]`).
@@ -702,14 +740,181 @@ impl QuantLayer {
         let (k, v) = (host(keys), host(values));
         let (kl, vl, dtype) = (self.key_layout, self.value_layout, self.dtype);
         let (kb, vb) = rayon::join(|| kl.quantize(&k, n, dtype), || vl.quantize(&v, n, dtype));
-        self.keys.push(Arc::new(kb));
-        self.values.push(Arc::new(vb));
+        // Copies the block list only when an attention snapshot of it is still alive.
+        Arc::make_mut(&mut self.keys).push(Arc::new(kb));
+        Arc::make_mut(&mut self.values).push(Arc::new(vb));
         self.quantized += n;
     }
 }
 
 /// Initial capacity (tokens) of a residual buffer; it doubles as needed up to the residual length.
 const RESIDUAL_MIN: usize = 16;
+
+/// Tokens dequantized at a time by the attention kernels (a tile stays in L1/L2).
+const ATTEND_TILE: usize = 64;
+
+/// The quantized tokens of one layer as attention reads them: a snapshot sharing the cache's
+/// blocks, with host kernels that attend to them one small dequantized tile at a time, so a
+/// decode step never materialises (or uploads) the dequantized prefix.
+#[derive(Debug, Clone)]
+pub struct QuantizedKv {
+    layer: usize,
+    batch: usize,
+    tokens: usize,
+    key_layout: Layout,
+    value_layout: Layout,
+    keys: Arc<Vec<Arc<Block>>>,
+    values: Arc<Vec<Arc<Block>>>,
+    dtype: DType,
+    device: Device,
+}
+
+impl QuantizedKv {
+    /// Tokens in the prefix.
+    pub fn len(&self) -> usize {
+        self.tokens
+    }
+
+    /// Whether the prefix holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0
+    }
+
+    /// Batch rows.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Key/value heads.
+    pub fn heads(&self) -> usize {
+        self.key_layout.rows / self.batch
+    }
+
+    /// The dequantized keys and values, `[batch, heads, len, head_dim]` in the cache dtype
+    /// (what attention attends to; for callers that want plain tensors).
+    pub fn dequantize(&self) -> (Tensor<4>, Tensor<4>) {
+        let h = self.heads();
+        let make = |data: Vec<f32>, d: usize| {
+            Tensor::<4>::from_data(
+                TensorData::new(data, [self.batch, h, self.tokens, d]),
+                (&self.device, DType::F32),
+            )
+            .cast(self.dtype)
+        };
+        (
+            make(self.key_layout.dequantize(&self.keys), self.key_layout.dim),
+            make(
+                self.value_layout.dequantize(&self.values),
+                self.value_layout.dim,
+            ),
+        )
+    }
+
+    /// Checks that `t` is `[batch, heads, _, last]`.
+    fn check(&self, what: &str, t: &Tensor<4>, last: usize) -> Result<()> {
+        let [b, h, _, d] = t.dims();
+        if (b, h, d) != (self.batch, self.heads(), last) {
+            return Err(KvError::Shape {
+                layer: self.layer,
+                what: format!(
+                    "{what} [{b}, {h}, _, {d}] does not match the quantized prefix [{}, {}, _, {last}]",
+                    self.batch,
+                    self.heads()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `query · keysᵀ` against the prefix: `query` `[batch, heads, rows, head_dim]` (the query
+    /// heads sharing a kv head folded into `rows`) gives f32 scores `[batch, heads, rows, len]`
+    /// on the query's device (unscaled, unmasked).
+    pub fn scores(&self, query: Tensor<4>) -> Result<Tensor<4>> {
+        self.check("query", &query, self.key_layout.dim)?;
+        let [b, h, rows, d] = query.dims();
+        let device = query.device();
+        let q = host_f32(query);
+        let t = self.tokens;
+        let mut out = vec![0f32; b * h * rows * t];
+        if t > 0 && rows > 0 {
+            out.par_chunks_mut(rows * t)
+                .enumerate()
+                .for_each(|(row, dst)| {
+                    let q = &q[row * rows * d..(row + 1) * rows * d];
+                    self.key_layout
+                        .for_each_tile(&self.keys, row, |first, tile| {
+                            for (i, qi) in q.chunks_exact(d).enumerate() {
+                                let dst = &mut dst[i * t + first..];
+                                for (j, key) in tile.chunks_exact(d).enumerate() {
+                                    dst[j] = dot(qi, key);
+                                }
+                            }
+                        });
+                });
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(out, [b, h, rows, t]),
+            (&device, DType::F32),
+        ))
+    }
+
+    /// `probs · values` over the prefix: attention weights `[batch, heads, rows, len]` give
+    /// `[batch, heads, rows, head_dim]` in f32 on the weights' device.
+    pub fn weighted_values(&self, probs: Tensor<4>) -> Result<Tensor<4>> {
+        self.check("attention weights", &probs, self.tokens)?;
+        let [b, h, rows, t] = probs.dims();
+        let dv = self.value_layout.dim;
+        let device = probs.device();
+        let p = host_f32(probs);
+        let mut out = vec![0f32; b * h * rows * dv];
+        if t > 0 && rows > 0 {
+            out.par_chunks_mut(rows * dv)
+                .enumerate()
+                .for_each(|(row, dst)| {
+                    let p = &p[row * rows * t..(row + 1) * rows * t];
+                    self.value_layout
+                        .for_each_tile(&self.values, row, |first, tile| {
+                            for (pi, acc) in p.chunks_exact(t).zip(dst.chunks_exact_mut(dv)) {
+                                for (&w, value) in pi[first..].iter().zip(tile.chunks_exact(dv)) {
+                                    if w != 0.0 {
+                                        for (a, &v) in acc.iter_mut().zip(value) {
+                                            *a += w * v;
+                                        }
+                                    }
+                                }
+                            }
+                        });
+                });
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(out, [b, h, rows, dv]),
+            (&device, DType::F32),
+        ))
+    }
+}
+
+/// A tensor's values on the host as f32.
+fn host_f32(t: Tensor<4>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data")
+}
+
+/// Dot product with 8 independent lanes (auto-vectorised).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, ra) = a.as_chunks::<8>();
+    let (cb, rb) = b.as_chunks::<8>();
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
 
 /// KIVI quantized cache: old tokens in 2/4/8 bits, the last ones in full precision.
 #[derive(Debug, Clone)]
@@ -790,8 +995,8 @@ impl QuantizedCache {
             batch: b,
             key_layout: self.layout(layer, self.config.key_axis, b * h, dk)?,
             value_layout: self.layout(layer, self.config.value_axis, b * h, dv)?,
-            keys: Vec::new(),
-            values: Vec::new(),
+            keys: Arc::default(),
+            values: Arc::default(),
             quantized: 0,
             residual: LayerStore::with_capacity(keys, values, RESIDUAL_MIN),
             dtype: keys.dtype(),
@@ -808,6 +1013,21 @@ impl Cache for QuantizedCache {
         values: Tensor<4>,
         cache_position: &[usize],
     ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)> {
+        Ok(self
+            .update_view(layer, keys, values, cache_position)?
+            .into_dense())
+    }
+
+    /// O(new tokens): the quantized prefix is handed to attention as shared blocks (attended to
+    /// tile by tile by [`QuantizedKv::scores`] / [`QuantizedKv::weighted_values`]), never
+    /// dequantized into a tensor; only the residual and the new tokens are dense.
+    fn update_view(
+        &mut self,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        cache_position: &[usize],
+    ) -> Result<KvView> {
         check_layer_order(layer, self.layers.len())?;
         check_pair(layer, &keys, &values)?;
         let new = keys.dims()[2];
@@ -836,24 +1056,12 @@ impl Cache for QuantizedCache {
                         .slice([0..b, 0..h, flush_prefill..new, 0..dv]),
                 );
             }
-            return Ok((keys, values, MaskLayout::contiguous(0, new)));
+            return Ok(KvView::dense(keys, values, MaskLayout::contiguous(0, new)));
         }
 
-        let (mut ks, mut vs) = (Vec::with_capacity(2), Vec::with_capacity(2));
-        if entry.quantized > 0 {
-            let (k, v) = entry.dequantized();
-            ks.push(k);
-            vs.push(v);
-        }
+        let prefix = (entry.quantized > 0).then(|| entry.snapshot(layer));
         entry.residual.append(keys, values);
-        let (rk, rv) = entry.residual.view();
-        ks.push(rk);
-        vs.push(rv);
-        let (out_k, out_v) = if ks.len() == 1 {
-            (ks.pop().unwrap(), vs.pop().unwrap())
-        } else {
-            (Tensor::cat(ks, 2), Tensor::cat(vs, 2))
-        };
+        let (out_k, out_v) = entry.residual.view();
         let total = entry.seen();
 
         // The residual is full: its oldest tokens (all of them, or whole groups of tokens when
@@ -878,7 +1086,12 @@ impl Cache for QuantizedCache {
                 entry.residual = fresh;
             }
         }
-        Ok((out_k, out_v, MaskLayout::contiguous(0, total)))
+        Ok(KvView {
+            prefix,
+            keys: out_k,
+            values: out_v,
+            layout: MaskLayout::contiguous(0, total),
+        })
     }
 
     fn seq_length(&self, layer: usize) -> usize {
@@ -919,8 +1132,8 @@ impl Cache for QuantizedCache {
                 );
                 (kd, vd, n)
             });
-            entry.keys.truncate(kept);
-            entry.values.truncate(kept);
+            Arc::make_mut(&mut entry.keys).truncate(kept);
+            Arc::make_mut(&mut entry.values).truncate(kept);
             entry.quantized = at;
             entry.residual.truncate(0);
             if let Some((kd, vd, n)) = partial {
@@ -956,16 +1169,20 @@ impl Cache for QuantizedCache {
             entry.residual.select(beam_indices)?;
             let (kl, vl) = (entry.key_layout, entry.value_layout);
             let rows_per = kl.rows / batch;
-            entry.keys = entry
-                .keys
-                .iter()
-                .map(|b| Arc::new(kl.select(b, batch, beam_indices)))
-                .collect();
-            entry.values = entry
-                .values
-                .iter()
-                .map(|b| Arc::new(vl.select(b, batch, beam_indices)))
-                .collect();
+            entry.keys = Arc::new(
+                entry
+                    .keys
+                    .iter()
+                    .map(|b| Arc::new(kl.select(b, batch, beam_indices)))
+                    .collect(),
+            );
+            entry.values = Arc::new(
+                entry
+                    .values
+                    .iter()
+                    .map(|b| Arc::new(vl.select(b, batch, beam_indices)))
+                    .collect(),
+            );
             entry.batch = beam_indices.len();
             entry.key_layout.rows = rows_per * entry.batch;
             entry.value_layout.rows = rows_per * entry.batch;
@@ -1324,6 +1541,123 @@ mod tests {
                 full_k[r * 12 * 8..r * 12 * 8 + 7 * 8]
             );
         }
+    }
+
+    #[test]
+    fn the_view_attends_to_the_prefix_like_its_dequantized_tensors() {
+        // Every layout: per-channel / per-token keys and values, both backends, 2/4/8 bits,
+        // several blocks (prefill + flushes + a partial last tile), batch 2, f32 and bf16.
+        let cases = [
+            (
+                QuantBackend::Quanto,
+                4,
+                QuantAxis::PerChannel,
+                QuantAxis::PerToken,
+                DType::F32,
+            ),
+            (
+                QuantBackend::Hqq,
+                2,
+                QuantAxis::PerToken,
+                QuantAxis::PerChannel,
+                DType::F32,
+            ),
+            (
+                QuantBackend::Quanto,
+                8,
+                QuantAxis::PerToken,
+                QuantAxis::PerToken,
+                DType::BF16,
+            ),
+            (
+                QuantBackend::Hqq,
+                4,
+                QuantAxis::PerChannel,
+                QuantAxis::PerChannel,
+                DType::F16,
+            ),
+        ];
+        for (i, (backend, nbits, key_axis, value_axis, dtype)) in cases.into_iter().enumerate() {
+            let cfg = QuantizedCacheConfig {
+                key_axis,
+                value_axis,
+                ..config(backend, nbits, 8, 16)
+            };
+            let mut cache = QuantizedCache::new(cfg).unwrap();
+            let seed = 100 * i as u64;
+            let (k, v) = (
+                random([2, 3, 150, 16], seed, dtype),
+                random([2, 3, 150, 16], seed + 1, dtype),
+            );
+            cache
+                .update(0, k, v, &(0..150).collect::<Vec<_>>())
+                .unwrap();
+            let mut view = None;
+            for p in 150..190 {
+                let nk = random([2, 3, 1, 16], seed + p as u64, dtype);
+                let nv = random([2, 3, 1, 16], seed + 7 * p as u64, dtype);
+                view = Some(cache.update_view(0, nk, nv, &[p]).unwrap());
+            }
+            let view = view.unwrap();
+            let prefix = view.prefix.clone().expect("a quantized prefix");
+            assert!(prefix.len() >= 160, "{}", prefix.len());
+            assert_eq!(view.layout, MaskLayout::contiguous(0, 190));
+            assert_eq!(prefix.len() + view.keys.dims()[2], 190);
+            let (dk, dv) = prefix.dequantize();
+            // Three query rows per kv head (folded query heads).
+            let q = random([2, 3, 3, 16], seed + 999, DType::F32);
+            let want = host(q.clone().matmul(dk.cast(DType::F32).swap_dims(2, 3)));
+            let got = host(prefix.scores(q.clone().cast(dtype)).unwrap());
+            // Half dtypes: the reference's keys went through the cache dtype, ours stay f32.
+            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 } * scale;
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= tol, "{i}: {a} vs {b}");
+            }
+            let probs = burn::tensor::activation::softmax(
+                random([2, 3, 3, prefix.len()], seed + 5, DType::F32),
+                3,
+            );
+            let want = host(probs.clone().matmul(dv.cast(DType::F32)));
+            let got = host(prefix.weighted_values(probs).unwrap());
+            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 } * scale;
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= tol, "{i}: {a} vs {b}");
+            }
+            // The dense form is the prefix then the recent tokens, as `update` returns.
+            let (all_k, _, _) = view.clone().into_dense();
+            assert_eq!(all_k.dims(), [2, 3, 190, 16]);
+            // Shapes that do not fit are typed errors.
+            assert!(matches!(
+                prefix.scores(random([2, 3, 1, 8], 1, dtype)),
+                Err(KvError::Shape { .. })
+            ));
+            assert!(matches!(
+                prefix.weighted_values(random([2, 3, 1, 5], 1, DType::F32)),
+                Err(KvError::Shape { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_view_outlives_later_updates_unchanged() {
+        // Attention snapshots share the blocks; later flushes, crops and reorders must not
+        // change what an earlier view reads.
+        let mut cache = QuantizedCache::new(config(QuantBackend::Quanto, 4, 4, 4)).unwrap();
+        let k = random([2, 2, 8, 8], 1, DType::F32);
+        cache
+            .update(0, k.clone(), k, &(0..8).collect::<Vec<_>>())
+            .unwrap();
+        let z = random([2, 2, 1, 8], 3, DType::F32);
+        let view = cache.update_view(0, z.clone(), z.clone(), &[8]).unwrap();
+        let before = host(view.prefix.as_ref().unwrap().dequantize().0);
+        for p in 9..20 {
+            cache.update(0, z.clone(), z.clone(), &[p]).unwrap();
+        }
+        cache.crop(6).unwrap();
+        cache.reorder(&[1, 0]).unwrap();
+        assert_eq!(host(view.prefix.as_ref().unwrap().dequantize().0), before);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::config::LlamaConfig;
 use super::rope::{RotaryEmbedding, apply_rotary};
 use crate::error::{ModelError, Result};
 use crate::linear::{DenseFactory, LinearFactory, LinearLayer, Loader};
-use cachet_kv::{Cache, MaskLayout};
+use cachet_kv::{Cache, KvView, MaskLayout};
 
 /// Root-mean-square layer norm, computed in f32 as transformers does.
 #[derive(Module, Debug)]
@@ -105,15 +105,26 @@ impl Attention {
         let q = apply_rotary(q, &ctx.cos, &ctx.sin);
         let k = apply_rotary(k, &ctx.cos, &ctx.sin);
 
-        let (k, v, layout) = match cache {
-            Some(cache) => cache.update(self.layer, k, v, &ctx.cache_position)?,
-            None => (k, v, MaskLayout::contiguous(ctx.cache_position[0], seq)),
+        let view = match cache {
+            Some(cache) => cache.update_view(self.layer, k, v, &ctx.cache_position)?,
+            None => KvView::dense(k, v, MaskLayout::contiguous(ctx.cache_position[0], seq)),
         };
-        let kv_len = k.dims()[2];
-        if kv_len != layout.kv_length {
+        // A quantized cache hands its old tokens over still quantized (`prefix`): they are
+        // attended to in place, tile by tile, and only the recent tokens are dense tensors.
+        let prefix_len = view.prefix_len();
+        let KvView {
+            prefix,
+            keys: k,
+            values: v,
+            layout,
+        } = view;
+        let dense_len = k.dims()[2];
+        let kv_len = prefix_len + dense_len;
+        if kv_len != layout.kv_length || (prefix_len > 0 && layout.rope_shift > 0) {
             return Err(ModelError::Input(format!(
-                "cache returned {kv_len} keys but a mask layout of {}",
-                layout.kv_length
+                "cache returned {kv_len} keys ({prefix_len} quantized) but a mask layout of {} \
+                 (rope shift {})",
+                layout.kv_length, layout.rope_shift
             )));
         }
 
@@ -139,6 +150,14 @@ impl Attention {
                 3,
             )
             .cast(DType::F32)
+        } else if let Some(prefix) = &prefix {
+            Tensor::cat(
+                vec![
+                    prefix.scores(fold(q.clone()))?,
+                    fold(q).matmul(k.swap_dims(2, 3)).cast(DType::F32),
+                ],
+                3,
+            )
         } else {
             fold(q).matmul(k.swap_dims(2, 3)).cast(DType::F32)
         };
@@ -146,8 +165,19 @@ impl Attention {
         let mask = attention_mask(ctx, layout, self.sliding_window, batch, &scores.device())?;
         let mask = mask.repeat_dim(2, rep);
         let scores = scores.mask_fill(mask, f32::MIN);
-        let probs = softmax(scores, 3).cast(v.dtype());
-        let out = probs.matmul(v).reshape([batch, heads, seq, dim]);
+        let probs = softmax(scores, 3);
+        let rows = rep * seq;
+        let out = match &prefix {
+            Some(prefix) => {
+                let old = probs
+                    .clone()
+                    .slice([0..batch, 0..kv_heads, 0..rows, 0..prefix_len]);
+                let recent = probs.slice([0..batch, 0..kv_heads, 0..rows, prefix_len..kv_len]);
+                prefix.weighted_values(old)?.cast(v.dtype()) + recent.cast(v.dtype()).matmul(v)
+            }
+            None => probs.cast(v.dtype()).matmul(v),
+        };
+        let out = out.reshape([batch, heads, seq, dim]);
         let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
         Ok(self.o_proj.forward(out))
     }
