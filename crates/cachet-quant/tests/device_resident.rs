@@ -111,10 +111,26 @@ fn activations(rows: usize, k: usize, seed: u64, device: &Device, dtype: DType) 
     Tensor::<3>::from_data(TensorData::new(x, [1, rows, k]), (device, DType::F32)).cast(dtype)
 }
 
+/// The compute dtypes `device` runs; a layer asked to compute in another one on the device
+/// gets a typed error (the loaders then keep it in host form).
 fn half_dtypes(device: &Device) -> Vec<Precision> {
+    let q = quantize_4bit("w", &values(64, 1), &[1, 64], 64, QuantType::Nf4, false).unwrap();
     [Precision::F32, Precision::F16, Precision::BF16]
         .into_iter()
-        .filter(|&p| cachet_tensor::supports_dtype(device, p))
+        .filter(|&p| {
+            let supported = cachet_tensor::supports_dtype(device, p);
+            if !supported {
+                eprintln!("SKIPPED: compute dtype {p:?} on {device:?}, which lacks it");
+                let err = Linear4bit::new(q.clone(), None, p, Precision::F32)
+                    .to_device_resident(device)
+                    .unwrap_err();
+                assert!(
+                    matches!(&err, cachet_quant::QuantError::Tensor(_)),
+                    "{err:?}"
+                );
+            }
+            supported
+        })
         .collect()
 }
 
@@ -124,6 +140,7 @@ fn four_bit_device_resident_forward_equals_the_host_path() {
     // k = 100 and 99: blocks of 64 and packed words straddle rows; 37 × 99 is odd (a half
     // byte at the end).
     let shapes = [(37usize, 100usize, 64usize), (37, 99, 32), (8, 256, 128)];
+    let dtypes = half_dtypes(&device);
     let mut cases = 0;
     for (n, k, blocksize) in shapes {
         for quant_type in [QuantType::Nf4, QuantType::Fp4] {
@@ -131,7 +148,7 @@ fn four_bit_device_resident_forward_equals_the_host_path() {
                 let w = values(n * k, (n * k + blocksize) as u64);
                 let q =
                     quantize_4bit("w", &w, &[n, k], blocksize, quant_type, double_quant).unwrap();
-                for compute in half_dtypes(&device) {
+                for &compute in &dtypes {
                     for bias in [false, true] {
                         let b = bias.then(|| values(n, 7));
                         let host = Linear4bit::new(q.clone(), b, compute, Precision::F32);
@@ -461,4 +478,29 @@ fn cpu_placed_layers_keep_the_host_form_next_to_device_resident_ones() {
         greedy(&mixed.model, &prompt, 6),
         greedy(&host.model, &prompt, 6)
     );
+}
+
+#[test]
+fn a_compute_dtype_the_device_lacks_keeps_the_host_form() {
+    let Some(device) = test_device() else { return };
+    let mut config = variants().remove(0).1;
+    config.bnb_4bit_compute_dtype = "bf16".into();
+    let options = LoadOptions {
+        torch_dtype: Some(Precision::F32),
+        ..LoadOptions::default()
+    };
+    let q = load_and_quantize_model_with(
+        source(),
+        &config,
+        &options,
+        &device,
+        WeightResidence::Device,
+    )
+    .unwrap();
+    let supported = cachet_tensor::supports_dtype(&device, Precision::BF16);
+    for (name, layer) in &q.layers {
+        assert_eq!(layer.is_device_resident(), supported, "{name}");
+    }
+    let prompt = [5i64, 17, 99, 3];
+    assert_eq!(greedy(&q.model, &prompt, 4).len(), 4);
 }
