@@ -237,7 +237,7 @@ fn one_shot(q: &QuantizedModel, out: &Path) -> anyhow::Result<()> {
         }
     }
     for (prefix, layer) in &q.layers {
-        tensors.extend(layer.tensors(prefix));
+        tensors.extend(layer.tensors(prefix)?);
     }
     std::fs::create_dir_all(out)?;
     let mut metadata = BTreeMap::new();

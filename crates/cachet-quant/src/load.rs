@@ -51,18 +51,9 @@ impl QuantizedLinear {
         }
     }
 
-    /// The tensors this layer saves under `prefix`, in transformers' layout (bias excluded).
-    ///
-    /// # Panics
-    /// If a device-resident layer cannot be read back; [`QuantizedLinear::try_tensors`]
-    /// returns that error instead.
-    pub fn tensors(&self, prefix: &str) -> Vec<(String, burn::tensor::TensorData)> {
-        self.try_tensors(prefix)
-            .unwrap_or_else(|e| panic!("reading {prefix} back to host memory: {e}"))
-    }
-
-    /// [`QuantizedLinear::tensors`]; a device-resident layer is read back to host bytes first.
-    pub fn try_tensors(&self, prefix: &str) -> Result<Vec<(String, burn::tensor::TensorData)>> {
+    /// The tensors this layer saves under `prefix`, in transformers' layout (bias excluded); a
+    /// device-resident layer is read back to host bytes first.
+    pub fn tensors(&self, prefix: &str) -> Result<Vec<(String, burn::tensor::TensorData)>> {
         Ok(match self {
             Self::FourBit(l, dtype) => four_bit_tensors(prefix, &l.host_copy()?.weight, *dtype),
             Self::Int8(l) => int8_tensors(prefix, &l.host_copy()?.weight),

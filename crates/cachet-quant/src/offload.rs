@@ -62,7 +62,7 @@ impl DiskLinear {
     /// Writes `layer` to `folder/<name>.safetensors` and maps it.
     pub fn write(folder: &Path, name: &str, layer: &QuantizedLinear) -> Result<Self> {
         let path = folder.join(format!("{name}.safetensors"));
-        cachet_tensor::safetensors::save(&path, &layer.try_tensors(name)?, None).map_err(|e| {
+        cachet_tensor::safetensors::save(&path, &layer.tensors(name)?, None).map_err(|e| {
             QuantError::OffloadFolder {
                 path: folder.to_path_buf(),
                 reason: format!("writing {}: {e}", path.display()),

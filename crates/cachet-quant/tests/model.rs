@@ -129,7 +129,7 @@ fn quantizing_the_f32_llama_gives_transformers_tensors_bit_for_bit() {
         assert!(!q.layers.contains_key("lm_head"));
         let theirs = Checkpoint::open(fixtures().join(name)).unwrap();
         for (prefix, layer) in &q.layers {
-            for (key, data) in layer.tensors(prefix) {
+            for (key, data) in layer.tensors(prefix).unwrap() {
                 let want = theirs
                     .tensor_data(&key)
                     .unwrap_or_else(|e| panic!("{name}: transformers has no {key}: {e}"));
@@ -326,7 +326,7 @@ fn one_shot_file(q: &cachet_quant::QuantizedModel, path: &Path) {
         }
     }
     for (prefix, layer) in &q.layers {
-        tensors.extend(layer.tensors(prefix));
+        tensors.extend(layer.tensors(prefix).unwrap());
     }
     let mut metadata = std::collections::BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
