@@ -348,16 +348,23 @@ fn quantize_block_portable(
     bounds: &[f32; 15],
     order: &[u8; 16],
 ) -> bool {
-    // Non-finite values are detected here (one pass over the data) and reported by the caller.
-    // `a > m || a != a` lets a NaN through (f32::max would drop it).
-    #[allow(clippy::eq_op)]
-    let max = block.iter().fold(0.0f32, |m, v| {
-        let a = v.abs();
-        if a > m || a != a { a } else { m }
-    });
-    if !max.is_finite() {
+    // Non-finite values are detected here (one pass over the data) and reported by the caller:
+    // the max over the magnitudes' bits, in 8 independent lanes that vectorise (for
+    // non-negative floats the bit order is the value order, and NaN/inf sort above every
+    // finite value).
+    let magnitude = |v: &f32| v.to_bits() & 0x7fff_ffff;
+    let mut lanes = [0u32; 8];
+    let (chunks, rest) = block.as_chunks::<8>();
+    for c in chunks {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = (*m).max(magnitude(v));
+        }
+    }
+    let bits = rest.iter().map(magnitude).chain(lanes).max().unwrap_or(0);
+    if bits >= 0x7f80_0000 {
         return false;
     }
+    let max = f32::from_bits(bits);
     // Full blocks multiply by the reciprocal; bnb's trailing block divides (and stores the
     // clamped absmax).
     let clamped = max.max(1e-38);
