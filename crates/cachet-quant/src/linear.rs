@@ -297,22 +297,8 @@ unsafe fn gemv_row_blocks_avx2(
 }
 
 /// One output of the fused 4-bit gemv: `Σ_c W[row, c] · x[c]` for the row starting at flat
-/// element `start`, decoding codes on the fly block by block, with the kernels of the current
-/// [`SimdLevel`].
-fn gemv_row_4bit(
-    packed: &[u8],
-    absmax: &[f32],
-    blocksize: usize,
-    lut: &[[f32; 2]; 256],
-    code: &[f32; 16],
-    x: &[f32],
-    start: usize,
-) -> f32 {
-    let level = SimdLevel::current();
-    gemv_row_4bit_with(level, packed, absmax, blocksize, lut, code, x, start)
-}
-
-/// [`gemv_row_4bit`] with the kernels of `level` (lowered to what the CPU has).
+/// element `start`, decoding codes on the fly block by block, with the kernels of `level`
+/// (lowered to what the CPU has).
 #[allow(clippy::too_many_arguments)]
 fn gemv_row_4bit_with(
     level: SimdLevel,
@@ -383,6 +369,186 @@ fn gemv_row_4bit_with(
     acc
 }
 
+/// Whether the AVX2 gemv should decode through `vpshufb` byte planes
+/// ([`gemv_row_blocks_avx2_planes`]) rather than permutes and blends: on cores that run in-lane
+/// shuffles on two ports (Intel from Ice Lake on, told apart by AVX-512 or AVX-VNNI; AMD from
+/// Zen 3 on). Skylake-family cores have one shuffle port, where the planes are slower.
+#[cfg(target_arch = "x86_64")]
+fn avx2_planes_preferred() -> bool {
+    static PREFERRED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PREFERRED.get_or_init(|| {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            || std::arch::is_x86_feature_detected!("avxvnni")
+        {
+            return true;
+        }
+        let vendor = std::arch::x86_64::__cpuid(0);
+        let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+        let signature = std::arch::x86_64::__cpuid(1).eax;
+        let family = ((signature >> 8) & 0xf) + ((signature >> 20) & 0xff);
+        amd && family >= 0x19
+    })
+}
+
+/// The code's four byte planes for `vpshufb`: plane p holds byte p of each of the 16 entries, in
+/// both 128-bit halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn code_planes_avx2(code: &[f32; 16]) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    std::array::from_fn(|p| {
+        let bytes: [u8; 16] = std::array::from_fn(|c| (code[c].to_bits() >> (8 * p)) as u8);
+        // SAFETY: `bytes` holds 16 bytes.
+        _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) })
+    })
+}
+
+/// `x` reordered for [`gemv_row_blocks_avx2_planes`]: in each group of 32 values, 8-lane vector
+/// `j` holds `x[4j..4j + 4]` then `x[16 + 4j..16 + 4j + 4]`, the order the planes decode in.
+/// `x.len()` must be a multiple of 32.
+fn permute_x_for_planes(x: &[f32]) -> Vec<f32> {
+    debug_assert!(x.len().is_multiple_of(32));
+    let mut out = Vec::with_capacity(x.len());
+    for group in x.chunks_exact(32) {
+        for j in 0..4 {
+            out.extend_from_slice(&group[4 * j..4 * j + 4]);
+            out.extend_from_slice(&group[16 + 4 * j..16 + 4 * j + 4]);
+        }
+    }
+    out
+}
+
+/// [`gemv_row_blocks_avx2`] decoding through byte planes: per 32 weights (16 bytes, broadcast to
+/// both halves) the nibbles are interleaved in-lane into 32 indices, four `vpshufb` look up the
+/// four bytes of each code value and two rounds of in-lane unpacks assemble the floats, in the
+/// order of [`permute_x_for_planes`] (`xp`); four FMAs. Only in-lane shuffles, which recent
+/// cores run on two ports, instead of `vpermd` and the multi-µop `vblendvps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_row_blocks_avx2_planes(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    planes: &[std::arch::x86_64::__m256i; 4],
+    xp: &[f32],
+    start: usize,
+) -> f32 {
+    use std::arch::x86_64::*;
+    let first = start / blocksize;
+    let blocks = xp.len() / blocksize;
+    assert!(
+        start.is_multiple_of(blocksize)
+            && xp.len().is_multiple_of(blocksize)
+            && blocksize.is_multiple_of(32)
+            && packed.len() * 2 >= start + xp.len()
+            && absmax.len() >= first + blocks
+    );
+    // SAFETY: the assert above bounds every load: bytes (start + 32·i)/2 .. +16 lie in `packed`,
+    // floats 8·i .. +8 in `xp`, and block indices in `absmax`.
+    unsafe {
+        let nibble = _mm256_set1_epi8(0x0f);
+        let mut row = _mm256_setzero_ps();
+        let bytes = packed.as_ptr().add(start / 2);
+        let x = xp.as_ptr();
+        for b in 0..blocks {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let base = b * blocksize;
+            for i in (base..base + blocksize).step_by(32) {
+                let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(bytes.add(i / 2).cast()));
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                let lo = _mm256_and_si256(raw, nibble);
+                // Low half: values 0..16 (bytes 0..8); high half: values 16..32.
+                let idx = _mm256_blend_epi32::<0xf0>(
+                    _mm256_unpacklo_epi8(hi, lo),
+                    _mm256_unpackhi_epi8(hi, lo),
+                );
+                let p0 = _mm256_shuffle_epi8(planes[0], idx);
+                let p1 = _mm256_shuffle_epi8(planes[1], idx);
+                let p2 = _mm256_shuffle_epi8(planes[2], idx);
+                let p3 = _mm256_shuffle_epi8(planes[3], idx);
+                let (b01l, b01h) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
+                let (b23l, b23h) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
+                let w = [
+                    _mm256_unpacklo_epi16(b01l, b23l),
+                    _mm256_unpackhi_epi16(b01l, b23l),
+                    _mm256_unpacklo_epi16(b01h, b23h),
+                    _mm256_unpackhi_epi16(b01h, b23h),
+                ];
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(i + 8 * j));
+                    *acc = _mm256_fmadd_ps(_mm256_castsi256_ps(w[j]), xv, *acc);
+                }
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            row = _mm256_fmadd_ps(sum, _mm256_set1_ps(*absmax.get_unchecked(first + b)), row);
+        }
+        hsum_avx2(row)
+    }
+}
+
+/// The fused 4-bit gemv for one input row: `out[o] = Σ_c W[o, c] · x[c]` for every output
+/// row `o` (rayon over rows), with the kernels of the current [`SimdLevel`].
+fn gemv_4bit(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 16],
+    x: &[f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    let planes = avx2_planes_preferred();
+    #[cfg(not(target_arch = "x86_64"))]
+    let planes = false;
+    let level = SimdLevel::current();
+    gemv_4bit_with(level, planes, packed, absmax, blocksize, code, x, out);
+}
+
+/// [`gemv_4bit`] with the kernels of `level` (lowered to what the CPU has); `planes` picks the
+/// byte-plane AVX2 kernel where it applies (rows of whole blocks).
+#[allow(clippy::too_many_arguments)]
+fn gemv_4bit_with(
+    level: SimdLevel,
+    planes: bool,
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 16],
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let level = level.best_up_to();
+    let k = x.len();
+    #[cfg(target_arch = "x86_64")]
+    if planes
+        && level == SimdLevel::Avx2
+        && k.is_multiple_of(blocksize)
+        && blocksize.is_multiple_of(32)
+    {
+        let xp = permute_x_for_planes(x);
+        // SAFETY: the level is available, so avx2 and fma are.
+        let planes = unsafe { code_planes_avx2(code) };
+        out.par_iter_mut()
+            .enumerate()
+            .with_min_len(16)
+            .for_each(|(o, y)| {
+                // SAFETY: as above; the row starts on a block (k is whole blocks).
+                *y = unsafe {
+                    gemv_row_blocks_avx2_planes(packed, absmax, blocksize, &planes, &xp, o * k)
+                };
+            });
+        return;
+    }
+    let _ = planes;
+    let lut: [[f32; 2]; 256] = std::array::from_fn(|b| [code[b >> 4], code[b & 0x0f]]);
+    out.par_iter_mut()
+        .enumerate()
+        .with_min_len(16)
+        .for_each(|(o, y)| {
+            *y = gemv_row_4bit_with(level, packed, absmax, blocksize, &lut, code, x, o * k);
+        });
+}
+
 /// The host form of a 4-bit (NF4/FP4) layer: bnb's packed bytes in host memory, run by the
 /// host kernels ([`HostLinear4bit::forward_host`]). [`Linear4bit`] wraps it (or the
 /// device-resident form).
@@ -432,21 +598,8 @@ impl HostLinear4bit {
         };
         let mut out = vec![0.0f32; rows * n];
         if rows == 1 {
-            let lut: [[f32; 2]; 256] = std::array::from_fn(|b| [code[b >> 4], code[b & 0x0f]]);
-            out.par_iter_mut()
-                .enumerate()
-                .with_min_len(16)
-                .for_each(|(o, y)| {
-                    *y = gemv_row_4bit(
-                        &self.weight.packed,
-                        &absmax,
-                        self.weight.blocksize,
-                        &lut,
-                        code,
-                        &x,
-                        o * k,
-                    );
-                });
+            let (packed, blocksize) = (&self.weight.packed, self.weight.blocksize);
+            gemv_4bit(packed, &absmax, blocksize, code, &x, &mut out);
         } else {
             let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TILE_ROWS))
                 .into_par_iter()
@@ -980,20 +1133,30 @@ mod kernel_tests {
 
     /// The largest |got − want| / Σ|w·x| over all rows (the scale the rounding of a sum of
     /// products is measured against: relative to `want` itself a row summing to ~0 would have
-    /// no bound).
-    fn gemv_rel_err(level: SimdLevel, q: &crate::Quantized4bit, x: &[f32]) -> f32 {
+    /// no bound), `got` from `level` (with or without the byte-plane AVX2 kernel).
+    fn gemv_rel_err(level: SimdLevel, planes: bool, q: &crate::Quantized4bit, x: &[f32]) -> f32 {
         let absmax = q.absmax.to_f32();
         let code = q.quant_type.code();
-        let lut: [[f32; 2]; 256] = std::array::from_fn(|b| [code[b >> 4], code[b & 0x0f]]);
         let w = q.dequantize();
-        let k = x.len();
+        let (n, k) = (q.shape[0], x.len());
+        let run = |level, planes| {
+            let mut out = vec![f32::NAN; n];
+            gemv_4bit_with(
+                level,
+                planes,
+                &q.packed,
+                &absmax,
+                q.blocksize,
+                code,
+                x,
+                &mut out,
+            );
+            out
+        };
+        let want = run(SimdLevel::Portable, false);
+        let got = run(level, planes);
         let mut worst = 0.0f32;
-        for (r, wr) in w.chunks(k).enumerate() {
-            let run = |level| {
-                gemv_row_4bit_with(level, &q.packed, &absmax, q.blocksize, &lut, code, x, r * k)
-            };
-            let want = run(SimdLevel::Portable);
-            let got = run(level);
+        for ((wr, &want), &got) in w.chunks(k).zip(&want).zip(&got) {
             let exact: f64 = wr
                 .iter()
                 .zip(x)
@@ -1001,7 +1164,7 @@ mod kernel_tests {
                 .sum();
             let scale: f32 = wr.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
             assert!(
-                ((want as f64) - exact).abs() <= 1e-5 * scale as f64,
+                (f64::from(want) - exact).abs() <= 1e-5 * f64::from(scale),
                 "portable vs f64"
             );
             worst = worst.max((got - want).abs() / scale.max(f32::MIN_POSITIVE));
@@ -1009,26 +1172,31 @@ mod kernel_tests {
         worst
     }
 
-    /// The fused gemv of every SIMD level against the portable one: rows made of whole blocks
-    /// (the block kernels) and rows that start inside a block or on an odd element (the
-    /// per-segment kernels), every block size, NF4 and FP4.
+    /// The fused gemv of every SIMD level (AVX2 both with permutes and with byte planes)
+    /// against the portable one: rows made of whole blocks (the block kernels) and rows that
+    /// start inside a block or on an odd element (the per-segment kernels), every block size,
+    /// NF4 and FP4.
     #[test]
     fn simd_gemv_matches_portable() {
         let mut state = 0x5851_f42d_4c95_7f2du64;
         for level in simd_levels() {
-            for quant_type in [QuantType::Nf4, QuantType::Fp4] {
-                for blocksize in VALID_4BIT_BLOCKSIZES {
-                    for k in [blocksize, 2 * blocksize, 3 * blocksize + 7, 100, 257, 4096] {
-                        let rows = 5;
-                        let w = values(&mut state, rows * k, 0.2);
-                        let x = values(&mut state, k, 2.0);
-                        let q = quantize_4bit("w", &w, &[rows, k], blocksize, quant_type, false)
-                            .unwrap();
-                        let err = gemv_rel_err(level, &q, &x);
-                        assert!(
-                            err <= 1e-5,
-                            "{level} {quant_type} blocksize {blocksize} k {k}: rel err {err:e}"
-                        );
+            for planes in [false, true] {
+                for quant_type in [QuantType::Nf4, QuantType::Fp4] {
+                    for blocksize in VALID_4BIT_BLOCKSIZES {
+                        for k in [blocksize, 2 * blocksize, 3 * blocksize + 7, 100, 257, 4096] {
+                            let rows = 5;
+                            let w = values(&mut state, rows * k, 0.2);
+                            let x = values(&mut state, k, 2.0);
+                            let q =
+                                quantize_4bit("w", &w, &[rows, k], blocksize, quant_type, false)
+                                    .unwrap();
+                            let err = gemv_rel_err(level, planes, &q, &x);
+                            assert!(
+                                err <= 1e-5,
+                                "{level} planes {planes} {quant_type} blocksize {blocksize} k {k}: \
+                                 rel err {err:e}"
+                            );
+                        }
                     }
                 }
             }
