@@ -485,6 +485,7 @@ unsafe fn quantize_block_avx512(
 }
 
 /// Whether the code order maps every bucket to itself (NF4: its code is sorted).
+#[cfg(target_arch = "x86_64")]
 fn is_identity(order: &[u8; 16]) -> bool {
     order.iter().enumerate().all(|(i, &o)| usize::from(o) == i)
 }
@@ -760,7 +761,7 @@ impl CodeAvx2 {
     /// Loads `code` into two registers.
     ///
     /// # Safety
-    /// AVX must be available.
+    /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub(crate) unsafe fn new(code: &[f32; 16]) -> Self {
@@ -913,6 +914,7 @@ pub(crate) fn dequantize_4bit_with(
         }
         return dequantize_4bit_scalar(packed, absmax, blocksize, code, start + whole, tail);
     }
+    let _ = level;
     dequantize_4bit_scalar(packed, absmax, blocksize, code, start, out);
 }
 

@@ -406,6 +406,7 @@ fn code_planes_avx2(code: &[f32; 16]) -> [std::arch::x86_64::__m256i; 4] {
 /// `x` reordered for [`gemv_row_blocks_avx2_planes`]: in each group of 32 values, 8-lane vector
 /// `j` holds `x[4j..4j + 4]` then `x[16 + 4j..16 + 4j + 4]`, the order the planes decode in.
 /// `x.len()` must be a multiple of 32.
+#[cfg(target_arch = "x86_64")]
 fn permute_x_for_planes(x: &[f32]) -> Vec<f32> {
     debug_assert!(x.len().is_multiple_of(32));
     let mut out = Vec::with_capacity(x.len());
