@@ -76,10 +76,16 @@ impl SimdLevel {
     pub fn current() -> Self {
         let mut code = OVERRIDE.load(Ordering::Relaxed);
         if code == UNREAD {
-            let from_env = std::env::var("CACHET_SIMD")
-                .ok()
-                .and_then(|v| v.parse::<Self>().ok())
-                .map_or(AUTO, Self::code);
+            let from_env = match std::env::var("CACHET_SIMD") {
+                Ok(v) => match v.parse::<Self>() {
+                    Ok(level) => level.code(),
+                    Err(e) => {
+                        tracing::warn!("CACHET_SIMD ignored: {e}");
+                        AUTO
+                    }
+                },
+                Err(_) => AUTO,
+            };
             // A `force` made meanwhile wins over the environment.
             code = match OVERRIDE.compare_exchange(
                 UNREAD,
