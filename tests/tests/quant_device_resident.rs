@@ -325,11 +325,11 @@ fn quantized_layers_embed_in_user_modules() {
 }
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/cachet-quant/tests/fixtures")
 }
 
 fn source() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama")
 }
 
 fn variants() -> Vec<(&'static str, BnbQuantizationConfig)> {
