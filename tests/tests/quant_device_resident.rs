@@ -8,37 +8,14 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use cachet_integration_tests::test_device;
 use cachet_models::{LinearOp, Llama};
 use cachet_quant::{
     AbsMax, BnbQuantizationConfig, DeviceMap, Int8Weight, Linear4bit, Linear8bitLt, LoadOptions,
     QuantType, QuantizedLinear, WeightResidence, is_host_device, load_and_quantize_model_with,
     quantize_4bit,
 };
-use cachet_tensor::{Checkpoint, Device, DeviceSpec, MemoryFootprint, Precision};
-
-/// The device under test: `CACHET_TEST_DEVICE` if set, else wgpu in a `wgpu` build, else the
-/// CPU. `None` (after printing `SKIPPED:`) when it cannot be opened.
-fn test_device() -> Option<Device> {
-    let spec = std::env::var("CACHET_TEST_DEVICE").unwrap_or_else(|_| {
-        if cfg!(feature = "wgpu") {
-            "wgpu"
-        } else {
-            "cpu"
-        }
-        .to_string()
-    });
-    let spec: DeviceSpec = spec.parse().expect("CACHET_TEST_DEVICE is a device string");
-    match spec.init() {
-        Ok(device) => {
-            eprintln!("device-resident tests run on {spec}: {device:?}");
-            Some(device)
-        }
-        Err(err) => {
-            eprintln!("SKIPPED: cannot open test device {spec}: {err}");
-            None
-        }
-    }
-}
+use cachet_tensor::{Checkpoint, Device, MemoryFootprint, Precision};
 
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
