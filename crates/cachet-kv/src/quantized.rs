@@ -1124,29 +1124,21 @@ impl Cache for QuantizedCache {
                 kept += 1;
             }
             let partial = (kept < entry.keys.len() && at < max_length).then(|| {
-                let (k, v) = (entry.keys[kept].clone(), entry.values[kept].clone());
-                let n = k.tokens;
-                let (kd, vd) = (
-                    entry.key_layout.dequantize(std::slice::from_ref(&k)),
-                    entry.value_layout.dequantize(std::slice::from_ref(&v)),
-                );
-                (kd, vd, n)
+                QuantizedKv {
+                    tokens: entry.keys[kept].tokens,
+                    keys: Arc::new(vec![entry.keys[kept].clone()]),
+                    values: Arc::new(vec![entry.values[kept].clone()]),
+                    ..entry.snapshot(0)
+                }
+                .dequantize()
             });
             Arc::make_mut(&mut entry.keys).truncate(kept);
             Arc::make_mut(&mut entry.values).truncate(kept);
             entry.quantized = at;
             entry.residual.truncate(0);
-            if let Some((kd, vd, n)) = partial {
+            if let Some((k, v)) = partial {
                 let (h, dk, dv) = entry.heads_and_dims();
-                let make = |data: Vec<f32>, d: usize| {
-                    Tensor::<4>::from_data(
-                        TensorData::new(data, [entry.batch, h, n, d]),
-                        (&entry.device, DType::F32),
-                    )
-                    .cast(entry.dtype)
-                };
                 let keep = max_length - at;
-                let (k, v) = (make(kd, dk), make(vd, dv));
                 let b = entry.batch;
                 entry.residual.append(
                     k.slice([0..b, 0..h, 0..keep, 0..dk]),

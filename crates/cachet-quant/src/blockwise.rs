@@ -802,6 +802,27 @@ pub(crate) unsafe fn decode8_avx2(bytes: *const u8, code: CodeAvx2) -> std::arch
     )
 }
 
+/// The first block and the block count of a whole-block SIMD dequantize of `len` values from
+/// `start`; panics unless every access the kernels make lies in `packed`, `absmax` and the output.
+#[cfg(target_arch = "x86_64")]
+fn whole_blocks(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    start: usize,
+    len: usize,
+) -> (usize, usize) {
+    let (first, blocks) = (start / blocksize, len / blocksize);
+    assert!(
+        start.is_multiple_of(blocksize)
+            && len.is_multiple_of(blocksize)
+            && blocksize.is_multiple_of(16)
+            && packed.len() * 2 >= start + len
+            && absmax.len() >= first + blocks
+    );
+    (first, blocks)
+}
+
 /// Dequantizes whole blocks with AVX2: per 8 values one 4-byte broadcast, the lookup of
 /// [`decode8_avx2`], one multiply by the block's absmax and one store.
 #[cfg(target_arch = "x86_64")]
@@ -815,16 +836,8 @@ unsafe fn dequantize_blocks_avx2(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let first = start / blocksize;
-    let blocks = out.len() / blocksize;
-    assert!(
-        start.is_multiple_of(blocksize)
-            && out.len().is_multiple_of(blocksize)
-            && blocksize.is_multiple_of(16)
-            && packed.len() * 2 >= start + out.len()
-            && absmax.len() >= first + blocks
-    );
-    // SAFETY: the assert bounds every access: bytes (start + 8·i)/2 .. +4 lie in `packed`,
+    let (first, blocks) = whole_blocks(packed, absmax, blocksize, start, out.len());
+    // SAFETY: `whole_blocks` bounds every access: bytes (start + 8·i)/2 .. +4 lie in `packed`,
     // floats 8·i .. +8 in `out`, block indices in `absmax`; avx2 is enabled here.
     unsafe {
         let lut = CodeAvx2::new(code);
@@ -856,16 +869,8 @@ unsafe fn dequantize_blocks_avx512(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let first = start / blocksize;
-    let blocks = out.len() / blocksize;
-    assert!(
-        start.is_multiple_of(blocksize)
-            && out.len().is_multiple_of(blocksize)
-            && blocksize.is_multiple_of(16)
-            && packed.len() * 2 >= start + out.len()
-            && absmax.len() >= first + blocks
-    );
-    // SAFETY: the assert bounds every access: bytes (start + 16·i)/2 .. +8 lie in `packed`,
+    let (first, blocks) = whole_blocks(packed, absmax, blocksize, start, out.len());
+    // SAFETY: `whole_blocks` bounds every access: bytes (start + 16·i)/2 .. +8 lie in `packed`,
     // floats 16·i .. +16 in `out`, block indices in `absmax`.
     unsafe {
         let lut = _mm512_loadu_ps(code.as_ptr());

@@ -737,6 +737,23 @@ pub struct Linear4bit {
     host: Option<Arc<HostLinear4bit>>,
 }
 
+/// The form a quantized layer is in, borrowed: host weights or device-resident ones.
+enum Form<'a, H, R> {
+    Host(&'a Arc<H>),
+    Resident(&'a R),
+}
+
+impl<'a, H, R> Form<'a, H, R> {
+    /// The form of a layer's `resident` / `host` fields, exactly one of which its constructors set.
+    fn of(resident: &'a Option<R>, host: &'a Option<Arc<H>>) -> Self {
+        match (resident, host) {
+            (Some(r), _) => Self::Resident(r),
+            (None, Some(h)) => Self::Host(h),
+            (None, None) => unreachable!("a quantized layer is built host or device-resident"),
+        }
+    }
+}
+
 impl From<HostLinear4bit> for Linear4bit {
     fn from(host: HostLinear4bit) -> Self {
         Self {
@@ -763,6 +780,10 @@ impl Linear4bit {
         .into()
     }
 
+    fn form(&self) -> Form<'_, HostLinear4bit, Resident4bit> {
+        Form::of(&self.resident, &self.host)
+    }
+
     /// This layer with its weights on `device` (packed codes and scales uploaded, or moved from
     /// another device), forward by tensor ops there, even when `device` is the host.
     pub fn to_device_resident(&self, device: &Device) -> Result<Self> {
@@ -772,9 +793,9 @@ impl Linear4bit {
     /// [`Linear4bit::to_device_resident`] with a bound on the forward's transient memory per
     /// tile of output rows (`tile_bytes`; the default is [`DEFAULT_TILE_BYTES`]).
     pub fn to_device_resident_with(&self, device: &Device, tile_bytes: usize) -> Result<Self> {
-        let mut resident = match (&self.resident, &self.host) {
-            (Some(r), _) => r.clone().to_device(device),
-            (None, Some(h)) => Resident4bit::upload(
+        let mut resident = match self.form() {
+            Form::Resident(r) => r.clone().to_device(device),
+            Form::Host(h) => Resident4bit::upload(
                 &h.weight,
                 h.bias.as_deref(),
                 h.compute_dtype,
@@ -782,7 +803,6 @@ impl Linear4bit {
                 device,
                 tile_bytes,
             )?,
-            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
         };
         resident.set_tile_bytes(tile_bytes);
         Ok(Self {
@@ -827,9 +847,9 @@ impl Linear4bit {
 
     /// The host form: shared if this is one, else read back from the device (bit-identical).
     pub fn host_copy(&self) -> Result<Arc<HostLinear4bit>> {
-        match (&self.host, &self.resident) {
-            (Some(h), _) => Ok(h.clone()),
-            (None, Some(r)) => {
+        match self.form() {
+            Form::Host(h) => Ok(h.clone()),
+            Form::Resident(r) => {
                 let (weight, bias) = r.to_host()?;
                 Ok(Arc::new(HostLinear4bit {
                     weight,
@@ -838,43 +858,38 @@ impl Linear4bit {
                     weight_dtype: r.weight_dtype(),
                 }))
             }
-            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
         }
     }
 
     /// Output and input features.
     pub fn dims(&self) -> (usize, usize) {
-        match (&self.host, &self.resident) {
-            (Some(h), _) => h.dims(),
-            (None, Some(r)) => (r.shape()[0], r.shape()[1]),
-            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        match self.form() {
+            Form::Host(h) => h.dims(),
+            Form::Resident(r) => (r.shape()[0], r.shape()[1]),
         }
     }
 
     /// Compute dtype (`bnb_4bit_compute_dtype`).
     pub fn compute_dtype(&self) -> Precision {
-        match (&self.host, &self.resident) {
-            (Some(h), _) => h.compute_dtype,
-            (None, Some(r)) => r.compute_dtype(),
-            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        match self.form() {
+            Form::Host(h) => h.compute_dtype,
+            Form::Resident(r) => r.compute_dtype(),
         }
     }
 
     /// dtype the weight had before quantization (the quant state's `dtype`).
     pub fn weight_dtype(&self) -> Precision {
-        match (&self.host, &self.resident) {
-            (Some(h), _) => h.weight_dtype,
-            (None, Some(r)) => r.weight_dtype(),
-            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        match self.form() {
+            Form::Host(h) => h.weight_dtype,
+            Form::Resident(r) => r.weight_dtype(),
         }
     }
 
     /// `y = x · Wᵀ + b` for `x` `[.., in]`, output in `x`'s dtype on `x`'s device.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match (&self.resident, &self.host) {
-            (Some(r), _) => r.forward(x),
-            (None, Some(h)) => via_host(x, h.dims().0, |data, rows| h.forward_host(data, rows)),
-            (None, None) => unreachable!("a Linear4bit is built host or device-resident"),
+        match self.form() {
+            Form::Resident(r) => r.forward(x),
+            Form::Host(h) => via_host(x, h.dims().0, |data, rows| h.forward_host(data, rows)),
         }
     }
 }
@@ -894,10 +909,9 @@ impl LinearOp for Linear4bit {
 
     /// Host bytes (codes, scales, bias) in the host form; device bytes when device-resident.
     fn memory_bytes(&self) -> usize {
-        match (&self.resident, &self.host) {
-            (Some(r), _) => r.memory_bytes(),
-            (None, Some(h)) => h.weight.memory_bytes() + h.bias.as_ref().map_or(0, |b| b.len() * 4),
-            (None, None) => 0,
+        match self.form() {
+            Form::Resident(r) => r.memory_bytes(),
+            Form::Host(h) => h.weight.memory_bytes() + h.bias.as_ref().map_or(0, |b| b.len() * 4),
         }
     }
 }
@@ -965,6 +979,10 @@ impl Linear8bitLt {
         .into()
     }
 
+    fn form(&self) -> Form<'_, HostLinear8bitLt, Resident8bit> {
+        Form::of(&self.resident, &self.host)
+    }
+
     /// This layer with its weights on `device`, forward by tensor ops there.
     pub fn to_device_resident(&self, device: &Device) -> Result<Self> {
         self.to_device_resident_with(device, DEFAULT_TILE_BYTES)
@@ -973,16 +991,15 @@ impl Linear8bitLt {
     /// [`Linear8bitLt::to_device_resident`] with a bound on the forward's transient memory
     /// per tile of output rows.
     pub fn to_device_resident_with(&self, device: &Device, tile_bytes: usize) -> Result<Self> {
-        let mut resident = match (&self.resident, &self.host) {
-            (Some(r), _) => r.clone().to_device(device),
-            (None, Some(h)) => Resident8bit::upload(
+        let mut resident = match self.form() {
+            Form::Resident(r) => r.clone().to_device(device),
+            Form::Host(h) => Resident8bit::upload(
                 &h.weight,
                 h.bias.as_deref(),
                 h.threshold,
                 device,
                 tile_bytes,
             )?,
-            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
         };
         resident.set_tile_bytes(tile_bytes);
         Ok(Self {
@@ -1026,9 +1043,9 @@ impl Linear8bitLt {
 
     /// The host form: shared if this is one, else read back from the device (bit-identical).
     pub fn host_copy(&self) -> Result<Arc<HostLinear8bitLt>> {
-        match (&self.host, &self.resident) {
-            (Some(h), _) => Ok(h.clone()),
-            (None, Some(r)) => {
+        match self.form() {
+            Form::Host(h) => Ok(h.clone()),
+            Form::Resident(r) => {
                 let (weight, bias) = r.to_host()?;
                 Ok(Arc::new(HostLinear8bitLt {
                     weight,
@@ -1036,34 +1053,30 @@ impl Linear8bitLt {
                     threshold: r.threshold(),
                 }))
             }
-            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
         }
     }
 
     /// Output and input features.
     pub fn dims(&self) -> (usize, usize) {
-        match (&self.host, &self.resident) {
-            (Some(h), _) => (h.weight.rows, h.weight.cols),
-            (None, Some(r)) => (r.shape()[0], r.shape()[1]),
-            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
+        match self.form() {
+            Form::Host(h) => (h.weight.rows, h.weight.cols),
+            Form::Resident(r) => (r.shape()[0], r.shape()[1]),
         }
     }
 
     /// Outlier threshold (`llm_int8_threshold`).
     pub fn threshold(&self) -> f32 {
-        match (&self.host, &self.resident) {
-            (Some(h), _) => h.threshold,
-            (None, Some(r)) => r.threshold(),
-            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
+        match self.form() {
+            Form::Host(h) => h.threshold,
+            Form::Resident(r) => r.threshold(),
         }
     }
 
     /// `y = x · Wᵀ + b` for `x` `[.., in]`, output in `x`'s dtype on `x`'s device.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match (&self.resident, &self.host) {
-            (Some(r), _) => r.forward(x),
-            (None, Some(h)) => via_host(x, h.weight.rows, |data, rows| h.forward_host(data, rows)),
-            (None, None) => unreachable!("a Linear8bitLt is built host or device-resident"),
+        match self.form() {
+            Form::Resident(r) => r.forward(x),
+            Form::Host(h) => via_host(x, h.weight.rows, |data, rows| h.forward_host(data, rows)),
         }
     }
 }
@@ -1083,10 +1096,9 @@ impl LinearOp for Linear8bitLt {
 
     /// Host bytes in the host form; device bytes when device-resident.
     fn memory_bytes(&self) -> usize {
-        match (&self.resident, &self.host) {
-            (Some(r), _) => r.memory_bytes(),
-            (None, Some(h)) => h.weight.memory_bytes() + h.bias.as_ref().map_or(0, |b| b.len() * 4),
-            (None, None) => 0,
+        match self.form() {
+            Form::Resident(r) => r.memory_bytes(),
+            Form::Host(h) => h.weight.memory_bytes() + h.bias.as_ref().map_or(0, |b| b.len() * 4),
         }
     }
 }

@@ -269,13 +269,16 @@ fn failed_save_leaves_nothing_behind() {
     .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     // The target exists as a file: creating the directory fails after staging.
+    let entries = || -> Vec<String> {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
     let target = tmp.path().join("out");
     std::fs::write(&target, b"occupied").unwrap();
     assert!(q.save_pretrained(&target).is_err());
-    let names: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = entries();
     assert_eq!(
         names,
         vec!["out".to_string()],
@@ -287,10 +290,7 @@ fn failed_save_leaves_nothing_behind() {
         max_shard_size: 20_000,
     };
     assert!(q.save_pretrained_with(&target, &opts).is_err());
-    let names: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = entries();
     assert_eq!(
         names,
         vec!["out".to_string()],
