@@ -6,7 +6,8 @@
 //! [`MaskLayout`] says which absolute positions the keys hold, so the model can build the mask.
 //! Models that can attend to a quantized prefix in place call [`Cache::update_view`] instead:
 //! the quantized cache then returns its old tokens still quantized ([`QuantizedKv`]).
-//! Appending is O(1) amortised (no per-step concatenation of the whole cache), clones are cheap
+//! Appending costs O(new tokens) (no per-step concatenation of the whole cache; growing stores
+//! add whole blocks of [`GROWTH_BLOCK`] tokens), clones are cheap
 //! (copy-on-write storage) for prefix reuse, and every misuse is a typed [`KvError`].
 
 pub mod cache;
@@ -33,3 +34,4 @@ pub use quantized::{QuantAxis, QuantBackend, QuantizedCache, QuantizedCacheConfi
 pub use sink::SinkCache;
 pub use sliding::SlidingWindowCache;
 pub use static_cache::StaticCache;
+pub use store::GROWTH_BLOCK;

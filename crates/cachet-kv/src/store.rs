@@ -2,13 +2,18 @@
 //!
 //! Keys and values live in buffers `[batch, heads, capacity, head_dim]` written in place with
 //! `slice_assign` (burn backends write in place when the buffer is not shared), so appending a
-//! token costs O(new tokens), and growing doubles the capacity: O(1) amortised per token.
+//! token costs O(new tokens). Capacity doubles up to [`GROWTH_BLOCK`] tokens and then grows a
+//! block at a time, so a store holds at most one block more than it uses (doubling all the way
+//! would hold up to twice); a growth copies the stored tokens once, a block's share per token.
 //! Clones share the buffers; the first write after a clone copies (copy-on-write).
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use cachet_tensor::MemoryFootprint;
 
 use crate::error::{KvError, Result};
+
+/// Tokens a growing store adds at a time once it holds a block (below that it doubles).
+pub const GROWTH_BLOCK: usize = 256;
 
 /// Keys and values of one layer with their fill level.
 #[derive(Debug, Clone)]
@@ -73,13 +78,19 @@ impl LayerStore {
         Ok(())
     }
 
-    /// Ensures room for `extra` more tokens, doubling the capacity when it must grow.
+    /// Ensures room for `extra` more tokens (doubling below a [`GROWTH_BLOCK`], then whole blocks).
     pub fn reserve(&mut self, extra: usize) {
         let needed = self.len + extra;
         if needed <= self.capacity() {
             return;
         }
-        let capacity = needed.max(self.capacity() * 2).max(16);
+        // Small stores (a quantized cache's residual, short chats) double up to one block, which
+        // keeps them tight; past a block they grow a block at a time.
+        let capacity = if needed <= GROWTH_BLOCK {
+            needed.next_power_of_two().max(16)
+        } else {
+            needed.div_ceil(GROWTH_BLOCK) * GROWTH_BLOCK
+        };
         let mut grown = Self::with_capacity(&self.keys, &self.values, capacity);
         if self.len > 0 {
             let (k, v) = self.view();

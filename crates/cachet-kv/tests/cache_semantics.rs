@@ -220,16 +220,31 @@ fn static_cache_full_is_an_error_and_keeps_its_contents() {
 }
 
 #[test]
-fn dynamic_cache_grows_geometrically() {
+fn dynamic_cache_grows_in_blocks_holding_at_most_one_spare_block() {
     let device = Device::flex();
     let mut cache = DynamicCache::new();
     let mut allocations = std::collections::BTreeSet::new();
-    for t in 0..300 {
+    // kv(1, 1): [1, 2, 1, 4] f32 keys and values per token.
+    let per_token = 2 * 2 * 4 * 4;
+    let block = cachet_kv::GROWTH_BLOCK;
+    for t in 0..(2 * block + 44) {
         let x = kv(1, 1, &device);
         cache.update(0, x.clone(), x, &[t]).unwrap();
-        allocations.insert(cache.memory_bytes());
+        let bytes = cache.memory_bytes();
+        assert!(
+            bytes <= (t + 1 + block) * per_token,
+            "{} tokens hold {bytes} bytes: more than one spare block",
+            t + 1
+        );
+        assert!(bytes >= (t + 1) * per_token);
+        allocations.insert(bytes);
     }
-    assert!(allocations.len() <= 6, "capacity doubles: {allocations:?}");
+    // 16, 32, ..., 256 (doubling up to a block), then 512 and 768.
+    assert_eq!(
+        allocations.len(),
+        7,
+        "one growth per block past the first: {allocations:?}"
+    );
 }
 
 #[test]

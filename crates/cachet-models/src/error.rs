@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use cachet_tensor::{SafetensorsError, TensorError};
+use cachet_tensor::{GgufError, SafetensorsError, TensorError};
 
 /// Result alias of cachet-models.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
@@ -56,6 +56,9 @@ pub enum ModelError {
     /// A safetensors error.
     #[error(transparent)]
     Safetensors(Box<SafetensorsError>),
+    /// A GGUF file could not be read or dequantized.
+    #[error(transparent)]
+    Gguf(Box<GgufError>),
     /// A custom linear layer (a quantized `LinearOp` built by a `LinearFactory`) failed to load
     /// or run; the source is the layer crate's own typed error.
     #[error("layer: {0}")]
@@ -81,5 +84,11 @@ impl From<TensorError> for ModelError {
 impl From<SafetensorsError> for ModelError {
     fn from(err: SafetensorsError) -> Self {
         Self::Safetensors(Box::new(err))
+    }
+}
+
+impl From<GgufError> for ModelError {
+    fn from(err: GgufError) -> Self {
+        Self::Gguf(Box::new(err))
     }
 }

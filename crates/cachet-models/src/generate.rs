@@ -243,12 +243,17 @@ fn run_with(
     config: &GenerationConfig,
     cache: Option<&mut dyn Cache>,
 ) -> Result<GenerationOutput> {
-    let run = Run::new(model, prompts, config, cache)?;
-    if config.num_beams > 1 {
-        run.beam_search()
-    } else {
-        run.sample_or_greedy()
-    }
+    // The whole loop runs on a worker of the rayon pool, so the host kernels' parallel loops
+    // start on this thread at once and join without a sleep/wake round trip through the OS
+    // (hundreds of them per token when the caller is outside the pool).
+    rayon::scope(move |_| {
+        let run = Run::new(model, prompts, config, cache)?;
+        if config.num_beams > 1 {
+            run.beam_search()
+        } else {
+            run.sample_or_greedy()
+        }
+    })
 }
 
 fn make_cache(
@@ -266,7 +271,7 @@ fn make_cache(
     if let Some(budget) = config.max_cache_bytes {
         let rows = prompts.len() * config.num_beams;
         let c = &model.config;
-        let dtype_size = model.embed_tokens.weight.val().dtype().size();
+        let dtype_size = model.embed_tokens.dtype().size();
         let estimate =
             c.num_hidden_layers * 2 * rows * c.kv_heads() * max_len * c.head_dim() * dtype_size;
         let can_offload = matches!(
@@ -386,13 +391,11 @@ impl<'a, 'c> Run<'a, 'c> {
     fn step(&mut self, log_probs: bool) -> Result<Vec<Vec<f32>>> {
         let from = if self.cache.is_some() { self.fed } else { 0 };
         let input = self.tensor(&self.rows, from);
-        let mask = (self.padded || self.fed > 0).then(|| self.tensor(&self.mask, 0));
-        let logits = match self.cache.as_mut() {
-            Some(c) => self
-                .model
-                .forward_with_cache(input, mask, None, Some(&mut **c))?,
-            None => self.model.forward(input, mask, None)?,
-        };
+        // Without padding every mask entry is 1: the model needs none (positions follow the
+        // cache), which lets each layer skip masking altogether.
+        let mask = self.padded.then(|| self.tensor(&self.mask, 0));
+        let cache = self.cache.as_mut().map(|c| &mut **c as &mut dyn Cache);
+        let logits = self.model.forward_keep(input, mask, None, cache, 1)?;
         self.fed = self.rows[0].len();
         let [rows, seq, vocab] = logits.dims();
         let last = logits.slice([0..rows, seq - 1..seq]).reshape([rows, vocab]);

@@ -18,5 +18,8 @@ pub use error::{ModelError, Result};
 pub use generate::{
     Generation, GenerationConfig, GenerationOutput, GreedyOptions, generate, greedy,
 };
-pub use linear::{DenseFactory, LinearFactory, LinearLayer, LinearOp, LinearSpec};
+pub use linear::{
+    DenseFactory, FastDenseFactory, HostDense, LinearFactory, LinearLayer, LinearOp, LinearSpec,
+    burn_linear,
+};
 pub use llama::{Llama, LlamaConfig, ModelFamily};

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use cachet_tensor::kernels::DenseMatrix;
 use cachet_tensor::{Checkpoint, MemoryFootprint};
 
 use crate::error::{ModelError, Result};
@@ -22,6 +23,19 @@ pub trait LinearOp: Send + Sync + Debug {
     fn out_features(&self) -> usize;
     /// Bytes the layer's weights take.
     fn memory_bytes(&self) -> usize;
+
+    /// Whether [`LinearOp::forward_host`] runs: the layer computes in host memory, so a model
+    /// on the host can chain several such layers without a tensor round trip between them.
+    fn has_host_forward(&self) -> bool {
+        false
+    }
+
+    /// `[rows, in]` f32 activations in host memory to `[rows, out]` f32 (values rounded as the
+    /// layer's compute dtype rounds them); `None` when the layer has no host path.
+    fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        let _ = (x, rows);
+        None
+    }
 }
 
 /// One projection of the model: dense, or a custom [`LinearOp`].
@@ -57,6 +71,11 @@ impl LinearLayer {
     /// The custom layer, if this is one.
     pub fn as_custom(&self) -> Option<&Arc<dyn LinearOp>> {
         self.custom.as_ref()
+    }
+
+    /// The host path of a custom layer, if it has one (see [`LinearOp::forward_host`]).
+    pub fn host_op(&self) -> Option<&Arc<dyn LinearOp>> {
+        self.custom.as_ref().filter(|op| op.has_host_forward())
     }
 
     /// Applies the layer.
@@ -138,12 +157,235 @@ impl LinearFactory for DenseFactory {
         } else {
             None
         };
-        // Hugging Face stores [out, in]; burn's Linear multiplies by [in, out].
-        Ok(LinearLayer::dense(Linear {
-            weight: Param::from_tensor(weight.transpose()),
-            bias,
-        }))
+        Ok(LinearLayer::dense(burn_linear(weight, bias)))
     }
+}
+
+/// burn's `Linear` from a Hugging Face `[out, in]` weight: transposed once, here, into the
+/// contiguous `[in, out]` tensor burn multiplies by, so no matmul ever copies a transposed view.
+/// Every dense burn layer of cachet is built this way (one layout, the same numbers).
+pub fn burn_linear(weight: Tensor<2>, bias: Option<Param<Tensor<1>>>) -> Linear {
+    Linear {
+        weight: Param::from_tensor(contiguous(weight.transpose())),
+        bias,
+    }
+}
+
+/// A tensor with the same values laid out contiguously (one copy, at load time).
+fn contiguous<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    let device = t.device();
+    let dtype = t.dtype();
+    Tensor::from_data(t.into_data(), (&device, dtype))
+}
+
+/// The factory for a decoder's hot path: on the host device every projection is a
+/// [`HostDense`] (weights in host memory in the checkpoint's `[out, in]` layout, run by
+/// cachet-tensor's multi-threaded gemv for decode and gemm for prefill); on any other device
+/// a burn `Linear`, as [`DenseFactory`] builds it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FastDenseFactory;
+
+impl LinearFactory for FastDenseFactory {
+    fn build(
+        &self,
+        spec: &LinearSpec,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<LinearLayer> {
+        if !is_host_device(device) {
+            return DenseFactory.build(spec, checkpoint, device, dtype);
+        }
+        let name = format!("{}.weight", spec.name);
+        let weight = load_checked::<2>(
+            checkpoint,
+            &name,
+            [spec.out_features, spec.in_features],
+            device,
+            dtype,
+        )?;
+        let bias = if spec.bias {
+            let bias = load_checked::<1>(
+                checkpoint,
+                &format!("{}.bias", spec.name),
+                [spec.out_features],
+                device,
+                DType::F32,
+            )?;
+            Some(read_f32(bias.into_data(), &spec.name)?)
+        } else {
+            None
+        };
+        let matrix = matrix_from_data(weight.into_data(), &name)?;
+        Ok(LinearLayer::custom(Arc::new(HostDense::new(
+            matrix, bias, dtype,
+        )?)))
+    }
+}
+
+/// Whether `device` is the host CPU backend (where host kernels beat tensor ops).
+pub fn is_host_device(device: &Device) -> bool {
+    cachet_tensor::device::cpu_device().is_ok_and(|cpu| cpu == *device)
+}
+
+fn read_f32(data: TensorData, what: &str) -> Result<Vec<f32>> {
+    data.convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|err| ModelError::Input(format!("reading {what}: {err:?}")))
+}
+
+/// A host [`DenseMatrix`] from `[rows, cols]` tensor data in f32, bf16 or f16.
+pub(crate) fn matrix_from_data(data: TensorData, what: &str) -> Result<DenseMatrix> {
+    let [rows, cols] = data.shape()[..] else {
+        return Err(ModelError::Input(format!(
+            "{what}: expected a matrix, got shape {:?}",
+            data.shape()
+        )));
+    };
+    let bad = |err: String| ModelError::Input(format!("reading {what}: {err}"));
+    let matrix = match data.dtype() {
+        DType::BF16 => DenseMatrix::from_bf16(
+            rows,
+            cols,
+            data.try_into_vec::<half::bf16>()
+                .map_err(|e| bad(format!("{e:?}")))?,
+        ),
+        DType::F16 => DenseMatrix::from_f16(
+            rows,
+            cols,
+            data.try_into_vec::<half::f16>()
+                .map_err(|e| bad(format!("{e:?}")))?,
+        ),
+        _ => DenseMatrix::from_f32(rows, cols, read_f32(data, what)?),
+    };
+    matrix.map_err(|e| bad(e.to_string()))
+}
+
+/// A dense projection whose weight lives in host memory, `[out, in]` as the checkpoint stores
+/// it: `y = x · Wᵀ + b` by cachet-tensor's kernels, accumulated in f32 and rounded to the
+/// compute dtype, like burn's CPU matmul does for half precision.
+#[derive(Debug)]
+pub struct HostDense {
+    weight: DenseMatrix,
+    bias: Option<Vec<f32>>,
+    dtype: DType,
+}
+
+impl HostDense {
+    /// A layer from its weight, optional f32 bias (`[out]`) and compute dtype.
+    pub fn new(weight: DenseMatrix, bias: Option<Vec<f32>>, dtype: DType) -> Result<Self> {
+        if let Some(b) = &bias
+            && b.len() != weight.rows()
+        {
+            return Err(ModelError::Input(format!(
+                "bias has {} values for {} outputs",
+                b.len(),
+                weight.rows()
+            )));
+        }
+        Ok(Self {
+            weight,
+            bias,
+            dtype,
+        })
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &DenseMatrix {
+        &self.weight
+    }
+
+    /// `[rows, in]` f32 activations to `[rows, out]`, rounded to the compute dtype.
+    pub fn matmul_host(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut y = self.weight.matmul_t(x, rows);
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_mut(bias.len()) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+        round_slice(self.dtype, &mut y);
+        y
+    }
+
+    /// Gathers rows `ids` of the weight (an embedding lookup sharing a tied head's matrix) into
+    /// `[ids.len(), in]` f32 values; an id out of range is an error naming it.
+    pub fn gather_rows(&self, ids: &[i64]) -> Result<Vec<f32>> {
+        let (n, k) = (self.weight.rows(), self.weight.cols());
+        let mut out = vec![0.0f32; ids.len() * k];
+        for (row, &id) in out.chunks_mut(k.max(1)).zip(ids) {
+            let r = usize::try_from(id).ok().filter(|&r| r < n).ok_or_else(|| {
+                ModelError::Input(format!("token id {id} is outside the vocabulary (0..{n})"))
+            })?;
+            self.weight.row_into(r, row);
+        }
+        Ok(out)
+    }
+}
+
+impl LinearOp for HostDense {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let device = x.device();
+        let [b, s, k] = x.dims();
+        let _span =
+            tracing::trace_span!("host_dense", rows = b * s, k, n = self.weight.rows()).entered();
+        let data = x
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_else(|_| unreachable!("converted to f32 just above"));
+        let y = self.matmul_host(&data, b * s);
+        Tensor::from_data(
+            TensorData::new(y, [b, s, self.weight.rows()]),
+            (&device, self.dtype),
+        )
+    }
+
+    fn in_features(&self) -> usize {
+        self.weight.cols()
+    }
+
+    fn out_features(&self) -> usize {
+        self.weight.rows()
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.weight.memory_bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+
+    fn has_host_forward(&self) -> bool {
+        true
+    }
+
+    fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        Some(self.matmul_host(x, rows))
+    }
+}
+
+/// Rounds f32 values to what `dtype` holds (identity for f32), as a tensor of that dtype would.
+pub fn round_slice(dtype: DType, values: &mut [f32]) {
+    match dtype {
+        DType::BF16 => values
+            .iter_mut()
+            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        DType::F16 => values
+            .iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+        _ => {}
+    }
+}
+
+/// Activations `[.., in]` to host f32 values and the row count.
+pub fn tensor_to_host<const D: usize>(x: Tensor<D>) -> (Vec<f32>, usize) {
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
+    let data = x
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_else(|_| unreachable!("converted to f32 just above"));
+    (data, rows)
 }
 
 /// Loads a model's named tensors with shape checks and builds its projections through a

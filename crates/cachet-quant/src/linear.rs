@@ -899,6 +899,17 @@ impl LinearOp for Linear4bit {
         Linear4bit::forward(self, x)
     }
 
+    fn has_host_forward(&self) -> bool {
+        matches!(self.form(), Form::Host(_))
+    }
+
+    fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        match self.form() {
+            Form::Host(h) => Some(h.forward_host(x, rows)),
+            Form::Resident(_) => None,
+        }
+    }
+
     fn in_features(&self) -> usize {
         self.dims().1
     }
@@ -1084,6 +1095,17 @@ impl Linear8bitLt {
 impl LinearOp for Linear8bitLt {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         Linear8bitLt::forward(self, x)
+    }
+
+    fn has_host_forward(&self) -> bool {
+        matches!(self.form(), Form::Host(_))
+    }
+
+    fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        match self.form() {
+            Form::Host(h) => Some(h.forward_host(x, rows)),
+            Form::Resident(_) => None,
+        }
     }
 
     fn in_features(&self) -> usize {

@@ -320,11 +320,8 @@ impl DiskDenseLinear {
         } else {
             None
         };
-        // As DenseFactory builds it: Hugging Face's [out, in] transposed to burn's [in, out].
-        Ok(Linear {
-            weight: Param::from_tensor(weight.transpose()),
-            bias,
-        })
+        // As DenseFactory builds it (same layout, same numbers).
+        Ok(cachet_models::burn_linear(weight, bias))
     }
 }
 

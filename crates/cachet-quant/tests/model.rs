@@ -667,7 +667,7 @@ fn keep_in_fp32_modules_are_f32_in_memory_in_the_saved_file_and_after_reload() {
         layers * 6,
         "the other projections are 4-bit"
     );
-    let embed = q.model.embed_tokens.weight.val().dtype();
+    let embed = q.model.embed_tokens.dtype();
     assert_eq!(embed, DType::BF16, "the rest stays in torch_dtype");
 
     // Logits against the hand-written reference: close, and much closer than the same model

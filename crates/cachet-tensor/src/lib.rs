@@ -10,6 +10,8 @@
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod gguf;
+pub mod kernels;
 pub mod memory;
 pub mod offload;
 pub mod plot;
@@ -19,6 +21,9 @@ pub use burn::tensor::{Bool, DType, Device, Float, Int, Tensor, TensorData};
 pub use device::{BackendInfo, DeviceSpec, available_backends};
 pub use dtype::{Precision, cast_checked, ensure_supported, supports_dtype};
 pub use error::{Result, TensorError};
-pub use memory::{MemoryFootprint, device_bytes_in_use, human_bytes, tensor_bytes};
+pub use gguf::{GgmlType, GgufError, GgufFile};
+pub use memory::{
+    MemoryFootprint, device_bytes_in_use, human_bytes, tensor_bytes, tune_host_allocator,
+};
 pub use offload::{HostTensor, Prefetch, TransferTiming};
 pub use safetensors::{Checkpoint, SafetensorsError, TensorInfo};

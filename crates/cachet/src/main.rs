@@ -44,6 +44,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    cachet::tensor::tune_host_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("CACHET_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),

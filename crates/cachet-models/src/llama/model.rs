@@ -1,18 +1,31 @@
 //! The Llama-family network and its checkpoint loader.
 
+use std::cell::RefCell;
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
-use cachet_tensor::{Checkpoint, Precision, ensure_supported};
+use cachet_tensor::kernels::{AttentionShape, causal_attention};
+use cachet_tensor::{Checkpoint, MemoryFootprint, Precision, ensure_supported};
 
 use super::config::LlamaConfig;
 use super::rope::{RotaryEmbedding, apply_rotary};
 use crate::error::{ModelError, Result};
-use crate::linear::{DenseFactory, LinearFactory, LinearLayer, Loader};
+use crate::linear::{
+    FastDenseFactory, HostDense, LinearFactory, LinearLayer, LinearOp, Loader, is_host_device,
+    round_slice, tensor_to_host,
+};
 use cachet_kv::{Cache, KvView, MaskLayout};
+
+/// Query tokens from which attention runs as one fused, KV-tiled op (flash attention on the CPU
+/// backend) instead of explicit score tensors; decode steps stay on the strided matmuls, which
+/// read the cache in place.
+const FUSED_ATTENTION_MIN_QUERIES: usize = 16;
 
 /// Root-mean-square layer norm, computed in f32 as transformers does.
 #[derive(Module, Debug)]
@@ -51,8 +64,56 @@ pub struct Mlp {
 impl Mlp {
     /// Applies the MLP.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if let (Some(gate), Some(up), Some(down)) = (
+            self.gate_proj.host_op(),
+            self.up_proj.host_op(),
+            self.down_proj.host_op(),
+        ) && let Some(y) = Self::forward_host(gate, up, down, x.clone())
+        {
+            return y;
+        }
         let gate = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+
+    /// The whole MLP in host memory: one trip of the activations to the host and back instead
+    /// of one per projection, `silu(gate) * up` fused in the same pass (values rounded to the
+    /// activations' dtype at the same points as the tensor path).
+    fn forward_host(
+        gate: &Arc<dyn LinearOp>,
+        up: &Arc<dyn LinearOp>,
+        down: &Arc<dyn LinearOp>,
+        x: Tensor<3>,
+    ) -> Option<Tensor<3>> {
+        let device = x.device();
+        let dtype = x.dtype();
+        let [b, s, _] = x.dims();
+        let (data, rows) = tensor_to_host(x);
+        let mut g = gate.forward_host(&data, rows)?;
+        let mut u = up.forward_host(&data, rows)?;
+        round_slice(dtype, &mut g);
+        round_slice(dtype, &mut u);
+        if dtype == DType::F32 {
+            cachet_tensor::kernels::silu_mul(&mut g, &u);
+        } else {
+            // Half precision rounds after each tensor op of the tensor path (sigmoid, x ·
+            // sigmoid, · up), each computed in f32 as burn's CPU backend does.
+            let round = |v: f32| {
+                let mut a = [v];
+                round_slice(dtype, &mut a);
+                a[0]
+            };
+            for (g, u) in g.iter_mut().zip(&u) {
+                let s = round(cachet_tensor::kernels::sigmoid(*g));
+                *g = round(round(*g * s) * u);
+            }
+        }
+        let y = down.forward_host(&g, rows)?;
+        let out = down.out_features();
+        Some(Tensor::from_data(
+            TensorData::new(y, [b, s, out]),
+            (&device, dtype),
+        ))
     }
 }
 
@@ -79,7 +140,8 @@ pub struct Attention {
     pub layer: usize,
 }
 
-/// What every layer of one forward shares: RoPE tables, positions and the padding mask.
+/// What every layer of one forward shares: RoPE tables, positions, the padding mask and the
+/// masks built from it (once per distinct cache layout, not once per layer).
 struct ForwardContext<'a> {
     cos: Tensor<4>,
     sin: Tensor<4>,
@@ -87,9 +149,151 @@ struct ForwardContext<'a> {
     attention_mask: Option<Tensor<2, Int>>,
     /// RoPE frequencies per position (linear scaling folded in), for a sink cache's shift.
     rope_inv_freq: &'a [f32],
+    /// Whether the fused attention op may run (the host backend).
+    fused_attention: bool,
+    /// Masks built so far in this forward, by (layout, layer window, batch).
+    masks: RefCell<Vec<(MaskKey, Tensor<4, Bool>)>>,
+}
+
+type MaskKey = (MaskLayout, Option<usize>, usize);
+
+/// What a layer's attention must mask, decided from positions alone (no tensor work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MaskNeed {
+    /// Every query sees every key (a decode step over a contiguous cache).
+    Nothing,
+    /// Plain causal masking, keys ending at the last query (a prompt over a contiguous cache).
+    Causal,
+    /// Anything else: windows that cut, padding, sinks, ring buffers, unused slots.
+    Explicit,
+}
+
+impl ForwardContext<'_> {
+    /// For keys at contiguous positions ending at the last query, with no padding: the window
+    /// the queries see (`Some(None)`: plain causal); `None` for any other layout.
+    fn causal_window(&self, layout: &MaskLayout, window: Option<usize>) -> Option<Option<usize>> {
+        let last = *self.cache_position.last()?;
+        let plain = self.attention_mask.is_none()
+            && layout.sink_tokens == 0
+            && layout.rotation == 0
+            && layout.rope_shift == 0
+            && layout.valid_length == layout.kv_length
+            && layout.kv_length >= self.cache_position.len()
+            && layout.kv_offset + layout.kv_length == last + 1;
+        plain.then_some(match (window, layout.window) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    fn mask_need(&self, layout: &MaskLayout, window: Option<usize>) -> MaskNeed {
+        if self.attention_mask.is_some()
+            || layout.sink_tokens > 0
+            || layout.rotation > 0
+            || layout.valid_length != layout.kv_length
+            || layout.kv_length == 0
+        {
+            return MaskNeed::Explicit;
+        }
+        let (Some(&first), Some(&last)) = (self.cache_position.first(), self.cache_position.last())
+        else {
+            return MaskNeed::Explicit;
+        };
+        let seq = self.cache_position.len();
+        let kv_len = layout.kv_length;
+        // Keys are positions kv_offset..kv_offset + kv_len; the queries must be the last `seq`.
+        if layout.kv_offset + kv_len != last + 1 || kv_len < seq {
+            return MaskNeed::Explicit;
+        }
+        let window = match (window, layout.window) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // The window cuts nothing if even the last query sees the first key.
+        if window.is_some_and(|w| last >= layout.kv_offset + w) {
+            return MaskNeed::Explicit;
+        }
+        let _ = first;
+        if seq == 1 {
+            MaskNeed::Nothing
+        } else {
+            MaskNeed::Causal
+        }
+    }
+
+    /// The `[batch, 1, seq, kv_len]` mask for `layout`, built on the first layer that needs it.
+    fn mask(
+        &self,
+        layout: MaskLayout,
+        window: Option<usize>,
+        batch: usize,
+        device: &Device,
+    ) -> Result<Tensor<4, Bool>> {
+        let key = (layout, window, batch);
+        if let Some((_, mask)) = self.masks.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok(mask.clone());
+        }
+        let mask = attention_mask(self, layout, window, batch, device)?;
+        self.masks.borrow_mut().push((key, mask.clone()));
+        Ok(mask)
+    }
+}
+
+/// A static cache hands over all its slots; attend only to the filled ones (no mask needed).
+fn trim_unused_slots(view: KvView) -> KvView {
+    let layout = view.layout;
+    if view.prefix.is_some()
+        || layout.sink_tokens > 0
+        || layout.rotation > 0
+        || layout.valid_length >= layout.kv_length
+    {
+        return view;
+    }
+    let [b, h, _, d] = view.keys.dims();
+    let n = layout.valid_length;
+    let [_, _, _, dv] = view.values.dims();
+    KvView {
+        prefix: None,
+        keys: view.keys.slice([0..b, 0..h, 0..n, 0..d]),
+        values: view.values.slice([0..b, 0..h, 0..n, 0..dv]),
+        layout: MaskLayout {
+            kv_length: n,
+            ..layout
+        },
+    }
 }
 
 impl Attention {
+    /// The query, key and value projections; on the host, from one copy of the activations.
+    fn project_qkv(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        if let (Some(q), Some(k), Some(v)) = (
+            self.q_proj.host_op(),
+            self.k_proj.host_op(),
+            self.v_proj.host_op(),
+        ) {
+            let device = x.device();
+            let dtype = x.dtype();
+            let [b, s, _] = x.dims();
+            let (data, rows) = tensor_to_host(x.clone());
+            let run = |op: &Arc<dyn LinearOp>| {
+                op.forward_host(&data, rows).map(|y| {
+                    Tensor::<3>::from_data(
+                        TensorData::new(y, [b, s, op.out_features()]),
+                        (&device, dtype),
+                    )
+                })
+            };
+            if let (Some(q), Some(k), Some(v)) = (run(q), run(k), run(v)) {
+                return (q, k, v);
+            }
+        }
+        (
+            self.q_proj.forward(x.clone()),
+            self.k_proj.forward(x.clone()),
+            self.v_proj.forward(x),
+        )
+    }
+
     fn forward(
         &self,
         x: Tensor<3>,
@@ -99,9 +303,8 @@ impl Attention {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split = |t: Tensor<3>, h: usize| t.reshape([batch, seq, h, dim]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()), heads);
-        let k = split(self.k_proj.forward(x.clone()), kv_heads);
-        let v = split(self.v_proj.forward(x), kv_heads);
+        let (q, k, v) = self.project_qkv(x);
+        let (q, k, v) = (split(q, heads), split(k, kv_heads), split(v, kv_heads));
         let q = apply_rotary(q, &ctx.cos, &ctx.sin);
         let k = apply_rotary(k, &ctx.cos, &ctx.sin);
 
@@ -109,6 +312,7 @@ impl Attention {
             Some(cache) => cache.update_view(self.layer, k, v, &ctx.cache_position)?,
             None => KvView::dense(k, v, MaskLayout::contiguous(ctx.cache_position[0], seq)),
         };
+        let view = trim_unused_slots(view);
         // A quantized cache hands its old tokens over still quantized (`prefix`): they are
         // attended to in place, tile by tile, and only the recent tokens are dense tensors.
         let prefix_len = view.prefix_len();
@@ -126,6 +330,57 @@ impl Attention {
                  (rope shift {})",
                 layout.kv_length, layout.rope_shift
             )));
+        }
+        let need = ctx.mask_need(&layout, self.sliding_window);
+        let device = q.device();
+
+        if prefix.is_none()
+            && layout.rope_shift == 0
+            && ctx.fused_attention
+            && seq >= FUSED_ATTENTION_MIN_QUERIES
+        {
+            if let Some(window) = ctx.causal_window(&layout, self.sliding_window) {
+                // A prompt over contiguous keys: cachet's tiled kernel, which skips the tiles
+                // the causal mask or the window would zero.
+                let dtype = q.dtype();
+                let shape = AttentionShape {
+                    batch,
+                    heads,
+                    kv_heads,
+                    q_len: seq,
+                    kv_len,
+                    head_dim: dim,
+                    v_dim: v.dims()[3],
+                };
+                let host = |t: Tensor<4>| tensor_to_host(t).0;
+                let scale = 1.0 / (dim as f32).sqrt();
+                let out = causal_attention(&host(q), &host(k), &host(v), shape, window, scale)
+                    .map_err(|e| ModelError::Input(e.to_string()))?;
+                let out = Tensor::<4>::from_data(
+                    TensorData::new(out, [batch, heads, seq, shape.v_dim]),
+                    (&device, dtype),
+                );
+                let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
+                return Ok(self.o_proj.forward(out));
+            }
+            // Padding, sinks or ring buffers: burn's fused op with the mask (KV tiles with an
+            // online softmax, grouped-query heads read in place).
+            let (mask, is_causal) = match need {
+                MaskNeed::Nothing => (None, false),
+                MaskNeed::Causal => (None, true),
+                MaskNeed::Explicit => (
+                    Some(ctx.mask(layout, self.sliding_window, batch, &device)?),
+                    false,
+                ),
+            };
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal,
+            };
+            let out = attention(q, k, v, mask, None, options);
+            let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
+            return Ok(self.o_proj.forward(out));
         }
 
         // Grouped-query attention without copying keys: fold the query heads that share a kv
@@ -162,9 +417,12 @@ impl Attention {
             fold(q).matmul(k.swap_dims(2, 3)).cast(DType::F32)
         };
         let scores = scores.mul_scalar(1.0 / (dim as f64).sqrt());
-        let mask = attention_mask(ctx, layout, self.sliding_window, batch, &scores.device())?;
-        let mask = mask.repeat_dim(2, rep);
-        let scores = scores.mask_fill(mask, f32::MIN);
+        let scores = if need == MaskNeed::Nothing {
+            scores
+        } else {
+            let mask = ctx.mask(layout, self.sliding_window, batch, &device)?;
+            scores.mask_fill(mask.repeat_dim(2, rep), f32::MIN)
+        };
         let probs = softmax(scores, 3);
         let rows = rep * seq;
         let out = match &prefix {
@@ -264,6 +522,87 @@ fn attention_mask(
         .bool_or(pad.repeat_dim(2, seq)))
 }
 
+/// Token embeddings: burn's `Embedding` on a compute device, or on the host a [`HostDense`]
+/// matrix that a tied `lm_head` multiplies with directly (one copy of the matrix, no transpose).
+#[derive(Module, Debug)]
+pub struct TokenEmbedding {
+    dense: Option<Embedding>,
+    #[module(skip)]
+    host: Option<Arc<HostDense>>,
+}
+
+impl TokenEmbedding {
+    /// Embeddings held by burn's `Embedding` (`[vocab, hidden]`).
+    pub fn dense(embedding: Embedding) -> Self {
+        Self {
+            dense: Some(embedding),
+            host: None,
+        }
+    }
+
+    /// Embeddings held in host memory.
+    pub fn host(matrix: Arc<HostDense>) -> Self {
+        Self {
+            dense: None,
+            host: Some(matrix),
+        }
+    }
+
+    /// The host matrix, when the embeddings live in host memory.
+    pub fn as_host(&self) -> Option<&Arc<HostDense>> {
+        self.host.as_ref()
+    }
+
+    /// The burn embedding, when the embeddings are a tensor.
+    pub fn as_dense(&self) -> Option<&Embedding> {
+        self.dense.as_ref()
+    }
+
+    /// dtype of the stored embeddings.
+    pub fn dtype(&self) -> DType {
+        match (&self.dense, &self.host) {
+            (Some(e), _) => e.weight.val().dtype(),
+            (None, Some(h)) => match h.weight().dtype() {
+                cachet_tensor::kernels::WeightDType::F32 => DType::F32,
+                cachet_tensor::kernels::WeightDType::Bf16 => DType::BF16,
+                cachet_tensor::kernels::WeightDType::F16 => DType::F16,
+            },
+            (None, None) => DType::F32,
+        }
+    }
+
+    /// `[batch, seq, hidden]` embeddings of `ids` in `dtype` on `device`.
+    fn forward(&self, ids: Tensor<2, Int>, dtype: DType, device: &Device) -> Result<Tensor<3>> {
+        match (&self.dense, &self.host) {
+            (Some(e), _) => Ok(e.forward(ids)),
+            (None, Some(h)) => {
+                let [b, s] = ids.dims();
+                let ids = ids
+                    .into_data()
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .map_err(|err| ModelError::Input(format!("reading input_ids: {err:?}")))?;
+                let rows = h.gather_rows(&ids)?;
+                Ok(Tensor::from_data(
+                    TensorData::new(rows, [b, s, h.in_features()]),
+                    (device, dtype),
+                ))
+            }
+            (None, None) => Err(ModelError::Input("the model has no embeddings".into())),
+        }
+    }
+}
+
+impl MemoryFootprint for TokenEmbedding {
+    fn memory_bytes(&self) -> usize {
+        match (&self.dense, &self.host) {
+            (Some(e), _) => e.weight.val().memory_bytes(),
+            (None, Some(h)) => h.memory_bytes(),
+            (None, None) => 0,
+        }
+    }
+}
+
 /// One pre-norm decoder layer: attention and MLP, each with a residual.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
@@ -299,7 +638,7 @@ impl DecoderLayer {
 #[derive(Module, Debug)]
 pub struct Llama {
     /// Token embeddings.
-    pub embed_tokens: Embedding,
+    pub embed_tokens: TokenEmbedding,
     /// Decoder layers.
     pub layers: Vec<DecoderLayer>,
     /// Final norm.
@@ -312,6 +651,12 @@ pub struct Llama {
     /// The parsed config.
     #[module(skip)]
     pub config: LlamaConfig,
+    /// The compute device.
+    #[module(skip)]
+    device: Device,
+    /// The compute dtype.
+    #[module(skip)]
+    dtype: DType,
 }
 
 impl Llama {
@@ -336,7 +681,7 @@ impl Llama {
         device: &Device,
         precision: Precision,
     ) -> Result<Self> {
-        Self::load_with(config, checkpoint, device, precision, &DenseFactory)
+        Self::load_with(config, checkpoint, device, precision, &FastDenseFactory)
     }
 
     /// Like [`Llama::load`], with `factory` building every projection (q/k/v/o, the MLP and
@@ -430,10 +775,15 @@ impl Llama {
                 },
             });
         }
-        let embed_tokens = Embedding {
-            weight: Param::from_tensor(
-                loader.tensor::<2>("model.embed_tokens.weight", [config.vocab_size, hidden])?,
-            ),
+        let embed = loader.tensor::<2>("model.embed_tokens.weight", [config.vocab_size, hidden])?;
+        let embed_tokens = if is_host_device(device) {
+            // In host memory, where a tied lm_head's gemv reads the same matrix.
+            let matrix = crate::linear::matrix_from_data(embed.into_data(), "embed_tokens")?;
+            TokenEmbedding::host(Arc::new(HostDense::new(matrix, None, precision.dtype())?))
+        } else {
+            TokenEmbedding::dense(Embedding {
+                weight: Param::from_tensor(embed),
+            })
         };
         let lm_head = if config.tie_word_embeddings {
             None
@@ -447,6 +797,8 @@ impl Llama {
             lm_head,
             rotary: RotaryEmbedding::new(config.rope()?, head_dim, device),
             config,
+            device: device.clone(),
+            dtype: precision.dtype(),
         })
     }
 
@@ -463,7 +815,7 @@ impl Llama {
 
     /// The device the weights live on.
     pub fn device(&self) -> Device {
-        self.embed_tokens.weight.device()
+        self.device.clone()
     }
 
     /// Logits `[batch, seq, vocab]` (f32) for `input_ids` `[batch, seq]` without a cache.
@@ -487,7 +839,21 @@ impl Llama {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         position_ids: Option<Tensor<2, Int>>,
+        cache: Option<&mut dyn Cache>,
+    ) -> Result<Tensor<3>> {
+        self.forward_keep(input_ids, attention_mask, position_ids, cache, 0)
+    }
+
+    /// [`Llama::forward_with_cache`] computing logits for the last `logits_to_keep` positions
+    /// only (0 = all), as transformers' `logits_to_keep`: generation needs just the last one,
+    /// which spares a prompt's `seq × vocab` head projection.
+    pub fn forward_keep(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        position_ids: Option<Tensor<2, Int>>,
         mut cache: Option<&mut dyn Cache>,
+        logits_to_keep: usize,
     ) -> Result<Tensor<3>> {
         let [batch, seq] = input_ids.dims();
         if seq == 0 {
@@ -528,16 +894,32 @@ impl Llama {
             cache_position: (past..past + seq).collect(),
             attention_mask,
             rope_inv_freq: self.rotary.angle_per_position(),
+            fused_attention: is_host_device(&self.device),
+            masks: RefCell::new(Vec::new()),
         };
-        let mut x = self.embed_tokens.forward(input_ids);
+        let mut x = self
+            .embed_tokens
+            .forward(input_ids, self.dtype, &self.device)?;
         for layer in &self.layers {
             let cache = cache.as_mut().map(|c| &mut **c as &mut dyn Cache);
             x = layer.forward(x, &ctx, cache)?;
         }
+        let x = if logits_to_keep > 0 && logits_to_keep < seq {
+            let hidden = x.dims()[2];
+            x.slice([0..batch, seq - logits_to_keep..seq, 0..hidden])
+        } else {
+            x
+        };
         let x = self.norm.forward(x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.matmul(self.embed_tokens.weight.val().transpose().unsqueeze::<3>()),
+        let logits = match (&self.lm_head, &self.embed_tokens) {
+            (Some(head), _) => head.forward(x),
+            (None, e) => match (e.as_host(), e.as_dense()) {
+                (Some(host), _) => host.forward(x),
+                (None, Some(dense)) => x.matmul(dense.weight.val().transpose().unsqueeze::<3>()),
+                (None, None) => {
+                    return Err(ModelError::Input("the model has no embeddings".into()));
+                }
+            },
         };
         Ok(logits.cast(DType::F32))
     }

@@ -1,0 +1,461 @@
+//! Causal attention for a prompt on the host, tiled like flash attention.
+//!
+//! Queries are the last `q_len` positions of the keys (a prompt over a cache). Work runs per
+//! (batch, kv head, block of queries) on the rayon pool; the query heads sharing a kv head
+//! (grouped-query attention) reuse each key tile. Key tiles wholly above the causal diagonal or
+//! before the sliding window are skipped, not masked, so a causal prompt costs half of the full
+//! score matrix, and no `q_len × kv_len` tensor is ever built: scratch is one tile per task.
+
+use rayon::prelude::*;
+
+/// Query rows per task.
+const QUERY_BLOCK: usize = 32;
+/// Keys per tile (one score row of a tile fits a few vector registers).
+const KEY_TILE: usize = 64;
+
+/// Shapes of [`causal_attention`]; tensors are row-major `[batch, heads, len, dim]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Batch rows.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` is a multiple).
+    pub kv_heads: usize,
+    /// Queries: the last `q_len` of the `kv_len` positions.
+    pub q_len: usize,
+    /// Keys and values.
+    pub kv_len: usize,
+    /// Width of a query/key head.
+    pub head_dim: usize,
+    /// Width of a value head.
+    pub v_dim: usize,
+}
+
+/// Why [`causal_attention`] refused its inputs.
+#[derive(Debug, thiserror::Error)]
+#[error("causal attention: {0}")]
+pub struct AttentionShapeError(String);
+
+impl AttentionShape {
+    fn check(&self, q: usize, k: usize, v: usize) -> Result<(), AttentionShapeError> {
+        let err = |m: String| Err(AttentionShapeError(m));
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return err(format!(
+                "{} query heads do not group over {} kv heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.q_len > self.kv_len {
+            return err(format!(
+                "{} queries over {} keys (queries must be the last keys' positions)",
+                self.q_len, self.kv_len
+            ));
+        }
+        let n = |a: usize, b: usize, c: usize, d: usize| {
+            a.checked_mul(b)
+                .and_then(|x| x.checked_mul(c))
+                .and_then(|x| x.checked_mul(d))
+        };
+        let want = [
+            (
+                "queries",
+                n(self.batch, self.heads, self.q_len, self.head_dim),
+                q,
+            ),
+            (
+                "keys",
+                n(self.batch, self.kv_heads, self.kv_len, self.head_dim),
+                k,
+            ),
+            (
+                "values",
+                n(self.batch, self.kv_heads, self.kv_len, self.v_dim),
+                v,
+            ),
+        ];
+        for (what, expected, got) in want {
+            if expected != Some(got) {
+                return err(format!(
+                    "{what} have {got} values, the shape {self:?} needs {expected:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `softmax(q·kᵀ·scale + causal mask) · v`, `[batch, heads, q_len, v_dim]`: query `i` sees keys
+/// `j ≤ i + kv_len - q_len` and, with `window = Some(w)`, only the last `w` of them.
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Vec<f32>, AttentionShapeError> {
+    shape.check(q.len(), k.len(), v.len())?;
+    let AttentionShape {
+        batch,
+        heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        head_dim: d,
+        v_dim: dv,
+    } = shape;
+    let rep = heads / kv_heads;
+    let blocks = q_len.div_ceil(QUERY_BLOCK);
+    let mut out = vec![0.0f32; batch * heads * q_len * dv];
+    if out.is_empty() {
+        return Ok(out);
+    }
+    // One task per (batch, kv head, query block); its output rows are scattered over the rep
+    // query heads, so tasks return their rows and the copy into place follows.
+    let tasks: Vec<(usize, usize, usize)> = (0..batch)
+        .flat_map(|b| (0..kv_heads).flat_map(move |g| (0..blocks).map(move |qb| (b, g, qb))))
+        .collect();
+    let level = super::Level::detect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(b, g, qb)| {
+            let i0 = qb * QUERY_BLOCK;
+            let i1 = (i0 + QUERY_BLOCK).min(q_len);
+            let k_head = &k[(b * kv_heads + g) * kv_len * d..][..kv_len * d];
+            let v_head = &v[(b * kv_heads + g) * kv_len * dv..][..kv_len * dv];
+            let queries: Vec<&[f32]> = (0..rep)
+                .flat_map(|r| {
+                    let h = g * rep + r;
+                    (i0..i1).map(move |i| &q[((b * heads + h) * q_len + i) * d..][..d])
+                })
+                .collect();
+            let task = Task {
+                k: k_head,
+                v: v_head,
+                d,
+                dv,
+                kv_len,
+                offset: kv_len - q_len,
+                window,
+                scale,
+                rows: i1 - i0,
+                i0,
+            };
+            task.run(level, &queries)
+        })
+        .collect();
+    for (&(b, g, qb), part) in tasks.iter().zip(parts) {
+        let i0 = qb * QUERY_BLOCK;
+        let rows = (i0 + QUERY_BLOCK).min(q_len) - i0;
+        for r in 0..rep {
+            let h = g * rep + r;
+            let dst = &mut out[((b * heads + h) * q_len + i0) * dv..][..rows * dv];
+            dst.copy_from_slice(&part[r * rows * dv..][..rows * dv]);
+        }
+    }
+    Ok(out)
+}
+
+/// One (batch, kv head, query block) of work.
+struct Task<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    d: usize,
+    dv: usize,
+    kv_len: usize,
+    offset: usize,
+    window: Option<usize>,
+    scale: f32,
+    /// Query rows of the block per head, starting at query `i0`.
+    rows: usize,
+    i0: usize,
+}
+
+impl Task<'_> {
+    fn run(&self, level: super::Level, queries: &[&[f32]]) -> Vec<f32> {
+        match level {
+            // SAFETY: the level was detected on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            super::Level::Avx512 => unsafe { self.run_avx512(queries) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            super::Level::Avx2 => unsafe { self.run_avx2(queries) },
+            super::Level::Portable => self.run_body(queries),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    fn run_avx512(&self, queries: &[&[f32]]) -> Vec<f32> {
+        self.run_body(queries)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn run_avx2(&self, queries: &[&[f32]]) -> Vec<f32> {
+        self.run_body(queries)
+    }
+
+    #[inline(always)]
+    fn run_body(&self, queries: &[&[f32]]) -> Vec<f32> {
+        let (d, dv) = (self.d, self.dv);
+        let n = queries.len();
+        let mut out = vec![0.0f32; n * dv];
+        let mut row_max = vec![f32::NEG_INFINITY; n];
+        let mut row_sum = vec![0.0f32; n];
+        // The key tile transposed, [d][KEY_TILE], so a score row is a sum of scaled rows.
+        let mut kt = vec![0.0f32; d * KEY_TILE];
+        let last_query = self.i0 + self.rows - 1;
+        // Keys any query of the block can see: up to the last query's diagonal, from the first
+        // query's window start.
+        let hi = (last_query + self.offset + 1).min(self.kv_len);
+        let lo = self
+            .window
+            .map_or(0, |w| (self.i0 + self.offset + 1).saturating_sub(w));
+        let mut tile_start = lo - lo % KEY_TILE;
+        let mut scores = [0.0f32; KEY_TILE];
+        while tile_start < hi {
+            let tile_end = (tile_start + KEY_TILE).min(self.kv_len);
+            let width = tile_end - tile_start;
+            for (j, key) in self.k[tile_start * d..tile_end * d]
+                .chunks_exact(d)
+                .enumerate()
+            {
+                for (c, &x) in key.iter().enumerate() {
+                    kt[c * KEY_TILE + j] = x;
+                }
+            }
+            for (row, query) in queries.iter().enumerate() {
+                let i = self.i0 + row % self.rows;
+                let pos = i + self.offset;
+                // Visible keys of this query within the tile: [first, last].
+                let first = self
+                    .window
+                    .map_or(0, |w| (pos + 1).saturating_sub(w))
+                    .max(tile_start);
+                let last = pos.min(tile_end - 1);
+                if first > last {
+                    continue;
+                }
+                scores.fill(0.0);
+                for (c, &qc) in query.iter().enumerate() {
+                    let kt_row = &kt[c * KEY_TILE..(c + 1) * KEY_TILE];
+                    for j in 0..KEY_TILE {
+                        scores[j] = qc.mul_add(kt_row[j], scores[j]);
+                    }
+                }
+                let mut tile_max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let key = tile_start + j;
+                    *s = if key >= first && key <= last && j < width {
+                        *s * self.scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    tile_max = tile_max.max(*s);
+                }
+                let new_max = row_max[row].max(tile_max);
+                let mut tile_sum = 0.0f32;
+                for s in scores.iter_mut() {
+                    *s = exp_nonpositive(*s - new_max);
+                    tile_sum += *s;
+                }
+                let correction = if row_max[row] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    exp_nonpositive(row_max[row] - new_max)
+                };
+                row_max[row] = new_max;
+                row_sum[row] = row_sum[row] * correction + tile_sum;
+                let o = &mut out[row * dv..(row + 1) * dv];
+                for x in o.iter_mut() {
+                    *x *= correction;
+                }
+                for (j, &p) in scores[..width].iter().enumerate() {
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let value = &self.v[(tile_start + j) * dv..(tile_start + j + 1) * dv];
+                    for (x, &vv) in o.iter_mut().zip(value) {
+                        *x = p.mul_add(vv, *x);
+                    }
+                }
+            }
+            tile_start = tile_end;
+        }
+        for (row, o) in out.chunks_mut(dv).enumerate() {
+            let sum = row_sum[row];
+            if sum > 0.0 {
+                let inv = 1.0 / sum;
+                for x in o.iter_mut() {
+                    *x *= inv;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `e^x` for `x ≤ 0` (`-inf` gives 0), to about 1 ulp: a branch-free polynomial that the
+/// compiler vectorises, unlike the C library's `expf`.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a part exact in f32 and the rest (Cody–Waite).
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let n = (x * LOG2E).round();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    // e^r on |r| ≤ ln2/2: degree-6 Taylor polynomial in Horner form.
+    let mut p = 1.0 / 720.0f32;
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    // 2^n by building the exponent bits; n ≥ -126 here, so the result is a normal float.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = p * scale;
+    if x <= -87.0 { 0.0 } else { y }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Softmax attention in f64 with an explicit mask.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: AttentionShape,
+        window: Option<usize>,
+        scale: f64,
+    ) -> Vec<f64> {
+        let rep = s.heads / s.kv_heads;
+        let mut out = vec![0.0f64; s.batch * s.heads * s.q_len * s.v_dim];
+        let off = s.kv_len - s.q_len;
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                let g = h / rep;
+                for i in 0..s.q_len {
+                    let qi = &q[((b * s.heads + h) * s.q_len + i) * s.head_dim..][..s.head_dim];
+                    let pos = i + off;
+                    let visible: Vec<usize> = (0..s.kv_len)
+                        .filter(|&j| j <= pos && window.is_none_or(|w| pos - j < w))
+                        .collect();
+                    let scores: Vec<f64> = visible
+                        .iter()
+                        .map(|&j| {
+                            let kj = &k[((b * s.kv_heads + g) * s.kv_len + j) * s.head_dim..]
+                                [..s.head_dim];
+                            qi.iter()
+                                .zip(kj)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let o = &mut out[((b * s.heads + h) * s.q_len + i) * s.v_dim..][..s.v_dim];
+                    for (p, &j) in e.iter().zip(&visible) {
+                        let vj = &v[((b * s.kv_heads + g) * s.kv_len + j) * s.v_dim..][..s.v_dim];
+                        for (x, y) in o.iter_mut().zip(vj) {
+                            *x += p / z * *y as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_f64_softmax_for_causal_windowed_and_grouped_heads() {
+        let cases = [
+            (1, 2, 2, 5, 5, 8, 8, None),
+            (2, 6, 2, 70, 70, 16, 12, None),
+            (1, 4, 1, 40, 100, 8, 8, None),
+            (1, 3, 3, 130, 130, 32, 32, Some(50)),
+            (2, 4, 2, 33, 90, 8, 16, Some(7)),
+            (1, 2, 1, 1, 65, 8, 8, Some(64)),
+        ];
+        for (batch, heads, kv_heads, q_len, kv_len, head_dim, v_dim, window) in cases {
+            let shape = AttentionShape {
+                batch,
+                heads,
+                kv_heads,
+                q_len,
+                kv_len,
+                head_dim,
+                v_dim,
+            };
+            let q = values(batch * heads * q_len * head_dim, 1);
+            let k = values(batch * kv_heads * kv_len * head_dim, 2);
+            let v = values(batch * kv_heads * kv_len * v_dim, 3);
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let got = causal_attention(&q, &k, &v, shape, window, scale).unwrap();
+            let want = reference(&q, &k, &v, shape, window, scale as f64);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() < 2e-5,
+                    "{shape:?} {window:?} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_on_its_domain() {
+        let mut worst = 0.0f64;
+        let mut x = -90.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp();
+            let got = exp_nonpositive(x) as f64;
+            if want > 1e-37 {
+                worst = worst.max(((got - want) / want).abs());
+            }
+            x += 0.001;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let s = AttentionShape {
+            batch: 1,
+            heads: 3,
+            kv_heads: 2,
+            q_len: 1,
+            kv_len: 1,
+            head_dim: 1,
+            v_dim: 1,
+        };
+        assert!(causal_attention(&[0.0; 3], &[0.0; 2], &[0.0; 2], s, None, 1.0).is_err());
+        let s = AttentionShape {
+            heads: 2,
+            q_len: 2,
+            ..s
+        };
+        assert!(causal_attention(&[0.0; 4], &[0.0; 2], &[0.0; 2], s, None, 1.0).is_err());
+    }
+}

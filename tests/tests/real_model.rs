@@ -1,0 +1,131 @@
+//! Real-model parity: greedy tokens of SmolLM2-135M-Instruct equal transformers' (goldens in
+//! `tests/fixtures/smollm2/`, written by `xtask/goldens/smollm2.py`) for dense f32 weights with
+//! the dynamic and static caches; the offloaded cache and a sliding-window cache whose window
+//! holds the whole sequence must give the dynamic cache's tokens (transformers' offloaded cache
+//! needs CUDA, so the goldens have none).
+//!
+//! The model is not committed: `cargo xtask fetch-model smollm2` fetches it (`--gguf-only`
+//! without torch, as CI does). The GGUF cases read the file through cachet's own GGUF loader; the
+//! Hugging Face folder cases need the converted folder. A missing model prints `SKIPPED: …`.
+
+use std::path::PathBuf;
+
+use cachet_integration_tests::{fixture, test_device};
+use cachet_models::{GenerationConfig, Llama, generate};
+use cachet_tensor::{Device, Precision};
+use serde_json::Value;
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("CACHET_MODELS_DIR").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("tests/ has a parent")
+                .join("target")
+                .join("models")
+        },
+        PathBuf::from,
+    )
+}
+
+fn cases(source: &str) -> Vec<Value> {
+    let path = fixture("smollm2").join("greedy.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let json: Value = serde_json::from_str(&text).unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["source"] == source)
+        .cloned()
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Greedy tokens of every case against the goldens; returns how many ran.
+fn check(model: &Llama, cases: &[Value], device: &Device) -> usize {
+    assert!(!cases.is_empty(), "the goldens have cases");
+    for case in cases {
+        let prompt = ids(&case["input_ids"]);
+        let want = ids(&case["tokens"]);
+        let cache = case["cache_implementation"].as_str().unwrap();
+        let mut config = GenerationConfig {
+            cache_implementation: Some(cache.to_string()),
+            eos_token_id: None,
+            ..GenerationConfig::greedy(want.len())
+        };
+        if cache == "static" {
+            config.cache_config = Some(
+                serde_json::from_value(
+                    serde_json::json!({ "max_cache_len": prompt.len() + want.len() }),
+                )
+                .unwrap(),
+            );
+        }
+        let mut runs = vec![(cache.to_string(), config.clone())];
+        if cache == "dynamic" {
+            for (name, extra) in [
+                ("offloaded", serde_json::json!({})),
+                (
+                    "sliding_window",
+                    serde_json::json!({ "sliding_window": prompt.len() + want.len() }),
+                ),
+            ] {
+                let mut c = config.clone();
+                c.cache_implementation = Some(name.to_string());
+                c.cache_config = Some(serde_json::from_value(extra).unwrap());
+                runs.push((name.to_string(), c));
+            }
+        }
+        for (name, config) in runs {
+            let out = generate(model, std::slice::from_ref(&prompt), &config, None)
+                .unwrap_or_else(|e| panic!("{name} on {:?}: {e}", case["prompt"]));
+            assert_eq!(
+                out.sequences[0], want,
+                "{name} cache on {:?} ({device:?}): cachet's tokens differ from transformers' ({})",
+                case["prompt"], case["text"]
+            );
+        }
+    }
+    cases.len()
+}
+
+#[test]
+fn smollm2_hf_folder_greedy_equals_transformers_for_every_cache() {
+    let dir = models_dir().join("SmolLM2-135M-Instruct");
+    if !dir.join("config.json").exists() {
+        eprintln!(
+            "SKIPPED: {} is missing (cargo xtask fetch-model smollm2)",
+            dir.display()
+        );
+        return;
+    }
+    let Some(device) = test_device() else { return };
+    let model = Llama::from_pretrained(&dir, &device, Precision::F32).unwrap();
+    let n = check(&model, &cases("hf_f32"), &device);
+    eprintln!("{n} SmolLM2 cases equal transformers' on {device:?}");
+}
+
+#[test]
+fn smollm2_gguf_greedy_equals_transformers_for_every_cache() {
+    let file = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !file.exists() {
+        eprintln!(
+            "SKIPPED: {} is missing (cargo xtask fetch-model smollm2 --gguf-only)",
+            file.display()
+        );
+        return;
+    }
+    let Some(device) = test_device() else { return };
+    // cachet's own GGUF loader: Q4_1 dequantized to the f32 weights transformers' loader makes.
+    let model = Llama::from_gguf(&file, &device, Precision::F32).unwrap();
+    let n = check(&model, &cases("gguf_f32"), &device);
+    eprintln!("{n} SmolLM2 GGUF cases equal transformers' on {device:?}");
+}
