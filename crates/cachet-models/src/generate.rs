@@ -208,6 +208,24 @@ pub fn generate(
     config: &GenerationConfig,
     cache: Option<&mut dyn Cache>,
 ) -> Result<GenerationOutput> {
+    generate_streaming(model, prompts, config, cache, &mut |_| true)
+}
+
+/// What a streamer sees after each decoding step: the token each prompt row got (`None` for a
+/// row that had already finished).
+pub type StepTokens<'a> = &'a [Option<u32>];
+
+/// [`generate`] calling `streamer` after every step with the new tokens, as transformers'
+/// `TextStreamer` is called: a caller prints text as it arrives, and returning `false` stops
+/// generation after that step (a stop string was seen). Beam search does not stream (its
+/// sequences are only known at the end; transformers refuses streamers there too).
+pub fn generate_streaming(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    cache: Option<&mut dyn Cache>,
+    streamer: &mut (dyn FnMut(StepTokens<'_>) -> bool + Send),
+) -> Result<GenerationOutput> {
     config.validate()?;
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Input(
@@ -228,11 +246,11 @@ pub fn generate(
     )
     .entered();
     match cache {
-        Some(cache) => run_with(model, prompts, config, Some(cache)),
-        None if !config.use_cache => run_with(model, prompts, config, None),
+        Some(cache) => run_with(model, prompts, config, Some(cache), streamer),
+        None if !config.use_cache => run_with(model, prompts, config, None, streamer),
         None => {
             let mut owned = make_cache(model, prompts, config)?;
-            run_with(model, prompts, config, Some(owned.as_mut()))
+            run_with(model, prompts, config, Some(owned.as_mut()), streamer)
         }
     }
 }
@@ -242,6 +260,7 @@ fn run_with(
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
     cache: Option<&mut dyn Cache>,
+    streamer: &mut (dyn FnMut(StepTokens<'_>) -> bool + Send),
 ) -> Result<GenerationOutput> {
     // The whole loop runs on a worker of the rayon pool, so the host kernels' parallel loops
     // start on this thread at once and join without a sleep/wake round trip through the OS
@@ -251,7 +270,7 @@ fn run_with(
         if config.num_beams > 1 {
             run.beam_search()
         } else {
-            run.sample_or_greedy()
+            run.sample_or_greedy(streamer)
         }
     })
 }
@@ -435,13 +454,17 @@ impl<'a, 'c> Run<'a, 'c> {
         }
     }
 
-    fn sample_or_greedy(mut self) -> Result<GenerationOutput> {
+    fn sample_or_greedy(
+        mut self,
+        streamer: &mut (dyn FnMut(StepTokens<'_>) -> bool + Send),
+    ) -> Result<GenerationOutput> {
         let eos = self.config.eos();
         let pad = self.config.pad_token_id.unwrap_or(0) as i64;
         let batch = self.rows.len();
         let mut out = vec![Vec::new(); batch];
         let mut done = vec![false; batch];
         let mut rng = SplitMix64::new(self.config.seed);
+        let mut step_tokens = vec![None; batch];
         for _ in 0..self.config.max_new_tokens {
             let logits = self.step(false)?;
             for (row, scores) in logits.into_iter().enumerate() {
@@ -452,13 +475,15 @@ impl<'a, 'c> Run<'a, 'c> {
                 } else {
                     argmax(&scores) as i64
                 };
+                step_tokens[row] = (!done[row]).then_some(token as u32);
                 if !done[row] {
                     out[row].push(token as u32);
                     done[row] = eos.contains(&(token as u32));
                 }
                 self.push(row, token);
             }
-            if done.iter().all(|&d| d) {
+            let go_on = streamer(&step_tokens);
+            if !go_on || done.iter().all(|&d| d) {
                 break;
             }
         }

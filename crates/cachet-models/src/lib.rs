@@ -16,7 +16,8 @@ pub mod llama;
 pub use cachet_kv::{Cache, MaskLayout};
 pub use error::{ModelError, Result};
 pub use generate::{
-    Generation, GenerationConfig, GenerationOutput, GreedyOptions, generate, greedy,
+    Generation, GenerationConfig, GenerationOutput, GreedyOptions, StepTokens, generate,
+    generate_streaming, greedy,
 };
 pub use linear::{
     DenseFactory, FastDenseFactory, HostDense, LinearFactory, LinearLayer, LinearOp, LinearSpec,

@@ -130,4 +130,3 @@ mod tests {
         assert_eq!(human_bytes(3 * 1024 * 1024), "3.00 MiB");
     }
 }
-

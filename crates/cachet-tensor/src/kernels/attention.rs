@@ -12,6 +12,33 @@ use rayon::prelude::*;
 const QUERY_BLOCK: usize = 32;
 /// Keys per tile (one score row of a tile fits a few vector registers).
 const KEY_TILE: usize = 64;
+/// Value columns accumulated in registers at a time.
+const VALUE_CHUNK: usize = 64;
+
+/// Maximum of a score row over 16 lanes.
+#[inline(always)]
+fn lane_max(v: &[f32; KEY_TILE]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    for c in v.chunks_exact(16) {
+        for l in 0..16 {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    m.iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// Sum of a score row over 16 lanes.
+#[inline(always)]
+fn lane_sum(v: &[f32; KEY_TILE]) -> f32 {
+    let mut s = [0.0f32; 16];
+    for c in v.chunks_exact(16) {
+        for l in 0..16 {
+            s[l] += c[l];
+        }
+    }
+    s.iter().sum()
+}
 
 /// Shapes of [`causal_attention`]; tensors are row-major `[batch, heads, len, dim]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +241,6 @@ impl Task<'_> {
             .window
             .map_or(0, |w| (self.i0 + self.offset + 1).saturating_sub(w));
         let mut tile_start = lo - lo % KEY_TILE;
-        let mut scores = [0.0f32; KEY_TILE];
         while tile_start < hi {
             let tile_end = (tile_start + KEY_TILE).min(self.kv_len);
             let width = tile_end - tile_start;
@@ -238,29 +264,32 @@ impl Task<'_> {
                 if first > last {
                     continue;
                 }
-                scores.fill(0.0);
-                for (c, &qc) in query.iter().enumerate() {
-                    let kt_row = &kt[c * KEY_TILE..(c + 1) * KEY_TILE];
+                // A local accumulator with fixed bounds stays in vector registers.
+                let mut acc = [0.0f32; KEY_TILE];
+                for (&qc, kt_row) in query.iter().zip(kt.chunks_exact(KEY_TILE)) {
+                    let kt_row: &[f32; KEY_TILE] = kt_row.try_into().unwrap_or(&[0.0; KEY_TILE]);
                     for j in 0..KEY_TILE {
-                        scores[j] = qc.mul_add(kt_row[j], scores[j]);
+                        acc[j] = qc.mul_add(kt_row[j], acc[j]);
                     }
                 }
-                let mut tile_max = f32::NEG_INFINITY;
+                let mut scores = acc;
+                // Scale and mask (a select per key, vectorised), then the tile's maximum over
+                // 16 lanes (a float reduction in one chain would not vectorise).
                 for (j, s) in scores.iter_mut().enumerate() {
                     let key = tile_start + j;
-                    *s = if key >= first && key <= last && j < width {
+                    let visible = key >= first && key <= last && j < width;
+                    *s = if visible {
                         *s * self.scale
                     } else {
                         f32::NEG_INFINITY
                     };
-                    tile_max = tile_max.max(*s);
                 }
+                let tile_max = lane_max(&scores);
                 let new_max = row_max[row].max(tile_max);
-                let mut tile_sum = 0.0f32;
                 for s in scores.iter_mut() {
                     *s = exp_nonpositive(*s - new_max);
-                    tile_sum += *s;
                 }
+                let tile_sum = lane_sum(&scores);
                 let correction = if row_max[row] == f32::NEG_INFINITY {
                     0.0
                 } else {
@@ -268,18 +297,35 @@ impl Task<'_> {
                 };
                 row_max[row] = new_max;
                 row_sum[row] = row_sum[row] * correction + tile_sum;
+                // o = o · correction + Σ_j p_j · v_j, 64 output columns at a time held in
+                // registers across the keys.
                 let o = &mut out[row * dv..(row + 1) * dv];
-                for x in o.iter_mut() {
-                    *x *= correction;
-                }
-                for (j, &p) in scores[..width].iter().enumerate() {
-                    if p == 0.0 {
-                        continue;
+                for (ci, chunk) in o.chunks_mut(VALUE_CHUNK).enumerate() {
+                    let c0 = ci * VALUE_CHUNK;
+                    let mut acc = [0.0f32; VALUE_CHUNK];
+                    let w = chunk.len();
+                    for (a, x) in acc.iter_mut().zip(chunk.iter()) {
+                        *a = x * correction;
                     }
-                    let value = &self.v[(tile_start + j) * dv..(tile_start + j + 1) * dv];
-                    for (x, &vv) in o.iter_mut().zip(value) {
-                        *x = p.mul_add(vv, *x);
+                    if w == VALUE_CHUNK {
+                        for (j, &p) in scores[..width].iter().enumerate() {
+                            let start = (tile_start + j) * dv + c0;
+                            let value: &[f32; VALUE_CHUNK] = self.v[start..start + VALUE_CHUNK]
+                                .try_into()
+                                .unwrap_or(&[0.0; VALUE_CHUNK]);
+                            for l in 0..VALUE_CHUNK {
+                                acc[l] = p.mul_add(value[l], acc[l]);
+                            }
+                        }
+                    } else {
+                        for (j, &p) in scores[..width].iter().enumerate() {
+                            let value = &self.v[(tile_start + j) * dv + c0..][..w];
+                            for (a, &vv) in acc.iter_mut().zip(value) {
+                                *a = p.mul_add(vv, *a);
+                            }
+                        }
                     }
+                    chunk.copy_from_slice(&acc[..w]);
                 }
             }
             tile_start = tile_end;
@@ -305,8 +351,11 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // ln 2 split in a part exact in f32 and the rest (Cody–Waite).
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Round to nearest by the 1.5·2²³ trick (one add and one subtract, vectorised; `round`
+    // becomes a library call per element).
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * LOG2E).round();
+    let n = (x * LOG2E + SHIFTER) - SHIFTER;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     // e^r on |r| ≤ ln2/2: degree-6 Taylor polynomial in Horner form.
     let mut p = 1.0 / 720.0f32;
