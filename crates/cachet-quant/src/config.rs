@@ -93,6 +93,43 @@ impl BnbQuantizationConfig {
         }
     }
 
+    /// Names of [`BnbQuantizationConfig::preset`].
+    pub const PRESETS: [&'static str; 5] = ["nf4", "nf4-dq", "fp4", "int8", "int8-t0"];
+
+    /// A preset by name, with `float` as the dtype of the non-quantized layers and of the 4-bit
+    /// compute: `nf4`, `nf4-dq` (double quant), `fp4` (block size 64), `int8` (threshold 6) and
+    /// `int8-t0` (threshold 0: no outlier decomposition).
+    pub fn preset(name: &str, float: Precision) -> Result<Self> {
+        let torch = float.torch_name().trim_start_matches("torch.").to_string();
+        let four = |quant_type: &str, double_quant: bool| Self {
+            load_in_4bit: true,
+            bnb_4bit_quant_type: quant_type.into(),
+            bnb_4bit_use_double_quant: double_quant,
+            bnb_4bit_compute_dtype: torch.clone(),
+            torch_dtype: Some(torch.clone()),
+            ..Self::default()
+        };
+        let eight = |threshold: f32| Self {
+            load_in_8bit: true,
+            llm_int8_threshold: threshold,
+            torch_dtype: Some(torch.clone()),
+            ..Self::default()
+        };
+        Ok(match name {
+            "nf4" => four("nf4", false),
+            "nf4-dq" => four("nf4", true),
+            "fp4" => four("fp4", false),
+            "int8" => eight(6.0),
+            "int8-t0" => eight(0.0),
+            other => {
+                return Err(QuantError::Config {
+                    origin: "quantization preset".into(),
+                    reason: format!("{other:?} is not one of {}", Self::PRESETS.join(", ")),
+                });
+            }
+        })
+    }
+
     /// Checks the options as accelerate's `__post_init__` does (and the block size).
     pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |reason: String| QuantError::Config {

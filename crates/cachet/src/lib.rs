@@ -12,3 +12,4 @@ pub use cachet_models as models;
 #[cfg(feature = "quant")]
 pub use cachet_quant as quant;
 pub use cachet_tensor as tensor;
+pub use cachet_text as text;

@@ -5,6 +5,7 @@ mod compile_cmd;
 mod denoise_cmd;
 mod generate_cmd;
 mod kv_memory_cmd;
+mod perplexity_cmd;
 #[cfg(feature = "quant")]
 mod quantize_cmd;
 
@@ -31,6 +32,8 @@ enum Command {
     },
     /// Generate tokens with a Llama-family model (greedy, sampling or beam search) through a KV cache.
     Generate(generate_cmd::GenerateArgs),
+    /// Perplexity of a model on a text file (transformers' sliding-window recipe), for any weights and cache.
+    Perplexity(perplexity_cmd::PerplexityArgs),
     /// Denoise with a DiT (embedded tiny Flux by default) through a diffusion cache; summary, plots, speedup.
     Denoise(denoise_cmd::DenoiseArgs),
     /// Plot KV-cache memory versus context length for every cache type to a PNG (measured).
@@ -54,6 +57,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Info { json } => info(json),
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Perplexity(args) => perplexity_cmd::run(args),
         Command::Denoise(args) => denoise_cmd::run(args),
         Command::KvMemory(args) => kv_memory_cmd::run(args),
         #[cfg(feature = "compile")]

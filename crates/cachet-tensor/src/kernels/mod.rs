@@ -781,7 +781,10 @@ mod tests {
                 let f = dot_f32(level, &w, &x) as f64;
                 let b = dot_bf16(level, &bf, &x) as f64;
                 assert!((f - exact).abs() < 1e-4, "{level:?} k={k}: {f} vs {exact}");
-                assert!((b - exact_bf).abs() < 1e-4, "{level:?} k={k}: {b} vs {exact_bf}");
+                assert!(
+                    (b - exact_bf).abs() < 1e-4,
+                    "{level:?} k={k}: {b} vs {exact_bf}"
+                );
             }
         }
     }
