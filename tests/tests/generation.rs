@@ -194,3 +194,33 @@ fn cache_implementation_by_name_and_bad_names() {
         "{err}"
     );
 }
+
+#[test]
+fn degenerate_generation_requests_are_errors() {
+    let Some(model) = model("mistral") else {
+        return;
+    };
+    let run = |config: GenerationConfig| {
+        generate(&model, &[vec![4, 5, 6]], &config, None)
+            .unwrap_err()
+            .to_string()
+    };
+    // Zero new tokens, with or without beams (transformers rejects it as well).
+    for beams in [1, 3] {
+        let err = run(GenerationConfig {
+            num_beams: beams,
+            num_return_sequences: 1,
+            ..GenerationConfig::greedy(0)
+        });
+        assert!(err.contains("max_new_tokens must be at least 1"), "{err}");
+    }
+    // A length that overflows.
+    let err = run(GenerationConfig::greedy(usize::MAX - 1));
+    assert!(err.contains("overflows"), "{err}");
+    // A pad id from a generation_config.json outside the vocabulary.
+    let err = run(GenerationConfig {
+        pad_token_id: Some(model.config.vocab_size as u32),
+        ..GenerationConfig::greedy(2)
+    });
+    assert!(err.contains("pad_token_id"), "{err}");
+}

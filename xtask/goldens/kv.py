@@ -16,8 +16,10 @@ Loads the committed tiny checkpoints `tests/fixtures/{llama,mistral,qwen2}` (mad
 
 Two environments (the sink cache was removed after 4.52):
 
-    /work/venv-goldens/venv: pip install -r xtask/goldens/requirements.txt   -> everything but sink
-    /work/venv-sink:         pip install -r xtask/goldens/requirements-sink.txt -> sink.json only
+    main venv (target/goldens-venv): requirements.txt      -> everything but sink
+    sink venv (target/goldens-venv-sink): requirements-sink.txt -> sink.json only
+
+`cargo xtask goldens` creates both and runs this script in each.
 
 Run from the workspace root: `python xtask/goldens/kv.py`; the script picks its part from the
 installed transformers version. Outputs are deterministic (CPU, f32, deterministic algorithms).

@@ -145,8 +145,8 @@ pub fn resolve_token(options: &HubOptions) -> Option<String> {
     None
 }
 
-/// Connection settings for the Hub.
-#[derive(Debug, Clone)]
+/// Connection settings for the Hub (`Debug` shows whether a token is set, never the token).
+#[derive(Clone)]
 pub struct HubOptions {
     /// Base URL; `None` reads `HF_ENDPOINT`, else `https://huggingface.co`.
     pub endpoint: Option<String>,
@@ -160,6 +160,19 @@ pub struct HubOptions {
     pub commit_attempts: u32,
     /// Show progress bars (they draw only on a terminal).
     pub progress: bool,
+}
+
+impl std::fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("commit_attempts", &self.commit_attempts)
+            .field("progress", &self.progress)
+            .finish()
+    }
 }
 
 impl Default for HubOptions {
@@ -1149,4 +1162,20 @@ where
     E: std::fmt::Display,
 {
     CompileCache::from_env(CacheLayout::for_entry(entry))?.get_or_compile(entry, compile)
+}
+
+#[cfg(test)]
+mod debug_tests {
+    #[test]
+    fn debug_never_shows_the_token() {
+        let options = super::HubOptions {
+            token: Some("hf_secret_value".into()),
+            ..super::HubOptions::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(
+            !shown.contains("hf_secret_value") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
 }

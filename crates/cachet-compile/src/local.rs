@@ -175,7 +175,10 @@ impl LocalCache {
         self.root.join(self.layout.compiler_dir())
     }
 
+    /// Checks the entry hash and the layout (which a library user builds freely: a compiler
+    /// name or version with `..` or `/` must not lead outside the cache root).
     fn check_hash(&self, hash: &str) -> Result<()> {
+        self.layout.validate(None)?;
         if hash.is_empty() || !hash.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(CompileCacheError::UnsafePath {
                 path: hash.to_owned(),
@@ -385,6 +388,7 @@ impl LocalCache {
 
     /// Lists the registry entries of every tool version (from their arch-digest files).
     pub fn registry_entries(&self) -> Result<Vec<(String, CacheEntry)>> {
+        self.layout.validate(None)?;
         let registry = self
             .root
             .join(self.layout.compiler_dir())
@@ -430,6 +434,7 @@ impl LocalCache {
 
     /// Every cache file of every compiler folder, relative to the root, for synchronisation.
     pub fn publishable_files(&self) -> Result<Vec<(String, PathBuf, u64)>> {
+        self.layout.validate(None)?;
         let mut out = Vec::new();
         let dir = self.compiler_root();
         if !dir.is_dir() {

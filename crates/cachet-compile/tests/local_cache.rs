@@ -361,3 +361,33 @@ fn default_dir_honours_the_environment_variable() {
         _ => assert_eq!(d, PathBuf::from(local::DEFAULT_CACHE_DIR)),
     }
 }
+
+#[test]
+fn a_layout_that_would_escape_the_root_is_refused_by_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    for layout in [
+        CacheLayout::new("/abs", "1.0"),
+        CacheLayout::new("cc", "../../escape"),
+        CacheLayout::new("cc", "1").with_tool_version("../.."),
+    ] {
+        let cache = LocalCache::new(&root, layout.clone());
+        let unsafe_path = |r: Result<_, CompileCacheError>| {
+            matches!(r, Err(CompileCacheError::UnsafePath { .. }))
+        };
+        assert!(unsafe_path(cache.lookup("abc").map(|_| ())), "{layout:?}");
+        assert!(unsafe_path(cache.lock("abc").map(|_| ())), "{layout:?}");
+        assert!(unsafe_path(cache.stage("abc").map(|_| ())), "{layout:?}");
+        assert!(
+            unsafe_path(cache.publishable_files().map(|_| ())),
+            "{layout:?}"
+        );
+        assert!(
+            unsafe_path(cache.registry_entries().map(|_| ())),
+            "{layout:?}"
+        );
+    }
+    // Nothing was created outside (or inside) the root.
+    assert!(!dir.path().join("escape").exists());
+    assert!(!root.exists());
+}

@@ -78,6 +78,22 @@ pub enum KvError {
     /// A cache config that is invalid for the chosen cache or model.
     #[error("invalid cache config: {0}")]
     Config(String),
+    /// A preallocated cache would not fit in this machine's memory (checked before allocating).
+    #[error(
+        "{cache} at layer {layer}: {tokens} tokens of keys and values need {bytes} bytes, more than this machine's {limit} bytes of memory; lower max_cache_len / the window"
+    )]
+    TooLarge {
+        /// Cache type.
+        cache: &'static str,
+        /// Layer index.
+        layer: usize,
+        /// Tokens asked for.
+        tokens: usize,
+        /// Bytes the keys and values would take (saturated at `u64::MAX`).
+        bytes: u64,
+        /// The machine's physical memory.
+        limit: u64,
+    },
     /// The cache cannot do this operation.
     #[error("{cache} does not support {op}")]
     Unsupported {

@@ -142,7 +142,8 @@ impl Cache for SinkCache {
                     "the first input ({new} tokens) is longer than the sink cache window ({window}); crop the prompt to its last {window} tokens"
                 )));
             }
-            let mut store = LayerStore::with_capacity(&keys, &values, window);
+            let mut store =
+                LayerStore::try_with_capacity("sink cache", layer, &keys, &values, window)?;
             store.write_at(0, keys.clone(), values.clone());
             self.layers.push(SinkLayer {
                 store,

@@ -85,7 +85,13 @@ impl Cache for SlidingWindowCache {
         if layer == self.layers.len() {
             check_pair(layer, &keys, &values)?;
             self.layers.push(WindowLayer {
-                store: LayerStore::with_capacity(&keys, &values, window),
+                store: LayerStore::try_with_capacity(
+                    "sliding_window cache",
+                    layer,
+                    &keys,
+                    &values,
+                    window,
+                )?,
                 head: 0,
                 seen: 0,
             });

@@ -37,6 +37,36 @@ impl LayerStore {
         }
     }
 
+    /// [`LayerStore::with_capacity`] for a capacity from a user's config: the keys and values
+    /// must fit in this machine's memory, checked before anything is allocated.
+    pub fn try_with_capacity(
+        cache: &'static str,
+        layer: usize,
+        keys: &Tensor<4>,
+        values: &Tensor<4>,
+        capacity: usize,
+    ) -> Result<Self> {
+        let [b, h, _, dk] = keys.dims();
+        let dv = values.dims()[3];
+        let bytes = (b as u64)
+            .checked_mul(h as u64)
+            .and_then(|x| x.checked_mul(capacity as u64))
+            .and_then(|x| x.checked_mul((dk + dv) as u64))
+            .and_then(|x| x.checked_mul(keys.dtype().size() as u64))
+            .unwrap_or(u64::MAX);
+        let limit = cachet_tensor::host_memory_bytes().unwrap_or(u64::MAX / 2);
+        if bytes > limit {
+            return Err(KvError::TooLarge {
+                cache,
+                layer,
+                tokens: capacity,
+                bytes,
+                limit,
+            });
+        }
+        Ok(Self::with_capacity(keys, values, capacity))
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -250,11 +280,12 @@ impl Layers {
         let new = keys.dims()[2];
         if layer == self.0.len() {
             check_pair(layer, &keys, &values)?;
-            self.0.push(LayerStore::with_capacity(
-                &keys,
-                &values,
-                capacity.unwrap_or(new.max(16)),
-            ));
+            self.0.push(match capacity {
+                Some(capacity) => {
+                    LayerStore::try_with_capacity(cache, layer, &keys, &values, capacity)?
+                }
+                None => LayerStore::with_capacity(&keys, &values, new.max(16)),
+            });
         }
         let store = &mut self.0[layer];
         store.check(layer, &keys, &values)?;

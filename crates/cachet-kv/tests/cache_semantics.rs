@@ -370,3 +370,25 @@ fn cache_names_and_configs_are_validated() {
     assert!(SlidingWindowCache::new(1).is_err());
     assert!(SinkCache::new(4, 4, vec![1.0]).is_err());
 }
+
+#[test]
+fn preallocated_caches_larger_than_memory_are_errors_before_allocating() {
+    let device = Device::flex();
+    let huge = 1usize << 50;
+    let mut caches: Vec<Box<dyn Cache>> = vec![
+        Box::new(StaticCache::new(huge).unwrap()),
+        Box::new(SlidingWindowCache::new(huge).unwrap()),
+        Box::new(SinkCache::new(huge, 2, vec![1.0, 0.1]).unwrap()),
+    ];
+    for cache in &mut caches {
+        let a = kv(1, 2, &device);
+        let err = cache.update(0, a.clone(), a, &[0, 1]).unwrap_err();
+        assert!(
+            matches!(err, KvError::TooLarge { tokens, .. } if tokens == huge),
+            "{err}"
+        );
+        assert!(err.to_string().contains("bytes"), "{err}");
+        // Nothing was stored: the cache is still usable as empty.
+        assert_eq!(cache.seq_length(0), 0);
+    }
+}

@@ -145,6 +145,10 @@ impl GenerationConfig {
         if self.num_beams == 0 {
             return bad("num_beams must be at least 1".into());
         }
+        // transformers rejects it too: "max_new_tokens must be greater than 0".
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1".into());
+        }
         if self.num_return_sequences == 0 || self.num_return_sequences > self.num_beams {
             return bad(format!(
                 "num_return_sequences ({}) must be between 1 and num_beams ({})",
@@ -236,6 +240,23 @@ pub fn generate_streaming(
     if let Some(bad) = prompts.iter().flatten().find(|&&id| id as usize >= vocab) {
         return Err(ModelError::Input(format!(
             "prompt token {bad} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    if let Some(pad) = config.pad_token_id
+        && pad as usize >= vocab
+    {
+        return Err(ModelError::Input(format!(
+            "pad_token_id {pad} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest
+        .checked_add(config.max_new_tokens)
+        .is_none_or(|n| n > isize::MAX as usize)
+    {
+        return Err(ModelError::Input(format!(
+            "max_new_tokens {} with a prompt of {longest} tokens overflows the sequence length",
+            config.max_new_tokens
         )));
     }
     let _span = tracing::info_span!(

@@ -1,7 +1,7 @@
 //! Perplexity over a long text with transformers' sliding-window recipe ("Perplexity of
 //! fixed-length models"): windows of `context` tokens that start `stride` tokens apart, each
-//! scoring only the tokens the previous window did not, so every token is predicted once, from
-//! up to `context - 1` tokens before it.
+//! scoring only the tokens the previous window did not, so every token is predicted once (when
+//! `stride < context`), from up to `context - 1` tokens before it.
 //!
 //! Each token's negative log-likelihood is summed exactly (the recipe's docs weight a window's
 //! mean loss by its target count minus one; the sum is what that approximates). A window can
@@ -211,7 +211,10 @@ mod tests {
 
     #[test]
     fn windows_score_every_token_but_the_first_once() {
-        for (len, context, stride) in [(10, 4, 2), (10, 4, 4), (3, 8, 4), (1000, 512, 256)] {
+        // With stride == context the windows do not overlap and, as in transformers' recipe,
+        // each window's first token has nothing before it to be predicted from.
+        assert_eq!(windows(10, 4, 4), vec![(0, 4, 1), (4, 8, 5), (8, 10, 9)]);
+        for (len, context, stride) in [(10, 4, 2), (10, 4, 3), (3, 8, 4), (1000, 512, 256)] {
             let plan = windows(len, context, stride);
             let mut seen = vec![0; len];
             for &(begin, end, first) in &plan {

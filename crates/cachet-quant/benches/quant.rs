@@ -54,8 +54,14 @@ fn gemv_f32(w: &[f32], x: &[f32], y: &mut [f32]) {
 
 /// Seconds bitsandbytes' CPU backend takes to quantize a 4096×4096 f32 tensor to NF4 (median).
 fn bnb_quantize_seconds() -> Option<f64> {
-    let python = std::env::var("CACHET_GOLDENS_PYTHON")
-        .unwrap_or_else(|_| "/work/venv-goldens/venv/bin/python".into());
+    // The goldens venv `cargo xtask goldens` makes, unless CACHET_GOLDENS_PYTHON says otherwise.
+    let python = std::env::var("CACHET_GOLDENS_PYTHON").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../target/goldens-venv/bin/python"
+        )
+        .into()
+    });
     let script = "import time,torch,bitsandbytes.functional as F\n\
         torch.manual_seed(0); w=torch.randn(4096,4096)*0.05\n\
         F.quantize_4bit(w,blocksize=64,quant_type='nf4')\n\

@@ -395,6 +395,18 @@ pub fn read_four_bit(
             reason: format!("{} values, expected 16", quant_map.len()),
         });
     }
+    // The kernels decode with the built-in table of the quant type: a checkpoint carrying any
+    // other table would be decoded wrongly, so it is refused rather than replaced silently.
+    let table = quant_type.code();
+    if let Some(i) = (0..16).find(|&i| (quant_map[i] - table[i]).abs() > 1e-6) {
+        return Err(QuantError::InconsistentState {
+            tensor: format!("{w}.quant_map"),
+            reason: format!(
+                "value {i} is {}, but the {quant_type} table has {} (custom code tables are not supported)",
+                quant_map[i], table[i]
+            ),
+        });
+    }
     let q = Quantized4bit {
         packed,
         absmax,

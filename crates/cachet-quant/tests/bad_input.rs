@@ -302,3 +302,23 @@ fn failed_save_leaves_nothing_behind() {
         assert!(err.to_string().contains("max_shard_size"), "{err}");
     }
 }
+
+#[test]
+fn a_quant_map_other_than_the_built_in_table_is_refused() {
+    let dir = tampered(|name, data| {
+        if name == format!("{Q}.weight.quant_map") {
+            let mut values = data.try_to_vec::<f32>().unwrap();
+            values[3] += 0.01;
+            Some(TensorData::new(values, vec![16]))
+        } else {
+            Some(data)
+        }
+    });
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let err = read_four_bit(&ck, Q, QuantType::Nf4, [64, 64]).unwrap_err();
+    assert!(matches!(err, QuantError::InconsistentState { .. }), "{err}");
+    assert!(
+        err.to_string().contains("quant_map") && err.to_string().contains("value 3"),
+        "{err}"
+    );
+}

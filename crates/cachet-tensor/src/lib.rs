@@ -23,7 +23,8 @@ pub use dtype::{Precision, cast_checked, ensure_supported, supports_dtype};
 pub use error::{Result, TensorError};
 pub use gguf::{GgmlType, GgufError, GgufFile};
 pub use memory::{
-    MemoryFootprint, device_bytes_in_use, human_bytes, tensor_bytes, tune_host_allocator,
+    MemoryFootprint, device_bytes_in_use, host_memory_bytes, human_bytes, tensor_bytes,
+    tune_host_allocator,
 };
 pub use offload::{HostTensor, Prefetch, TransferTiming};
 pub use safetensors::{Checkpoint, SafetensorsError, TensorInfo};

@@ -167,11 +167,49 @@ impl<M: Denoise> Job<'_, M> {
     }
 }
 
+/// Most latent values accepted (height × width × frames), so a typo is an error, not an
+/// allocation abort: 2^26 (a 4k×4k latent, or 64 frames of 1k×1k).
+const MAX_LATENT_POSITIONS: usize = 1 << 26;
+
+/// Sizes from the command line: positive, and a latent this machine can hold.
+fn check_sizes(args: &DenoiseArgs) -> Result<()> {
+    for (flag, value) in [
+        ("--height", args.height),
+        ("--width", args.width),
+        ("--frames", args.frames),
+        ("--text-tokens", args.text_tokens),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    let positions = args
+        .height
+        .checked_mul(args.width)
+        .and_then(|x| x.checked_mul(args.frames));
+    if positions.is_none_or(|p| p > MAX_LATENT_POSITIONS) {
+        bail!(
+            "--height {} × --width {} × --frames {} is more than {MAX_LATENT_POSITIONS} latent positions",
+            args.height,
+            args.width,
+            args.frames
+        );
+    }
+    if args.text_tokens > MAX_LATENT_POSITIONS {
+        bail!(
+            "--text-tokens {} is more than {MAX_LATENT_POSITIONS}",
+            args.text_tokens
+        );
+    }
+    Ok(())
+}
+
 /// Runs `cachet denoise`.
 pub fn run(args: DenoiseArgs) -> Result<()> {
     let spec: DeviceSpec = args.device.parse()?;
     let device = spec.init()?;
     let precision: Precision = args.dtype.parse()?;
+    check_sizes(&args)?;
     let model = load_model(args.model.as_deref(), &device, precision)?;
     let mut config = CacheConfig::from_name(&args.cache, args.cache_config.as_deref())?;
     let guidance = args.cfg.map(|scale| Guidance {
@@ -385,11 +423,13 @@ fn report<M: Denoise>(
 
 /// Flux latents `[1, (h/2)(w/2), 4C]` unpacked (`_unpack_latents`) to an RGB view of channels 0–2.
 fn flux_image(latents: &[f32], _dims: [usize; 3], h: usize, w: usize, packed: usize) -> FloatImage {
-    let c = packed / 4;
+    // A DiT with fewer than 4 packed channels still has channel 0: show it in every colour.
+    let c = (packed / 4).max(1);
+    let stride = packed / c;
     let at = |ch: usize, y: usize, x: usize| {
         let token = (y / 2) * (w / 2) + x / 2;
         let sub = (y % 2) * 2 + x % 2;
-        latents[token * packed + ch * 4 + sub]
+        latents[token * packed + ch * stride + sub.min(stride - 1)]
     };
     let mut pixels = Vec::with_capacity(h * w);
     for y in 0..h {

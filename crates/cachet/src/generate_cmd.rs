@@ -218,7 +218,7 @@ fn check_context(model: &Llama, ids: &[u32], max_new_tokens: usize) -> Result<()
             ids.len()
         );
     }
-    if ids.len() + max_new_tokens > context {
+    if ids.len().saturating_add(max_new_tokens) > context {
         eprintln!(
             "note: prompt ({}) + max_new_tokens ({max_new_tokens}) exceed the context ({context}); generation may stop early",
             ids.len()

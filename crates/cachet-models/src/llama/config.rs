@@ -180,6 +180,13 @@ pub struct LlamaConfig {
     pub dtype: Option<Precision>,
 }
 
+/// Largest vocabulary accepted (16.7M entries; real models have up to ~256k).
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Largest width accepted for hidden, intermediate and attention sizes (1M; real models ≤ 64k).
+pub const MAX_WIDTH: usize = 1 << 20;
+/// Most decoder layers accepted (real models have up to ~128).
+pub const MAX_LAYERS: usize = 1 << 12;
+
 impl LlamaConfig {
     /// Parses a config from JSON text; `origin` names it in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
@@ -224,9 +231,14 @@ impl LlamaConfig {
     }
 
     /// Per-head width.
+    /// (0 when neither `head_dim` nor a positive `num_attention_heads` gives one; validation
+    /// rejects such configs.)
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or_else(|| {
+            self.hidden_size
+                .checked_div(self.num_attention_heads)
+                .unwrap_or(0)
+        })
     }
 
     /// Whether q/k/v projections carry a bias.
@@ -328,6 +340,28 @@ impl LlamaConfig {
                 return Err(bad(format!("{name} must be positive")));
             }
         }
+        // Sizes no checkpoint has, refused before anything is allocated for them.
+        for (name, value, limit) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("num_key_value_heads", self.kv_heads(), MAX_WIDTH),
+            ("head_dim", self.head_dim(), MAX_WIDTH),
+        ] {
+            if value > limit {
+                return Err(bad(format!(
+                    "{name} is {value}; at most {limit} is supported"
+                )));
+            }
+        }
+        let q_width = self.num_attention_heads * self.head_dim();
+        if q_width > MAX_WIDTH {
+            return Err(bad(format!(
+                "num_attention_heads × head_dim is {q_width}; at most {MAX_WIDTH} is supported"
+            )));
+        }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -410,6 +444,47 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle) && err.contains("bad.json"), "{err}");
+        }
+    }
+
+    #[test]
+    fn zero_heads_and_absurd_sizes_are_errors_not_panics() {
+        for (edit, needle) in [
+            (
+                (r#""num_attention_heads":4"#, r#""num_attention_heads":0"#),
+                "num_attention_heads must be positive",
+            ),
+            (
+                (
+                    r#""num_attention_heads":4"#,
+                    r#""num_attention_heads":0,"head_dim":4"#,
+                ),
+                "num_attention_heads must be positive",
+            ),
+            (
+                (
+                    r#""num_hidden_layers":1"#,
+                    r#""num_hidden_layers":1000000000000"#,
+                ),
+                "num_hidden_layers is 1000000000000",
+            ),
+            (
+                (r#""vocab_size":32"#, r#""vocab_size":18446744073709551615"#),
+                "vocab_size is",
+            ),
+            (
+                (
+                    r#""num_attention_heads":4"#,
+                    r#""num_attention_heads":4,"head_dim":1048576"#,
+                ),
+                "num_attention_heads × head_dim",
+            ),
+        ] {
+            let text = V4.replace(edit.0, edit.1);
+            let err = LlamaConfig::from_json(&text, "bad.json")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err}");
         }
     }
 

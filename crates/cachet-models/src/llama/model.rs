@@ -715,7 +715,8 @@ impl Llama {
                 eps: config.rms_norm_eps,
             })
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Grown as layers load: a config's layer count is not trusted for an allocation.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let qkv_bias = config.qkv_bias();

@@ -478,7 +478,8 @@ impl CogVideoX {
             Some(d) => Some(mlp("ofs_embedding", d, d)?),
             None => None,
         };
-        let mut transformer_blocks = Vec::with_capacity(c.num_layers);
+        // Grown as blocks load: a config's layer count is not trusted for an allocation.
+        let mut transformer_blocks = Vec::new();
         for i in 0..c.num_layers {
             let b = format!("{TRANSFORMER_BLOCKS}.{i}");
             let a = format!("{b}.attn1");
