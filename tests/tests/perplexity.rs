@@ -2,25 +2,17 @@
 //! `tests/fixtures/perplexity/`, written by `xtask/goldens/perplexity.py`): the embedded tiny
 //! Llama with its embedded tokenizer here (no download); SmolLM2 in `real_model.rs`.
 
-use cachet_integration_tests::{fixture, test_device};
+use cachet_integration_tests::{fixture, json_ids as ids, read_json, test_device};
 use cachet_models::{PerplexityConfig, embedded, perplexity};
 use cachet_tensor::Precision;
 use cachet_text::TextModel;
 use serde_json::Value;
 
 fn goldens() -> Vec<Value> {
-    let path = fixture("perplexity").join("goldens.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    let json: Value = serde_json::from_str(&text).unwrap();
-    json["cases"].as_array().unwrap().clone()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
+    read_json(&fixture("perplexity").join("goldens.json"))["cases"]
+        .as_array()
         .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+        .clone()
 }
 
 #[test]

@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use cachet_integration_tests::{fixture, test_device};
+use cachet_integration_tests::{fixture, json_ids as ids, test_device};
 use cachet_models::{GenerationConfig, Llama, generate};
 use cachet_tensor::{Device, Precision};
 use serde_json::Value;
@@ -60,12 +60,21 @@ fn cases(source: &str) -> Vec<Value> {
         .collect()
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+/// The converted Hugging Face folder, or `None` (skipped) when it was not fetched.
+fn smollm2_dir() -> Option<PathBuf> {
+    let dir = models_dir().join("SmolLM2-135M-Instruct");
+    present(
+        &dir.join("config.json"),
+        "hf",
+        "cargo xtask fetch-model smollm2",
+    )
+    .then_some(dir)
+}
+
+/// The GGUF file, or `None` (skipped) when it was not fetched.
+fn smollm2_gguf() -> Option<PathBuf> {
+    let file = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    present(&file, "gguf", "cargo xtask fetch-model smollm2 --gguf-only").then_some(file)
 }
 
 /// Tokens compared per case off the host: a software GPU (llvmpipe in CI's wgpu pass) runs a
@@ -127,14 +136,7 @@ fn check(model: &Llama, cases: &[Value], device: &Device) -> usize {
 
 #[test]
 fn smollm2_hf_folder_greedy_equals_transformers_for_every_cache() {
-    let dir = models_dir().join("SmolLM2-135M-Instruct");
-    if !present(
-        &dir.join("config.json"),
-        "hf",
-        "cargo xtask fetch-model smollm2",
-    ) {
-        return;
-    }
+    let Some(dir) = smollm2_dir() else { return };
     let Some(device) = test_device() else { return };
     let model = Llama::from_pretrained(&dir, &device, Precision::F32).unwrap();
     let n = check(&model, &cases("hf_f32"), &device);
@@ -143,10 +145,7 @@ fn smollm2_hf_folder_greedy_equals_transformers_for_every_cache() {
 
 #[test]
 fn smollm2_gguf_greedy_equals_transformers_for_every_cache() {
-    let file = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !present(&file, "gguf", "cargo xtask fetch-model smollm2 --gguf-only") {
-        return;
-    }
+    let Some(file) = smollm2_gguf() else { return };
     let Some(device) = test_device() else { return };
     // cachet's own GGUF loader: Q4_1 dequantized to the f32 weights transformers' loader makes.
     let model = Llama::from_gguf(&file, &device, Precision::F32).unwrap();
@@ -156,12 +155,9 @@ fn smollm2_gguf_greedy_equals_transformers_for_every_cache() {
 
 #[test]
 fn smollm2_gguf_perplexity_and_tokenizer_equal_transformers() {
-    let file = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !present(&file, "gguf", "cargo xtask fetch-model smollm2 --gguf-only") {
-        return;
-    }
+    let Some(file) = smollm2_gguf() else { return };
     let path = fixture("perplexity").join("goldens.json");
-    let goldens: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let goldens = cachet_integration_tests::read_json(&path);
     let case = goldens["cases"]
         .as_array()
         .unwrap()
@@ -202,17 +198,10 @@ fn smollm2_gguf_perplexity_and_tokenizer_equal_transformers() {
 /// + answer, so keys are evicted and re-rotated), from the Hugging Face folder.
 #[test]
 fn smollm2_sink_cache_equals_transformers_4_52() {
-    let dir = models_dir().join("SmolLM2-135M-Instruct");
-    if !present(
-        &dir.join("config.json"),
-        "hf",
-        "cargo xtask fetch-model smollm2",
-    ) {
-        return;
-    }
+    let Some(dir) = smollm2_dir() else { return };
     let Some(device) = test_device() else { return };
     let path = fixture("smollm2").join("sink.json");
-    let goldens: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let goldens = cachet_integration_tests::read_json(&path);
     let model = Llama::from_pretrained(&dir, &device, Precision::F32).unwrap();
     for case in goldens["cases"].as_array().unwrap() {
         let want = ids(&case["tokens"]);
@@ -247,14 +236,7 @@ fn bnb_logit_bound(kind: &str) -> f32 {
 /// [`bnb_logit_bound`] under teacher forcing, and most greedy steps choosing the same token.
 #[test]
 fn smollm2_bitsandbytes_logits_stay_close_to_transformers() {
-    let dir = models_dir().join("SmolLM2-135M-Instruct");
-    if !present(
-        &dir.join("config.json"),
-        "hf",
-        "cargo xtask fetch-model smollm2",
-    ) {
-        return;
-    }
+    let Some(dir) = smollm2_dir() else { return };
     let Some(device) = test_device() else { return };
     if !cachet_tensor::device::cpu_device().is_ok_and(|cpu| cpu == device) {
         eprintln!("host only: the bitsandbytes comparison runs in the flex pass");
@@ -263,7 +245,7 @@ fn smollm2_bitsandbytes_logits_stay_close_to_transformers() {
     use burn::tensor::{Int, Tensor, TensorData};
     use cachet_quant::{BnbQuantizationConfig, LoadOptions, load_and_quantize_model};
     let path = fixture("smollm2").join("bnb.json");
-    let goldens: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let goldens = cachet_integration_tests::read_json(&path);
     let cases = goldens["cases"].as_array().unwrap();
     let mut kinds: Vec<&str> = cases
         .iter()

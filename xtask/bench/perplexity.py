@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -107,6 +108,9 @@ def perplexity(model, ids: list[int], row: str, context: int, stride: int, chunk
 
 
 def main() -> None:
+    # optimum-quanto builds its C++ kernels with the venv's ninja: its bin folder goes on PATH
+    # even when the venv's python is run directly.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--text", required=True)

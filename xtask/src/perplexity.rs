@@ -239,6 +239,10 @@ pub fn bench_perplexity(root: &Path, mut args: PerplexityArgs) -> Result<()> {
         versions
     );
     println!("\n{header}\n\n{table}");
+    let unmeasured = args.rows.len() - ours.keys().filter(|r| theirs.contains_key(*r)).count();
+    if unmeasured > 0 {
+        println!("goal: {unmeasured} row(s) have no pair to compare (see the errors below)");
+    }
     if misses.is_empty() {
         println!(
             "goal: every row within {:.0}% of the reference (or better): met",

@@ -3,7 +3,8 @@
 //! [`llama`] is a decoder-only transformer that loads Hugging Face checkpoints of
 //! `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (config.json + safetensors)
 //! and matches transformers' logits. Its attention takes an optional [`Cache`] from `cachet-kv`. [`generate()`] decodes (greedy, sampling, beam search); [`embedded`] ships a tiny
-//! checkpoint for offline demos.
+//! checkpoint (with a tokenizer) for offline demos; [`perplexity()`] scores a text with
+//! transformers' sliding-window recipe.
 
 mod config_file;
 pub mod dit;
