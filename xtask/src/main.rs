@@ -585,6 +585,13 @@ fn goldens(root: &Path, args: &GoldensArgs) -> Result<()> {
             prepare_venv(root, env, &venvs[i], args.dry_run)?;
         }
     }
+    // The real-model generators read SmolLM2 (and perplexity.py its GGUF file when present).
+    let needs_model =
+        |s: &GoldenStep| s.script.starts_with("smollm2") || s.script == "perplexity.py";
+    if !args.dry_run && steps.iter().any(needs_model) {
+        fetch_model::fetch_model(root, fetch_model::Which::Smollm2, false, Some(&venvs[0]))
+            .context("the real-model goldens need SmolLM2")?;
+    }
     let start = Instant::now();
     for (n, step) in steps.iter().enumerate() {
         let rel = format!("xtask/goldens/{}", step.script);

@@ -159,13 +159,29 @@ pub(crate) fn build(file: &GgufFile) -> Result<Parts> {
             };
             let merges = spm_merges(tokens, &types, &scores);
             let space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-            let mut normalizers = Vec::new();
-            if space_prefix {
-                normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
-            }
-            normalizers.push(
-                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
-            );
+            // As transformers' GGUF conversion builds it: `LlamaTokenizer`'s Metaspace
+            // pre-tokenizer (a prefix `▁` only where the text does not start with one, so "  hi"
+            // is "▁▁hi"), except Phi-3, whose prefix comes from a normalizer ("▁▁▁hi").
+            let (normalizer, pre_tokenizer) = if file.architecture() == Some("phi3") {
+                let mut normalizers = Vec::new();
+                if space_prefix {
+                    normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+                }
+                normalizers.push(
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+                );
+                (
+                    json!({"type": "Sequence", "normalizers": normalizers}),
+                    Json::Null,
+                )
+            } else {
+                let scheme = if space_prefix { "first" } else { "never" };
+                (
+                    Json::Null,
+                    json!({"type": "Metaspace", "replacement": "\u{2581}",
+                        "prepend_scheme": scheme, "split": false}),
+                )
+            };
             let mut decoders = vec![
                 json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
                 json!({"type": "ByteFallback"}),
@@ -177,8 +193,8 @@ pub(crate) fn build(file: &GgufFile) -> Result<Parts> {
             json!({
                 "version": "1.0", "truncation": null, "padding": null,
                 "added_tokens": added,
-                "normalizer": {"type": "Sequence", "normalizers": normalizers},
-                "pre_tokenizer": null, "post_processor": post_processor,
+                "normalizer": normalizer,
+                "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
                 "decoder": {"type": "Sequence", "decoders": decoders},
                 "model": {"type": "BPE", "dropout": null,
                     "unk_token": unk.map(|u| tokens[u as usize].clone()),

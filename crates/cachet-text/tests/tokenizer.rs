@@ -184,3 +184,43 @@ fn embedded_tokenizer_and_template_match_transformers() {
     );
     assert_eq!(text.eos_token_id(), Some(2));
 }
+
+/// A `llama`-type (SentencePiece BPE, byte fallback) GGUF tokenizer against transformers' own
+/// GGUF conversion (fixtures from xtask/goldens/gguf_llama_tokenizer.py; no download).
+#[cfg(feature = "gguf")]
+#[test]
+fn gguf_sentencepiece_tokenizer_matches_transformers() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let text = cachet_text::TextModel::from_gguf(fixtures.join("llama_tokenizer.gguf")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("llama_tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let source =
+        std::fs::read_to_string(fixtures.join("../../../../tests/fixtures/text/alice.txt"))
+            .unwrap();
+    let cases = golden["cases"].as_array().unwrap();
+    for (i, case) in cases.iter().enumerate() {
+        let input: String = match case["text"].as_str() {
+            Some(s) => s.to_string(),
+            None => source
+                .chars()
+                .take(case["text_prefix_chars"].as_u64().unwrap() as usize)
+                .collect(),
+        };
+        let got = text.tokenizer.encode(&input, true).unwrap();
+        assert_eq!(
+            got,
+            ids(&case["ids"]),
+            "case {i}: {:?}",
+            &input[..input.len().min(40)]
+        );
+        if let Some(want) = golden["decoded"].get(i) {
+            assert_eq!(
+                text.tokenizer.decode(&got, true).unwrap(),
+                want.as_str().unwrap(),
+                "case {i}"
+            );
+        }
+    }
+}
