@@ -1,8 +1,9 @@
 //! `wrap`: the cache for any external compiler, without code changes.
 //!
-//! The entry is the command line, the compiler binary's checksum (or a given version), the
-//! checksums of every argument that names an existing file plus declared inputs, and selected
-//! environment variables. On a miss the command runs and its declared outputs are stored; on a
+//! The entry is the command line (each argument as its SHA-256, so shared entries carry no
+//! secrets), the compiler binary's checksum (or a given version), the checksums of every
+//! argument that names an existing file plus declared inputs, and selected environment variables
+//! (their values hashed too). On a miss the command runs and its declared outputs are stored; on a
 //! hit the outputs are restored and the command does not run.
 
 use std::fs;
@@ -12,7 +13,9 @@ use std::process::Command;
 use serde_json::{Map, Value, json};
 use tracing::info;
 
-use crate::entry::{CacheEntry, EntryBuilder};
+use sha2::{Digest, Sha256};
+
+use crate::entry::{CacheEntry, EntryBuilder, hex};
 use crate::error::{CompileCacheError, Result, io_err};
 use crate::hub::CompileCache;
 use crate::layout::CacheLayout;
@@ -114,16 +117,22 @@ impl WrapCommand {
                 )));
             }
         }
+        // Registry entries are shared (a Hub cache uploads them): argument and environment
+        // values enter the key as hashes, never verbatim, so a token on a command line or in
+        // an environment variable does not leave the machine.
+        let digest =
+            |v: &str| Value::String(format!("sha256:{}", hex(&Sha256::digest(v.as_bytes()))));
         let env: Map<String, Value> = self
             .env
             .iter()
             .map(|k| {
                 (
                     k.clone(),
-                    std::env::var(k).map(Value::String).unwrap_or(Value::Null),
+                    std::env::var(k).map_or(Value::Null, |v| digest(&v)),
                 )
             })
             .collect();
+        let args: Vec<Value> = self.argv[1..].iter().map(|a| digest(a)).collect();
         let outputs: Vec<String> = self
             .outputs
             .iter()
@@ -131,7 +140,8 @@ impl WrapCommand {
             .collect();
         let config = json!({
             "model_type": "command",
-            "argv": self.argv,
+            "program": compiler,
+            "args": args,
             "input_files": files,
             "outputs": outputs,
         });

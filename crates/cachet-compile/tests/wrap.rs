@@ -122,3 +122,32 @@ fn failures_cache_nothing() {
     };
     assert!(missing.layout().is_err());
 }
+
+#[test]
+fn entries_carry_hashes_of_arguments_and_environment_never_the_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.bin");
+    // SAFETY: set before any thread of this test reads the environment; the name is unique.
+    unsafe { std::env::set_var("CACHET_WRAP_TEST_SECRET", "env-secret-value") };
+    let cmd = WrapCommand {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "true".into(),
+            "--token=hf_secret_argument".into(),
+        ],
+        outputs: vec![out],
+        env: vec!["CACHET_WRAP_TEST_SECRET".into()],
+        compiler_version: Some("1".into()),
+        ..Default::default()
+    };
+    let entry = cmd.entry().unwrap();
+    let shown = entry.serialize();
+    assert!(!shown.contains("hf_secret_argument"), "{shown}");
+    assert!(!shown.contains("env-secret-value"), "{shown}");
+    assert!(shown.contains("sha256:"), "{shown}");
+    // Still a key: another value is another entry.
+    let mut other = cmd.clone();
+    other.argv[3] = "--token=other".into();
+    assert_ne!(other.entry().unwrap().hash(), entry.hash());
+}
