@@ -23,13 +23,15 @@ sink cache's reference is transformers 4.52 and lives in kv.py's goldens.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from goldens_lib.smollm2 import ROOT, greedy, models_dir  # noqa: E402
 
 NEW_TOKENS = 32
 PROMPTS = [
@@ -41,29 +43,14 @@ CACHES = ["dynamic", "static"]
 
 
 def root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return ROOT
 
 
-def models_dir() -> Path:
-    return Path(os.environ.get("CACHET_MODELS_DIR", root() / "target" / "models"))
-
-
-def greedy(model, ids: list[int], cache: str) -> list[int]:
-    prompt = torch.tensor([ids])
+def greedy_new(model, ids: list[int], cache: str) -> list[int]:
     kwargs = {"cache_implementation": cache}
     if cache == "static":
         kwargs["cache_config"] = {"max_cache_len": len(ids) + NEW_TOKENS}
-    with torch.no_grad():
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=2,
-            **kwargs,
-        )
+    out = greedy(model, ids, NEW_TOKENS, **kwargs)
     return out[0, len(ids):].tolist()
 
 
@@ -93,7 +80,7 @@ def main() -> None:
     for source, load in sources.items():
         model = load().eval()
         for text, ids in zip(PROMPTS, prompts):
-            by_cache = {cache: greedy(model, ids, cache) for cache in CACHES}
+            by_cache = {cache: greedy_new(model, ids, cache) for cache in CACHES}
             if len({tuple(t) for t in by_cache.values()}) != 1:
                 raise RuntimeError(f"{source}: caches disagree on {text!r}: {by_cache}")
             for cache, tokens in by_cache.items():

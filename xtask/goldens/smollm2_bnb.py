@@ -16,7 +16,6 @@ Run by `cargo xtask goldens --only smollm2_bnb`; writes tests/fixtures/smollm2/b
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,9 @@ import bitsandbytes
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from goldens_lib.smollm2 import ROOT, greedy, models_dir  # noqa: E402
 
 NEW_TOKENS = 16
 TOP = 8
@@ -35,7 +37,7 @@ PROMPTS = [
 
 
 def root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return ROOT
 
 
 def config(kind: str) -> BitsAndBytesConfig:
@@ -52,8 +54,7 @@ def config(kind: str) -> BitsAndBytesConfig:
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    models = Path(os.environ.get("CACHET_MODELS_DIR", root() / "target" / "models"))
-    folder = models / "SmolLM2-135M-Instruct"
+    folder = models_dir() / "SmolLM2-135M-Instruct"
     if not folder.exists():
         sys.exit(f"{folder} is missing: run `cargo xtask fetch-model smollm2` first")
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -67,19 +68,7 @@ def main() -> None:
             folder, dtype=torch.float32, quantization_config=config(kind), device_map="cpu"
         ).eval()
         for text, ids in zip(PROMPTS, prompts):
-            prompt = torch.tensor([ids])
-            with torch.no_grad():
-                out = model.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    eos_token_id=None,
-                    pad_token_id=2,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
+            out = greedy(model, ids, NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
             tokens = out.sequences[0, len(ids):].tolist()
             steps = []
             for logits in out.logits:

@@ -19,6 +19,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from goldens_lib.smollm2 import ROOT, greedy, models_dir  # noqa: E402
+
 NEW_TOKENS = 32
 CONFIGS = [
     {"backend": "quanto", "nbits": 4, "axis_key": 0, "axis_value": 0, "q_group_size": 64, "residual_length": 128},
@@ -27,7 +30,7 @@ CONFIGS = [
 
 
 def root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return ROOT
 
 
 def main() -> None:
@@ -35,32 +38,19 @@ def main() -> None:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    models = Path(os.environ.get("CACHET_MODELS_DIR", root() / "target" / "models"))
-    gguf = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.exists():
         sys.exit(f"{gguf} is missing: run `cargo xtask fetch-model smollm2` first")
-    greedy = json.loads((root() / "tests" / "fixtures" / "smollm2" / "greedy.json").read_text())
+    greedy_goldens = json.loads((root() / "tests" / "fixtures" / "smollm2" / "greedy.json").read_text())
     prompts = []
-    for c in greedy["cases"]:
+    for c in greedy_goldens["cases"]:
         if c["source"] == "gguf_f32" and c["input_ids"] not in [p for _, p in prompts]:
             prompts.append((c["prompt"], c["input_ids"]))
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     cases = []
     for config in CONFIGS:
         for text, ids in prompts:
-            prompt = torch.tensor([ids])
-            with torch.no_grad():
-                out = model.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    eos_token_id=None,
-                    pad_token_id=2,
-                    cache_implementation="quantized",
-                    cache_config=dict(config),
-                )
+            out = greedy(model, ids, NEW_TOKENS, cache_implementation="quantized", cache_config=dict(config))
             tokens = out[0, len(ids):].tolist()
             cases.append({"prompt": text, "input_ids": ids, "cache_config": config, "tokens": tokens})
             print(f"{config['backend']:6} {text[:36]!r:40} {tokens[:8]}")

@@ -10,7 +10,6 @@ Writes tests/fixtures/smollm2/sink.json, read by tests/tests/real_model.rs.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.cache_utils import SinkCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from goldens_lib.smollm2 import ROOT, greedy, models_dir  # noqa: E402
 
 NEW_TOKENS = 24
 PROMPTS = [
@@ -28,7 +30,7 @@ CONFIGS = [(48, 4), (40, 2)]
 
 
 def root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return ROOT
 
 
 def main() -> None:
@@ -36,15 +38,14 @@ def main() -> None:
         sys.exit(f"transformers {transformers.__version__}: run in the sink venv (requirements-sink.txt)")
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    models = Path(os.environ.get("CACHET_MODELS_DIR", root() / "target" / "models"))
-    folder = models / "SmolLM2-135M-Instruct"
+    folder = models_dir() / "SmolLM2-135M-Instruct"
     if not folder.exists():
         sys.exit(f"{folder} is missing: run `cargo xtask fetch-model smollm2` first")
     # transformers 4.52 cannot read the tokenizer_config.json 5.23 wrote: the prompts' ids (the
     # chat template applied by 5.23) come from the greedy goldens, tokenizer.json decodes.
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-    greedy = json.loads((root() / "tests" / "fixtures" / "smollm2" / "greedy.json").read_text())
-    prompt_ids = {c["prompt"]: c["input_ids"] for c in greedy["cases"]}
+    greedy_goldens = json.loads((root() / "tests" / "fixtures" / "smollm2" / "greedy.json").read_text())
+    prompt_ids = {c["prompt"]: c["input_ids"] for c in greedy_goldens["cases"]}
     # transformers 5 writes RoPE as `rope_parameters`, which 4.52 does not read (it would fall
     # back to theta 10000): the values are given to it under 4.52's names.
     raw = json.loads((folder / "config.json").read_text())
@@ -59,18 +60,8 @@ def main() -> None:
     for text in PROMPTS:
         ids = prompt_ids[text]
         for window, sinks in CONFIGS:
-            prompt = torch.tensor([ids])
-            with torch.no_grad():
-                out = model.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    eos_token_id=None,
-                    pad_token_id=2,
-                    past_key_values=SinkCache(window_length=window, num_sink_tokens=sinks),
-                )
+            cache = SinkCache(window_length=window, num_sink_tokens=sinks)
+            out = greedy(model, ids, NEW_TOKENS, past_key_values=cache)
             tokens = out[0, len(ids):].tolist()
             cases.append(
                 {

@@ -294,13 +294,7 @@ pub fn bench_e2e(root: &Path, mut args: E2eArgs) -> Result<()> {
         wanted.push(ModelId::Smollm2);
     }
     for &model in &wanted {
-        if fetch_model::require_model(root, model).is_err() {
-            let which = match model {
-                ModelId::Smollm2 => fetch_model::Which::Smollm2,
-                ModelId::Llama1bShaped => fetch_model::Which::Llama1bShaped,
-            };
-            fetch_model::fetch_model(root, which, false, Some(&venv))?;
-        }
+        fetch_model::ensure_model(root, model, &venv)?;
     }
     let mut dirs = BTreeMap::new();
     for &model in &args.models {

@@ -89,16 +89,7 @@ pub fn models_dir(root: &Path) -> PathBuf {
 
 /// The goldens' `main` venv: `--venv`, `$CACHET_GOLDENS_VENV`, or target/goldens-venv.
 pub fn main_venv(root: &Path, flag: Option<&Path>) -> PathBuf {
-    let env = &PY_ENVS[0];
-    let venv = flag
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(env.env_var).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(env.default_dir));
-    if venv.is_absolute() {
-        venv
-    } else {
-        root.join(venv)
-    }
+    PY_ENVS[0].venv(root, flag)
 }
 
 /// Whether `dir` is a complete converted checkpoint: fetch_model.py moves the folder into place
@@ -283,6 +274,19 @@ pub fn require_model(root: &Path, model: ModelId) -> Result<PathBuf> {
         );
     }
     Ok(dir)
+}
+
+/// The model's Hugging Face folder, fetched first (with `venv` for the conversion) when it is
+/// missing or incomplete.
+pub fn ensure_model(root: &Path, model: ModelId, venv: &Path) -> Result<PathBuf> {
+    if require_model(root, model).is_err() {
+        let which = match model {
+            ModelId::Smollm2 => Which::Smollm2,
+            ModelId::Llama1bShaped => Which::Llama1bShaped,
+        };
+        fetch_model(root, which, false, Some(venv))?;
+    }
+    require_model(root, model)
 }
 
 /// The SmolLM2 GGUF file, or an error naming the command that fetches it.

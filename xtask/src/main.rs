@@ -402,6 +402,21 @@ const NOT_GENERATORS: [&str; 1] = ["fetch_model.py"];
 /// checkpoints feed bnb.py and kv.py; flux.py's and cogvideox.py's feed diffusion_cache.py).
 const FIRST: [&str; 3] = ["llama.py", "flux.py", "cogvideox.py"];
 
+impl PyEnv {
+    /// Its venv: the flag, else its environment variable, else its default under the root.
+    fn venv(&self, root: &Path, flag: Option<&Path>) -> PathBuf {
+        let venv = flag
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os(self.env_var).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(self.default_dir));
+        if venv.is_absolute() {
+            venv
+        } else {
+            root.join(venv)
+        }
+    }
+}
+
 /// Written into a venv after a successful install: a copy of the requirements it satisfies.
 const STAMP: &str = ".cachet-goldens-requirements";
 
@@ -561,17 +576,7 @@ fn goldens(root: &Path, args: &GoldensArgs) -> Result<()> {
     let venvs: Vec<PathBuf> = PY_ENVS
         .iter()
         .zip(&args.venvs)
-        .map(|(env, flag)| {
-            let venv = flag
-                .clone()
-                .or_else(|| std::env::var_os(env.env_var).map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(env.default_dir));
-            if venv.is_absolute() {
-                venv
-            } else {
-                root.join(venv)
-            }
-        })
+        .map(|(env, flag)| env.venv(root, flag.as_deref()))
         .collect();
     let steps: Vec<GoldenStep> = golden_scripts(root, &args.only)?
         .iter()

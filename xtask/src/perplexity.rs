@@ -82,10 +82,7 @@ pub fn bench_perplexity(root: &Path, mut args: PerplexityArgs) -> Result<()> {
         }
     }
     let venv = fetch_model::main_venv(root, args.venv.as_deref());
-    if fetch_model::require_model(root, ModelId::Smollm2).is_err() {
-        fetch_model::fetch_model(root, fetch_model::Which::Smollm2, false, Some(&venv))?;
-    }
-    let dir = fetch_model::require_model(root, ModelId::Smollm2)?;
+    let dir = fetch_model::ensure_model(root, ModelId::Smollm2, &venv)?;
     let python = venv_python(&venv);
     if !python.is_file() {
         bail!(

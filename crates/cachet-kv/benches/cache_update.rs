@@ -53,7 +53,6 @@ fn python() -> Option<PathBuf> {
             env!("CARGO_MANIFEST_DIR"),
             "/../../target/goldens-venv"
         ))),
-        Some(PathBuf::from("/work/venv-goldens/venv")),
     ];
     candidates
         .into_iter()

@@ -66,11 +66,15 @@ impl<T: MemoryFootprint + ?Sized> MemoryFootprint for &T {
 /// Physical memory of this machine (`MemTotal` of /proc/meminfo), when the OS says: the bound
 /// preallocating structures (static and windowed KV caches) are checked against before they
 /// allocate, so an absurd size is an error naming it instead of an allocation abort.
+/// Read once per process: a cache asks at its first update of every layer.
 pub fn host_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    })
 }
 
 /// Formats a byte count for people (`1.50 MiB`).

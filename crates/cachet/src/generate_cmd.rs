@@ -164,12 +164,25 @@ pub(crate) fn load_any(
         return Ok((model, text));
     }
     let model = load_model(path, device, precision)?;
-    let text = if path.join("tokenizer.json").is_file() {
-        Some(TextModel::from_dir(path)?)
+    Ok((model, folder_text(path)?))
+}
+
+/// A model folder's tokenizer and chat template, when it has a tokenizer.json.
+pub(crate) fn folder_text(dir: &Path) -> Result<Option<TextModel>> {
+    Ok(if dir.join("tokenizer.json").is_file() {
+        Some(TextModel::from_dir(dir)?)
     } else {
         None
-    };
-    Ok((model, text))
+    })
+}
+
+/// The embedded tiny Llama's tokenizer and chat template.
+pub(crate) fn embedded_text() -> Result<TextModel> {
+    Ok(TextModel::from_json_strs(
+        embedded::TOKENIZER_JSON,
+        Some(embedded::TOKENIZER_CONFIG_JSON),
+        embedded::NAME,
+    )?)
 }
 
 /// The conversation given by --messages, or --system and --prompt.
@@ -309,11 +322,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         None => (
             embedded::tiny_llama(&device, precision)?,
-            Some(TextModel::from_json_strs(
-                embedded::TOKENIZER_JSON,
-                Some(embedded::TOKENIZER_CONFIG_JSON),
-                embedded::NAME,
-            )?),
+            Some(embedded_text()?),
             embedded::NAME.to_string(),
         ),
     };

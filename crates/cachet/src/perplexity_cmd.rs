@@ -63,11 +63,7 @@ fn load(
         if args.quantize.is_some() {
             bail!("--quantize needs --model (a checkpoint folder)");
         }
-        let text = TextModel::from_json_strs(
-            embedded::TOKENIZER_JSON,
-            Some(embedded::TOKENIZER_CONFIG_JSON),
-            embedded::NAME,
-        )?;
+        let text = crate::generate_cmd::embedded_text()?;
         return Ok((
             embedded::tiny_llama(device, precision)?,
             text,
@@ -108,12 +104,7 @@ fn quantized(
     };
     let qm = load_and_quantize_model(path, &config, &options, device)
         .with_context(|| format!("loading {} as {kind}", path.display()))?;
-    let text = if path.join("tokenizer.json").is_file() {
-        Some(TextModel::from_dir(path)?)
-    } else {
-        None
-    };
-    Ok((qm.model, text))
+    Ok((qm.model, crate::generate_cmd::folder_text(path)?))
 }
 
 #[cfg(not(feature = "quant"))]

@@ -39,6 +39,15 @@ fn model(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// Fails the test with the command's stderr unless it exited successfully.
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn cachet(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_cachet"))
         .args(args)
@@ -61,11 +70,7 @@ fn gguf_answers_in_text() {
         "24",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(stdout.contains("Paris"), "{stdout}");
 }
 
@@ -86,11 +91,7 @@ fn folder_json_has_text_and_stop_strings_cut_it() {
         "--stop",
         "Paris",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = v["text"].as_str().unwrap();
     assert!(!text.contains("Paris") && text.contains("France"), "{text}");
@@ -143,11 +144,7 @@ fn chat_keeps_the_conversation() {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(
         stdout.contains("Paris") && stdout.contains("Rome"),
         "{stdout}"
@@ -165,11 +162,7 @@ fn text_file() -> String {
 fn embedded_default_prints_text_and_takes_a_prompt() {
     let out = cachet(&["generate"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(stdout.contains("text:    \""), "{stdout}");
     assert!(stdout.contains("random weights"), "{stdout}");
     let out = cachet(&[
@@ -180,11 +173,7 @@ fn embedded_default_prints_text_and_takes_a_prompt() {
         "4",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["text"].is_string(), "{v}");
     // ChatML from the embedded tokenizer_config.json: <|im_start|> is id 3.
@@ -194,10 +183,10 @@ fn embedded_default_prints_text_and_takes_a_prompt() {
 #[test]
 fn perplexity_on_the_embedded_default() {
     let text = text_file();
-    let out = cachet(&[
+    let base = [
         "perplexity",
         "--text",
-        &text,
+        text.as_str(),
         "--max-tokens",
         "300",
         "--context",
@@ -205,39 +194,17 @@ fn perplexity_on_the_embedded_default() {
         "--stride",
         "64",
         "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ];
+    let out = cachet(&base);
+    succeeded(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens"], 300);
     assert_eq!(v["report"]["tokens_scored"], 299);
     let ppl = v["report"]["perplexity"].as_f64().unwrap();
     assert!(ppl.is_finite() && ppl > 1.0, "{v}");
     // The same windows fed 32 tokens at a time through a cache give the same perplexity.
-    let chunked = cachet(&[
-        "perplexity",
-        "--text",
-        &text,
-        "--max-tokens",
-        "300",
-        "--context",
-        "128",
-        "--stride",
-        "64",
-        "--chunk",
-        "32",
-        "--cache",
-        "static",
-        "--json",
-    ]);
-    assert!(
-        chunked.status.success(),
-        "{}",
-        String::from_utf8_lossy(&chunked.stderr)
-    );
+    let chunked = cachet(&[&base[..], &["--chunk", "32", "--cache", "static"]].concat());
+    succeeded(&chunked);
     let w: serde_json::Value = serde_json::from_slice(&chunked.stdout).unwrap();
     let other = w["report"]["perplexity"].as_f64().unwrap();
     assert!((other / ppl - 1.0).abs() < 1e-4, "{ppl} vs {other}");
