@@ -4,7 +4,8 @@
 use std::hint::black_box;
 
 use cachet_models::{GreedyOptions, embedded, greedy};
-use cachet_tensor::{Checkpoint, DeviceSpec, Int, Precision, Tensor, TensorData};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DeviceSpec, Int, Precision, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 const WEIGHTS: &str = concat!(

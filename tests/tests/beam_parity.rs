@@ -5,6 +5,7 @@
 use cachet_integration_tests::{fixture, test_device};
 use cachet_kv::DynamicCache;
 use cachet_models::{GenerationConfig, Llama, generate};
+use cachet_nn::Pretrained;
 use cachet_tensor::Precision;
 use serde_json::Value;
 

@@ -4,15 +4,17 @@
 
 use std::ops::Range;
 
-use cachet_integration_tests::{fixture, max_abs_diff, test_device};
-use cachet_models::ModelError;
-use cachet_models::Result;
-use cachet_models::dit::cogvideox::{CogVideoX, CogVideoXInputs};
-use cachet_models::dit::{
+use cachet_diffusion::models::{
     BlockFn, BlockGroup, BlockStates, DenoiserFn, DenoiserOutput, DitHooks, HookableDit, ModuleFn,
     ModulePath, NoHooks,
 };
-use cachet_tensor::{Checkpoint, DType, Device, Precision, Tensor};
+use cachet_diffusion::models::{CogVideoX, CogVideoXInputs};
+use cachet_integration_tests::{fixture, max_abs_diff, test_device};
+use cachet_nn::ModelError;
+use cachet_nn::Pretrained;
+use cachet_nn::Result;
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DType, Device, Precision, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
 

@@ -10,16 +10,18 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use cachet_diffusion::{Action, CacheConfig, CacheHooks};
-use cachet_integration_tests::{fixture, test_device};
-use cachet_models::Result;
-use cachet_models::dit::cogvideox::{CogVideoX, CogVideoXInputs};
-use cachet_models::dit::{
+use cachet_diffusion::models::embedded;
+use cachet_diffusion::models::{
     BlockFn, BlockGroup, BlockStates, DenoiserFn, DenoiserOutput, DitHooks, FluxInputs,
     FluxTransformer, HookableDit, ModuleFn, ModulePath,
 };
-use cachet_models::embedded;
-use cachet_tensor::{Checkpoint, DType, Device, Precision, Tensor};
+use cachet_diffusion::models::{CogVideoX, CogVideoXInputs};
+use cachet_diffusion::{Action, CacheConfig, CacheHooks};
+use cachet_integration_tests::{fixture, test_device};
+use cachet_nn::Pretrained;
+use cachet_nn::Result;
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DType, Device, Precision, Tensor};
 use serde_json::Value;
 
 /// Relative tolerance on the residual diffs the methods measure (f32 reductions in a different

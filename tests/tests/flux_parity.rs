@@ -5,15 +5,17 @@
 use std::fs;
 use std::ops::Range;
 
-use cachet_integration_tests::{fixture, max_abs_diff, test_device};
-use cachet_models::ModelError;
-use cachet_models::Result;
-use cachet_models::dit::{
+use cachet_diffusion::models::embedded;
+use cachet_diffusion::models::{
     BlockFn, BlockGroup, BlockStates, DenoiserFn, DenoiserOutput, DitHooks, FluxInputs,
     FluxTransformer, HookableDit, ModuleFn, ModulePath, NoHooks,
 };
-use cachet_models::embedded;
-use cachet_tensor::{Checkpoint, DType, Device, Precision, Tensor};
+use cachet_integration_tests::{fixture, max_abs_diff, test_device};
+use cachet_nn::ModelError;
+use cachet_nn::Pretrained;
+use cachet_nn::Result;
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DType, Device, Precision, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -91,7 +93,7 @@ fn embedded_tiny_flux_matches_diffusers() {
     let Some(device) = test_device() else { return };
     let model = embedded::tiny_flux(&device, Precision::F32).unwrap();
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../crates/cachet-models/assets/tiny-flux");
+        .join("../crates/cachet-diffusion/assets/tiny-flux");
     let diff = check(&model, &Reference::open(&dir), "a", &device);
     eprintln!("tiny-flux case a: max |Δ| = {diff:e}");
     assert!(diff < TOLERANCE, "tiny-flux: max |Δ| = {diff}");

@@ -4,6 +4,7 @@
 use cachet_integration_tests::{fixture, test_device};
 use cachet_kv::{Cache, DynamicCache};
 use cachet_models::{GenerationConfig, Llama, generate};
+use cachet_nn::Pretrained;
 use cachet_tensor::Precision;
 
 fn model(name: &str) -> Option<Llama> {

@@ -6,6 +6,7 @@ use cachet_kv::{
     Cache, CacheConfig, CacheImplementation, DynamicCache, OffloadedCache, build_cache,
 };
 use cachet_models::{GreedyOptions, Llama, greedy};
+use cachet_nn::Pretrained;
 use cachet_tensor::{Device, Int, Precision, Tensor, TensorData};
 
 fn ids(rows: &[&[i64]], device: &Device) -> Tensor<2, Int> {

@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use cachet_integration_tests::{fixture, test_device};
-use cachet_kv::quantized::{GroupQuantized, quantize_groups};
-use cachet_kv::{CacheConfig, CacheImplementation, QuantBackend, build_cache};
+use cachet_kv::{
+    CacheConfig, CacheImplementation, GroupQuantized, QuantBackend, build_cache, quantize_groups,
+};
 use cachet_models::{GreedyOptions, Llama, greedy};
+use cachet_nn::Pretrained;
 use cachet_tensor::{DType, Device, Precision};
 use serde_json::Value;
 

@@ -3,7 +3,9 @@
 
 use cachet_integration_tests::{fixture, max_abs_diff, test_device};
 use cachet_models::{GreedyOptions, Llama, greedy};
-use cachet_tensor::{Checkpoint, DType, Device, Int, Precision, Tensor};
+use cachet_nn::Pretrained;
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DType, Device, Int, Precision, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
 

@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use cachet_integration_tests::test_device;
-use cachet_models::{LinearOp, Llama};
+use cachet_models::Llama;
+use cachet_nn::LinearOp;
 use cachet_quant::{
     AbsMax, BnbQuantizationConfig, DeviceMap, Int8Weight, Linear4bit, Linear8bitLt, LoadOptions,
-    QuantType, QuantizedLinear, WeightResidence, is_host_device, load_and_quantize_model_with,
-    quantize_4bit,
+    QuantType, QuantizedLinear, WeightResidence, load_and_quantize_model_with, quantize_4bit,
 };
-use cachet_tensor::{Checkpoint, Device, MemoryFootprint, Precision};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{Device, MemoryFootprint, Precision, is_host_device};
 
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -373,7 +374,8 @@ fn tiny_llama_device_resident_gives_the_host_forms_greedy_tokens_and_saves_the_s
         };
         let (prompt, golden) = (ints("g.prompt_ids"), ints("g.tokens"));
         let load = |residence| {
-            load_and_quantize_model_with(source(), &config, &options, &device, residence).unwrap()
+            load_and_quantize_model_with::<Llama>(source(), &config, &options, &device, residence)
+                .unwrap()
         };
         let host = load(WeightResidence::Host);
         let resident = load(WeightResidence::Device);
@@ -427,7 +429,7 @@ fn cpu_placed_layers_keep_the_host_form_next_to_device_resident_ones() {
         ..LoadOptions::default()
     };
     let config = variants().remove(0).1;
-    let mixed = load_and_quantize_model_with(
+    let mixed = load_and_quantize_model_with::<Llama>(
         source(),
         &config,
         &options,
@@ -439,7 +441,7 @@ fn cpu_placed_layers_keep_the_host_form_next_to_device_resident_ones() {
         let on_cpu = name.starts_with("model.layers.0.");
         assert_eq!(layer.is_device_resident(), !on_cpu, "{name}");
     }
-    let host = load_and_quantize_model_with(
+    let host = load_and_quantize_model_with::<Llama>(
         source(),
         &config,
         &LoadOptions {
@@ -466,7 +468,7 @@ fn a_compute_dtype_the_device_lacks_keeps_the_host_form() {
         torch_dtype: Some(Precision::F32),
         ..LoadOptions::default()
     };
-    let q = load_and_quantize_model_with(
+    let q = load_and_quantize_model_with::<Llama>(
         source(),
         &config,
         &options,

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use cachet_integration_tests::{fixture, json_ids as ids, test_device};
 use cachet_models::{GenerationConfig, Llama, generate};
+use cachet_nn::Pretrained;
 use cachet_tensor::{Device, Precision};
 use serde_json::Value;
 
@@ -84,7 +85,7 @@ const OFF_HOST_TOKENS: usize = 6;
 /// Greedy tokens of every case against the goldens; returns how many ran.
 fn check(model: &Llama, cases: &[Value], device: &Device) -> usize {
     assert!(!cases.is_empty(), "the goldens have cases");
-    let host = cachet_tensor::device::cpu_device().is_ok_and(|cpu| cpu == *device);
+    let host = cachet_tensor::cpu_device().is_ok_and(|cpu| cpu == *device);
     let cases = if host { cases } else { &cases[..1] };
     for case in cases {
         let prompt = ids(&case["input_ids"]);
@@ -168,7 +169,7 @@ fn smollm2_gguf_perplexity_and_tokenizer_equal_transformers() {
     let Some(device) = test_device() else { return };
     // 600 tokens through a 135M model: host only (the wgpu pass of CI runs on a software GPU;
     // the greedy test above covers the model there).
-    if !cachet_tensor::device::cpu_device().is_ok_and(|cpu| cpu == device) {
+    if !cachet_tensor::cpu_device().is_ok_and(|cpu| cpu == device) {
         eprintln!("host only: SmolLM2 perplexity is checked in the flex pass");
         return;
     }
@@ -202,7 +203,7 @@ fn smollm2_sink_cache_equals_transformers_4_52() {
     let Some(device) = test_device() else { return };
     // 96 tokens of a 135M model: host only (on a software GPU this takes minutes; the sink
     // cache's device path is checked on the tiny models in kv_parity.rs).
-    if !cachet_tensor::device::cpu_device().is_ok_and(|cpu| cpu == device) {
+    if !cachet_tensor::cpu_device().is_ok_and(|cpu| cpu == device) {
         eprintln!("host only: the SmolLM2 sink comparison runs in the flex pass");
         return;
     }
@@ -244,7 +245,7 @@ fn bnb_logit_bound(kind: &str) -> f32 {
 fn smollm2_bitsandbytes_logits_stay_close_to_transformers() {
     let Some(dir) = smollm2_dir() else { return };
     let Some(device) = test_device() else { return };
-    if !cachet_tensor::device::cpu_device().is_ok_and(|cpu| cpu == device) {
+    if !cachet_tensor::cpu_device().is_ok_and(|cpu| cpu == device) {
         eprintln!("host only: the bitsandbytes comparison runs in the flex pass");
         return;
     }
@@ -264,14 +265,14 @@ fn smollm2_bitsandbytes_logits_stay_close_to_transformers() {
             torch_dtype: Some(Precision::F32),
             ..LoadOptions::default()
         };
-        let model = load_and_quantize_model(&dir, &config, &options, &device)
+        let model = load_and_quantize_model::<Llama>(&dir, &config, &options, &device)
             .unwrap()
             .model;
         let (mut worst, mut same, mut steps) = (0f32, 0, 0);
         for case in cases.iter().filter(|c| c["weights"] == kind) {
             let prompt = ids(&case["input_ids"]);
             let tokens = ids(&case["tokens"]);
-            let mut cache = cachet_models::generate::default_cache();
+            let mut cache = cachet_models::default_cache();
             let mut feed: Vec<u32> = prompt.clone();
             for (t, step) in case["steps"].as_array().unwrap().iter().enumerate() {
                 let input = Tensor::<2, Int>::from_data(
@@ -324,7 +325,7 @@ fn smollm2_bitsandbytes_logits_stay_close_to_transformers() {
 fn smollm2_quantized_cache_agrees_with_transformers_where_semantics_coincide() {
     let Some(file) = smollm2_gguf() else { return };
     let Some(device) = test_device() else { return };
-    if !cachet_tensor::device::cpu_device().is_ok_and(|cpu| cpu == device) {
+    if !cachet_tensor::cpu_device().is_ok_and(|cpu| cpu == device) {
         eprintln!("host only: the SmolLM2 quantized-cache comparison runs in the flex pass");
         return;
     }

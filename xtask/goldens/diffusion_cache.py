@@ -12,7 +12,7 @@ Checkpoints (read, not written: they are the committed outputs of `flux.py` / `c
 are byte-reproducible, so the order in which `cargo xtask goldens` runs the scripts is irrelevant):
 
 * `tests/fixtures/flux/`                   2 double + 2 single blocks (`flux`)
-* `crates/cachet-models/assets/tiny-flux/` 4 double + 8 single blocks, bf16 weights loaded as f32
+* `crates/cachet-diffusion/assets/tiny-flux/` 4 double + 8 single blocks, bf16 weights loaded as f32
                                            (`tiny-flux`, the crate's embedded demo model)
 * `tests/fixtures/cogvideox/`              2 blocks, `[B, F=2, C=4, 8, 8]` latents (`cogvideox`)
 
@@ -137,7 +137,7 @@ def load(model: str):
         m = FluxTransformer2DModel.from_pretrained("tests/fixtures/flux", torch_dtype=torch.float32)
     elif model == "tiny-flux":
         m = FluxTransformer2DModel.from_pretrained(
-            "crates/cachet-models/assets/tiny-flux", torch_dtype=torch.float32
+            "crates/cachet-diffusion/assets/tiny-flux", torch_dtype=torch.float32
         )
     elif model == "cogvideox":
         m = CogVideoXTransformer3DModel.from_pretrained("tests/fixtures/cogvideox", torch_dtype=torch.float32)

@@ -12,7 +12,7 @@ outputs are committed. Outputs:
 * `tests/fixtures/flux/`           2 double + 2 single blocks, 2 heads x 16, in_channels 16,
                                    joint_attention_dim 32, pooled 24, axes_dims_rope (4, 6, 6)
 * `tests/fixtures/flux-guidance/`  the same shape with `guidance_embeds=True` (Flux-dev style)
-* `crates/cachet-models/assets/tiny-flux/`  demo model embedded in the crate: 4 double + 8 single
+* `crates/cachet-diffusion/assets/tiny-flux/`  demo model embedded in the crate: 4 double + 8 single
                                    blocks, 2 heads x 24, in_channels 64 (16 latent channels packed
                                    2x2 like FluxPipeline), weights stored in bf16; its reference is
                                    computed in f32 from the same bf16-rounded values.
@@ -217,7 +217,7 @@ def write_fixture(name: str, out_dir: Path, config: dict, seed: int, cases: str,
 def main() -> int:
     root = Path.cwd()
     fixtures = root / "tests" / "fixtures"
-    assets = root / "crates" / "cachet-models" / "assets"
+    assets = root / "crates" / "cachet-diffusion" / "assets"
     if diffusers.__version__ != "0.42.1":
         raise RuntimeError(f"diffusers {diffusers.__version__}, expected 0.42.1 (requirements.txt)")
     write_fixture("flux", fixtures / "flux", dict(FIXTURE, guidance_embeds=False), BASE_SEED, "ab")

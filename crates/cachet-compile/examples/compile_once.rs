@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use cachet_compile::{CacheLayout, CompileCache, EntryBuilder, LocalCache};
+use cachet_compile::local::LocalCache;
+use cachet_compile::{CacheLayout, CompileCache, EntryBuilder};
 use serde_json::json;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

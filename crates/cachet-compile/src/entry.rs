@@ -13,7 +13,7 @@ use crate::error::{CompileCacheError, Result};
 use crate::pyjson::{self, DumpOptions, Map, Value};
 
 /// Config keys optimum-neuron drops before hashing (`CACHE_WHITE_LIST`): volatile metadata.
-pub const VOLATILE_CONFIG_KEYS: [&str; 14] = [
+pub(crate) const VOLATILE_CONFIG_KEYS: [&str; 14] = [
     "_name_or_path",
     "transformers_version",
     "_diffusers_version",
@@ -31,7 +31,7 @@ pub const VOLATILE_CONFIG_KEYS: [&str; 14] = [
 ];
 
 /// The `_entry_class` optimum-neuron writes for single-model entries.
-pub const SINGLE_MODEL_ENTRY_CLASS: &str = "SingleModelCacheEntry";
+pub(crate) const SINGLE_MODEL_ENTRY_CLASS: &str = "SingleModelCacheEntry";
 
 /// One compilation's identity: model id, task, cleaned config and compilation factors.
 #[derive(Debug, Clone, PartialEq)]

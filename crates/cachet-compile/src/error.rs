@@ -142,7 +142,7 @@ pub enum CompileCacheError {
 }
 
 /// Result with [`CompileCacheError`].
-pub type Result<T, E = CompileCacheError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = CompileCacheError> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CompileCacheError {
     let path = path.into();

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
+use crate::cache::CompileCache;
 use crate::entry::{CacheEntry, EntryBuilder};
 use crate::error::{CompileCacheError, Result, io_err};
-use crate::hub::CompileCache;
 use crate::layout::CacheLayout;
 use crate::local::CachedModule;
 use crate::wrap::copy_tree;

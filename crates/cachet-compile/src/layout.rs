@@ -12,9 +12,9 @@ use crate::entry::CacheEntry;
 use crate::error::{CompileCacheError, Result};
 
 /// Name of the folder holding registry entries inside a compiler folder.
-pub const REGISTRY_FOLDER: &str = "0_REGISTRY";
+pub(crate) const REGISTRY_FOLDER: &str = "0_REGISTRY";
 /// Prefix of artifact folders.
-pub const MODULE_PREFIX: &str = "MODULE_";
+pub(crate) const MODULE_PREFIX: &str = "MODULE_";
 
 /// A compiler and tool version: the first two levels of every cache path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -122,7 +122,7 @@ impl CacheLayout {
 
 /// Rejects paths that could leave a directory they are joined to: absolute paths, `..`,
 /// empty or `.` components, backslashes and NUL bytes.
-pub fn safe_relative(path: &str, origin: &str) -> Result<()> {
+pub(crate) fn safe_relative(path: &str, origin: &str) -> Result<()> {
     let fail = |reason| {
         Err(CompileCacheError::UnsafePath {
             path: path.to_owned(),

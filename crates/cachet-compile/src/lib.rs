@@ -3,8 +3,8 @@
 //! Compiling a large model takes tens of minutes; this crate keys compiled artifacts by a
 //! canonical hash of everything that affects them ([`CacheEntry`], bit-exact with
 //! optimum-neuron 0.4.5), keeps them in a crash-safe local cache shared by concurrent processes
-//! ([`LocalCache`]), and shares them through a Hugging Face Hub repository laid out like
-//! optimum-neuron's ([`HubCache`]), so Rust users can also read existing Neuron cache repos.
+//! ([`local::LocalCache`]), and shares them through a Hugging Face Hub repository laid out like
+//! optimum-neuron's ([`hub::HubCache`]), so Rust users can also read existing Neuron cache repos.
 //!
 //! Lookup order is local → Hub → compile:
 //!
@@ -34,18 +34,20 @@
 //! get the cache through [`WrapCommand`] (`cachet compile-cache wrap`), and burn's GPU kernel
 //! cache is shared through [`kernels`].
 
-pub mod entry;
-pub mod error;
+mod cache;
+mod entry;
+mod error;
 pub mod hub;
 pub mod kernels;
-pub mod layout;
+mod layout;
 pub mod local;
-pub mod pyjson;
-pub mod wrap;
+mod wrap;
 
+/// Python's `json` module byte for byte: entry configs are [`pyjson::Value`]s.
+pub use cachet_pyjson as pyjson;
+
+pub use cache::{CompileCache, with_compile_cache};
 pub use entry::{CacheEntry, EntryBuilder};
-pub use error::{CompileCacheError, Result};
-pub use hub::{CompileCache, HubCache, HubOptions, LookupFilter, with_compile_cache};
+pub use error::CompileCacheError;
 pub use layout::CacheLayout;
-pub use local::{CachedModule, LocalCache, Source, Verify};
 pub use wrap::WrapCommand;

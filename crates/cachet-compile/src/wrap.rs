@@ -15,9 +15,9 @@ use tracing::info;
 
 use sha2::{Digest, Sha256};
 
+use crate::cache::CompileCache;
 use crate::entry::{CacheEntry, EntryBuilder, hex};
 use crate::error::{CompileCacheError, Result, io_err};
-use crate::hub::CompileCache;
 use crate::layout::CacheLayout;
 use crate::local::{CachedModule, Source, sha256_file};
 
@@ -193,7 +193,7 @@ impl WrapCommand {
 }
 
 /// Copies a file or a folder tree (symlinks refused).
-pub fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
+pub(crate) fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(src).map_err(io_err(src))?;
     if meta.is_dir() {
         fs::create_dir_all(dest).map_err(io_err(dest))?;

@@ -9,11 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cachet_compile::hub::{self, CompileCache, HubCache, HubOptions, LookupFilter};
-use cachet_compile::local::MANIFEST_FILE;
-use cachet_compile::{
-    CacheEntry, CacheLayout, CompileCacheError, EntryBuilder, LocalCache, Source,
-};
+use cachet_compile::hub::{self, HubCache, HubOptions, LookupFilter};
+use cachet_compile::local::{LocalCache, MANIFEST_FILE, Source};
+use cachet_compile::{CacheEntry, CacheLayout, CompileCache, CompileCacheError, EntryBuilder};
 use serde_json::json;
 use support::hub_server::{FaultKind, HubServer, READ_TOKEN, WRITE_TOKEN};
 

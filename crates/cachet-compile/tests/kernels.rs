@@ -5,8 +5,10 @@ mod support;
 use std::fs;
 use std::time::Duration;
 
+use cachet_compile::CompileCache;
+use cachet_compile::hub::{HubCache, HubOptions};
 use cachet_compile::kernels::{self, KernelCacheKey};
-use cachet_compile::{CompileCache, HubCache, HubOptions, LocalCache};
+use cachet_compile::local::LocalCache;
 use support::hub_server::{HubServer, WRITE_TOKEN};
 
 fn key(device: &str) -> KernelCacheKey {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cachet_compile::local::{self, CleanupOptions, MANIFEST_FILE};
-use cachet_compile::{CacheLayout, CompileCacheError, LocalCache, Source};
+use cachet_compile::local::{self, CleanupOptions, LocalCache, MANIFEST_FILE, Source, Verify};
+use cachet_compile::{CacheLayout, CompileCacheError};
 
 const CHILD_ENV: &str = "CACHET_COMPILE_TEST_CHILD";
 
@@ -249,7 +249,7 @@ fn corrupt_artifacts_are_detected_and_rebuilt() {
     assert!(
         cache
             .clone()
-            .with_verify(cachet_compile::Verify::Size)
+            .with_verify(Verify::Size)
             .lookup("c0ffee")
             .unwrap()
             .is_some()

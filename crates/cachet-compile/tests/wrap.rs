@@ -3,7 +3,8 @@
 use std::fs;
 use std::path::Path;
 
-use cachet_compile::{CompileCache, CompileCacheError, LocalCache, Source, WrapCommand};
+use cachet_compile::local::{LocalCache, Source};
+use cachet_compile::{CompileCache, CompileCacheError, WrapCommand};
 
 fn setup(dir: &Path) -> (String, String) {
     let script = dir.join("compile.sh");

@@ -6,7 +6,7 @@
 //! Two parts:
 //!
 //! - `diffusion_step/{reference,none}` (criterion): one model call without hooks
-//!   (`cachet_models::dit::NoHooks`) and with `CacheHooks` attached but caching disabled
+//!   (`cachet_diffusion::models::NoHooks`) and with `CacheHooks` attached but caching disabled
 //!   (`CacheConfig::None`) — the hooks' overhead, as the ratio of the two in `cargo xtask bench`.
 //! - `diffusion_cache/<variant>` (a measured loop, since one sample is a whole denoising run of
 //!   several seconds): `cachet_diffusion::denoise` over 28 flow-matching Euler steps from the
@@ -29,14 +29,14 @@ use std::time::{Duration, Instant};
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor, TensorData};
+use cachet_diffusion::models::{FluxConfig, FluxTransformer};
+use cachet_diffusion::models::{HookableDit, NoHooks};
 use cachet_diffusion::{
     Action, CacheConfig, CacheHooks, DBCacheConfig, Denoise, FirstBlockCacheConfig, FlowMatchEuler,
     FluxCond, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, TaylorSeerCalibratorConfig,
     denoise, steps_mask,
 };
-use cachet_models::dit::flux::{FluxConfig, FluxTransformer};
-use cachet_models::dit::{HookableDit, NoHooks};
-use cachet_models::linear::LinearLayer;
+use cachet_nn::LinearLayer;
 use cachet_tensor::{DeviceSpec, Precision, human_bytes};
 use criterion::{Criterion, SamplingMode};
 
@@ -156,7 +156,7 @@ fn setup(device: &Device) -> Setup {
             device,
         ),
         pooled_projections: Tensor::from_data(normal(&[1, c.pooled_projection_dim], 3), device),
-        img_ids: cachet_diffusion::pipeline::flux_image_ids(rows, rows, device),
+        img_ids: cachet_diffusion::flux_image_ids(rows, rows, device),
         txt_ids: Tensor::zeros([TXT_TOKENS, 3], device),
         guidance: Some(3.5),
         rope: None,

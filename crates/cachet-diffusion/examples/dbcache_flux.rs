@@ -3,11 +3,11 @@
 //! `cargo run -p cachet-diffusion --example dbcache_flux`
 
 use burn::tensor::{Device, Distribution, Tensor};
+use cachet_diffusion::models::embedded;
 use cachet_diffusion::{
     CacheConfig, CacheHooks, DBCacheConfig, FlowMatchEuler, FluxCond, TaylorSeerCalibratorConfig,
     denoise, latent_psnr, summary,
 };
-use cachet_models::embedded;
 use cachet_tensor::Precision;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

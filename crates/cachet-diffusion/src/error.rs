@@ -1,6 +1,6 @@
 //! Errors of the diffusion-cache crate.
 
-use cachet_models::ModelError;
+use cachet_nn::ModelError;
 
 /// Result alias of cachet-diffusion.
 pub type Result<T, E = DiffusionError> = std::result::Result<T, E>;

@@ -1,12 +1,12 @@
 //! [`CacheHooks`]: the registry that attaches one caching method to a hookable DiT and answers
 //! the model's [`DitHooks`] calls, with cache contexts, the loop's step/timestep and the log.
 
-use burn::tensor::Tensor;
-use cachet_models::ModelError;
-use cachet_models::dit::{
+use crate::models::{
     BlockFn, BlockGroup, BlockStates, DenoiserFn, DenoiserOutput, DitHooks, HookableDit, ModuleFn,
     ModulePath,
 };
+use burn::tensor::Tensor;
+use cachet_nn::ModelError;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DiffusionError, Result};
@@ -90,7 +90,7 @@ impl CacheConfig {
 
 /// Module-level hooks plus what every hook reads: the step and the log. Block-level methods
 /// hand this to the blocks they run, so attention layers stay hookable inside them.
-pub struct ModuleHooks {
+pub(crate) struct ModuleHooks {
     pub(crate) step: StepInfo,
     pub(crate) log: DecisionLog,
     method: Option<Box<dyn ModuleMethod>>,
@@ -117,7 +117,7 @@ impl DitHooks for ModuleHooks {
         path: ModulePath<'_>,
         batch: usize,
         run: &mut ModuleFn<'_>,
-    ) -> cachet_models::Result<Vec<Tensor<3>>> {
+    ) -> cachet_nn::Result<Vec<Tensor<3>>> {
         let name = path.to_string();
         let Some(method) = self.method.as_mut() else {
             return run();
@@ -287,7 +287,7 @@ impl DitHooks for CacheHooks {
         &mut self,
         batch: usize,
         run: &mut DenoiserFn<'_>,
-    ) -> cachet_models::Result<DenoiserOutput> {
+    ) -> cachet_nn::Result<DenoiserOutput> {
         let Some(denoiser) = self.denoiser.as_ref() else {
             return run(self, None);
         };
@@ -321,7 +321,7 @@ impl DitHooks for CacheHooks {
         group: BlockGroup<'_>,
         states: BlockStates,
         block: &mut BlockFn<'_>,
-    ) -> cachet_models::Result<BlockStates> {
+    ) -> cachet_nn::Result<BlockStates> {
         if let Some(db) = self.db.as_mut() {
             return Ok(db.run_blocks(&mut self.modules, group, states, block)?);
         }
@@ -344,7 +344,7 @@ impl DitHooks for CacheHooks {
         path: ModulePath<'_>,
         batch: usize,
         run: &mut ModuleFn<'_>,
-    ) -> cachet_models::Result<Vec<Tensor<3>>> {
+    ) -> cachet_nn::Result<Vec<Tensor<3>>> {
         self.modules.run_module(path, batch, run)
     }
 }

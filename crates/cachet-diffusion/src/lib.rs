@@ -1,5 +1,6 @@
 //! Cache hooks for diffusion transformers: the inference accelerations of diffusers' cache
-//! methods and cache-dit, on burn DiT models from `cachet-models`.
+//! methods and cache-dit, on the burn DiTs of [`models`] (Flux and CogVideoX, equal to
+//! diffusers', and the [`DitHooks`](models::DitHooks) seam they run their forward through).
 //!
 //! Attach a method to a model with [`CacheHooks::new`] and pass the hooks to the model's
 //! forward; the loop tells them the step ([`CacheHooks::begin_step`]) and the cache context
@@ -10,18 +11,19 @@
 //! [`FirstBlockCacheConfig`], [`DBCacheConfig`] (+ [`TaylorSeerCalibratorConfig`]) and
 //! [`TaylorSeerCacheConfig`].
 
-pub mod error;
+mod error;
 mod fft;
-pub mod hooks;
-pub mod log;
+mod hooks;
+mod log;
 mod matching;
-pub mod methods;
-pub mod pipeline;
-pub mod steps_mask;
-pub mod summary;
+mod methods;
+pub mod models;
+mod pipeline;
+mod steps_mask;
+mod summary;
 
 pub use error::{DiffusionError, Result};
-pub use hooks::{CacheConfig, CacheHooks, ModuleHooks};
+pub use hooks::{CacheConfig, CacheHooks};
 pub use log::{Action, Decision, DecisionLog, StepInfo};
 pub use methods::GroupLayout;
 pub use methods::dbcache::{BlockAdapter, DBCacheConfig, UnitStats};
@@ -31,6 +33,7 @@ pub use methods::pab::PyramidAttentionBroadcastConfig;
 pub use methods::taylorseer::{TaylorSeerCacheConfig, TaylorSeerCalibratorConfig};
 pub use pipeline::{
     CogVideoXCond, Denoise, DenoiseOutput, FlowMatchEuler, FluxCond, Guidance, denoise,
+    flux_image_ids,
 };
 pub use steps_mask::{steps_mask, steps_mask_from_bins};
-pub use summary::{Summary, latent_psnr, steps_mask_png, summary};
+pub use summary::{ContextSummary, DiffStats, Summary, latent_psnr, steps_mask_png, summary};

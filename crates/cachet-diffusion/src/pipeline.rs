@@ -4,10 +4,10 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Tensor};
-use cachet_models::dit::{
+use crate::models::{
     CogVideoX, CogVideoXInputs, DitHooks, FluxInputs, FluxTransformer, HookableDit,
 };
+use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DiffusionError, Result};

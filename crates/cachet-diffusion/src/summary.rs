@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use cachet_tensor::plot::{Canvas, Rgb, WHITE, text_width};
+use cachet_plot::{Canvas, Rgb, WHITE, text_width};
 use serde::Serialize;
 
 use crate::hooks::CacheHooks;
@@ -30,7 +30,7 @@ pub struct DiffStats {
 }
 
 /// `np.percentile(values, q)` with the default linear method.
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -188,11 +188,11 @@ impl fmt::Display for Summary {
 
 /// One row of the steps-mask plot: its label and, per step, the fraction of work computed
 /// (`None` where the row had no call at that step).
-pub type MaskRow = (String, Vec<Option<f64>>);
+pub(crate) type MaskRow = (String, Vec<Option<f64>>);
 
 /// Rows of the steps-mask plot and the number of steps; one row per context and block list
 /// (block methods) or per context and module list (module methods).
-pub fn steps_mask_rows(log: &DecisionLog) -> (usize, Vec<MaskRow>) {
+pub(crate) fn steps_mask_rows(log: &DecisionLog) -> (usize, Vec<MaskRow>) {
     let steps = log.decisions.iter().map(|d| d.step + 1).max().unwrap_or(0);
     let mut rows: BTreeMap<(String, String), Vec<(usize, usize)>> = BTreeMap::new();
     let mut order: Vec<(String, String)> = Vec::new();

@@ -2,12 +2,12 @@
 //! caching disabled changes nothing.
 
 use burn::tensor::{Device, Distribution, Tensor};
+use cachet_diffusion::models::embedded;
+use cachet_diffusion::models::{FluxInputs, FluxTransformer, NoHooks};
 use cachet_diffusion::{
     Action, CacheConfig, CacheHooks, DBCacheConfig, DiffusionError, FasterCacheConfig,
     FirstBlockCacheConfig, FlowMatchEuler, FluxCond, PyramidAttentionBroadcastConfig, denoise,
 };
-use cachet_models::dit::{FluxInputs, FluxTransformer, NoHooks};
-use cachet_models::embedded;
 use cachet_tensor::Precision;
 
 fn model() -> (FluxTransformer, Device) {

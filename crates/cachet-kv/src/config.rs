@@ -17,7 +17,7 @@ use crate::sliding::SlidingWindowCache;
 use crate::static_cache::StaticCache;
 
 /// Sink window when `cache_config.window_length` is not given (the guide's example value).
-pub const DEFAULT_SINK_WINDOW: usize = 256;
+pub(crate) const DEFAULT_SINK_WINDOW: usize = 256;
 
 /// transformers' `cache_implementation` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -137,17 +137,6 @@ impl CacheConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         serde_json::from_str(text).map_err(|err| KvError::Config(format!("cache_config: {err}")))
     }
-}
-
-/// The cache-related fields of a `generation_config.json` (others are ignored).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct GenerationCacheSettings {
-    /// `cache_implementation`.
-    #[serde(default)]
-    pub cache_implementation: Option<String>,
-    /// `cache_config`.
-    #[serde(default)]
-    pub cache_config: Option<CacheConfig>,
 }
 
 /// What a cache needs to know about the model it serves.

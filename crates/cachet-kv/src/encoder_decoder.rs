@@ -1,5 +1,8 @@
 //! [`EncoderDecoderCache`]: a self-attention cache of any type for the decoder, plus the
 //! cross-attention keys/values of the encoder output, computed once per layer and reused.
+//!
+//! No cachet model uses it: it is a container for encoder-decoder models built outside cachet,
+//! mirroring transformers' class.
 
 use burn::tensor::Tensor;
 use cachet_tensor::MemoryFootprint;

@@ -94,6 +94,10 @@ pub enum KvError {
         /// The machine's physical memory.
         limit: u64,
     },
+    /// A [`crate::KvView`] whose parts disagree (its keys, values, layout and RoPE shift), or
+    /// a query or attention weights that do not fit it.
+    #[error("cache view: {0}")]
+    View(String),
     /// The cache cannot do this operation.
     #[error("{cache} does not support {op}")]
     Unsupported {

@@ -1,5 +1,8 @@
 //! [`MambaCache`]: the state cache of Mamba-style models, a convolution window and an SSM state
 //! per layer instead of keys and values (transformers' `MambaCache`).
+//!
+//! No cachet model uses it: it is a container for Mamba-style models built outside cachet,
+//! mirroring transformers' class.
 
 use burn::tensor::{DType, Device, Tensor};
 use cachet_tensor::MemoryFootprint;

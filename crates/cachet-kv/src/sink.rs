@@ -2,15 +2,19 @@
 //! `window_length` in all. When tokens are evicted, the kept keys are re-rotated so their RoPE
 //! positions stay consistent — the semantics of transformers' `SinkCache` (v4.52, its last
 //! release). transformers re-rotates the whole window on every step; here recent tokens sit in a
-//! ring buffer and the common shift is applied to the query instead ([`MaskLayout::rope_shift`]),
-//! so an update costs O(new tokens) whatever the window.
+//! ring buffer and the common shift is applied to the query instead ([`MaskLayout::rope_shift`],
+//! done by [`KvView::scores`]), so an update costs O(new tokens) whatever the window.
 
-use burn::tensor::{DType, Tensor};
+use std::sync::Arc;
+
+use burn::tensor::Tensor;
 use cachet_tensor::MemoryFootprint;
 
-use crate::cache::{Cache, MaskLayout};
+use crate::cache::{Cache, KvView, MaskLayout};
 use crate::error::{KvError, Result};
 use crate::store::{LayerStore, check_layer_order, check_pair, check_positions};
+
+use crate::rope::rotate_by;
 
 #[derive(Debug, Clone)]
 struct SinkLayer {
@@ -31,39 +35,9 @@ struct SinkLayer {
 pub struct SinkCache {
     window_length: usize,
     num_sink_tokens: usize,
-    inv_freq: Vec<f32>,
+    /// RoPE inverse frequencies, shared with the views that rotate the query by the shift.
+    inv_freq: Arc<[f32]>,
     layers: Vec<SinkLayer>,
-}
-
-/// cos/sin `[1, 1, 1, 2·len(inv_freq)]` (rotate_half layout) of a rotation by `shift` positions,
-/// computed in f64 so large shifts keep full precision.
-pub fn shift_rotation(
-    inv_freq: &[f32],
-    shift: usize,
-    dtype: DType,
-    device: &burn::tensor::Device,
-) -> (Tensor<4>, Tensor<4>) {
-    let half = inv_freq.len();
-    let angle = |j: usize| shift as f64 * inv_freq[j % half] as f64;
-    let cos: Vec<f32> = (0..2 * half).map(|j| angle(j).cos() as f32).collect();
-    let sin: Vec<f32> = (0..2 * half).map(|j| angle(j).sin() as f32).collect();
-    let make = |v: Vec<f32>| {
-        Tensor::<4>::from_data(
-            burn::tensor::TensorData::new(v, [1, 1, 1, 2 * half]),
-            (device, DType::F32),
-        )
-        .cast(dtype)
-    };
-    (make(cos), make(sin))
-}
-
-/// `x` rotated forward by `shift` positions (RoPE `rotate_half` layout).
-pub fn rotate_by(x: Tensor<4>, inv_freq: &[f32], shift: usize) -> Tensor<4> {
-    if shift == 0 {
-        return x;
-    }
-    let (cos, sin) = shift_rotation(inv_freq, shift, x.dtype(), &x.device());
-    x.clone() * cos + rotate_half(x) * sin
 }
 
 impl SinkCache {
@@ -83,7 +57,7 @@ impl SinkCache {
         Ok(Self {
             window_length,
             num_sink_tokens,
-            inv_freq,
+            inv_freq: inv_freq.into(),
             layers: Vec::new(),
         })
     }
@@ -104,13 +78,6 @@ impl SinkCache {
             rope_shift: shift,
         }
     }
-}
-
-fn rotate_half(x: Tensor<4>) -> Tensor<4> {
-    let [b, h, s, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-    let x2 = x.slice([0..b, 0..h, 0..s, d / 2..d]);
-    Tensor::cat(vec![x2.neg(), x1], 3)
 }
 
 impl Cache for SinkCache {
@@ -195,6 +162,19 @@ impl Cache for SinkCache {
         let (head, seen, shift) = (entry.head, entry.seen, entry.shift);
         let (k, v) = entry.store.view_range(0, window);
         Ok((k, v, self.full_layout(seen, head, shift)))
+    }
+
+    /// [`Cache::update`], with the RoPE frequencies attention needs to rotate the query by the
+    /// layout's `rope_shift` for the recent keys.
+    fn update_view(
+        &mut self,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        cache_position: &[usize],
+    ) -> Result<KvView> {
+        let (keys, values, layout) = self.update(layer, keys, values, cache_position)?;
+        Ok(KvView::dense(keys, values, layout).with_rope_frequencies(self.inv_freq.clone()))
     }
 
     fn seq_length(&self, layer: usize) -> usize {

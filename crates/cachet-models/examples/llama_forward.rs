@@ -4,6 +4,7 @@
 //! Run with `cargo run -p cachet-models --example llama_forward [-- CHECKPOINT_DIR]`.
 
 use cachet_models::{GreedyOptions, Llama, embedded, greedy};
+use cachet_nn::Pretrained;
 use cachet_tensor::{DeviceSpec, Int, Precision, Tensor, TensorData};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -13,8 +13,8 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use cachet_kv::{Cache, CacheConfig, CacheImplementation, DynamicCache, build_cache};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
 use crate::llama::{Llama, TokenIds};
+use cachet_nn::{ModelError, Result, SplitMix64};
 
 /// transformers' `early_stopping`: `true`, `false` or `"never"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -302,7 +302,9 @@ fn make_cache(
     config: &GenerationConfig,
 ) -> Result<Box<dyn Cache>> {
     let mut implementation = match &config.cache_implementation {
-        Some(name) => name.parse::<CacheImplementation>()?,
+        Some(name) => name
+            .parse::<CacheImplementation>()
+            .map_err(ModelError::cache)?,
         None => CacheImplementation::Dynamic,
     };
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -328,13 +330,14 @@ fn make_cache(
             implementation = fallback;
         }
     }
-    Ok(build_cache(
+    build_cache(
         implementation,
         &cache_config,
         &model.cache_info(),
         &model.device(),
         max_len,
-    )?)
+    )
+    .map_err(ModelError::cache)
 }
 
 /// State of one generation: host-side ids and mask per row, and the cache.
@@ -588,7 +591,7 @@ impl<'a, 'c> Run<'a, 'c> {
             self.rows = parents.iter().map(|&p| old_rows[p].clone()).collect();
             self.mask = parents.iter().map(|&p| old_mask[p].clone()).collect();
             if let Some(cache) = self.cache.as_mut() {
-                cache.reorder(&parents)?;
+                cache.reorder(&parents).map_err(ModelError::cache)?;
             }
             for (row, &token) in next_tokens.iter().enumerate() {
                 self.push(row, token as i64);
@@ -688,26 +691,6 @@ fn sample(mut logits: Vec<f32>, config: &GenerationConfig, rng: &mut SplitMix64)
         }
     }
     argmax(&probs)
-}
-
-/// A small, fast, seedable generator (SplitMix64) so sampled outputs are reproducible.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
 }
 
 /// Options of [`greedy`].

@@ -1,29 +1,24 @@
-//! Reference models that cachet's caches and quantizers plug into.
+//! Language models that cachet's caches and quantizers plug into.
 //!
-//! [`llama`] is a decoder-only transformer that loads Hugging Face checkpoints of
-//! `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (config.json + safetensors)
-//! and matches transformers' logits. Its attention takes an optional [`Cache`] from `cachet-kv`. [`generate()`] decodes (greedy, sampling, beam search); [`embedded`] ships a tiny
-//! checkpoint (with a tokenizer) for offline demos; [`perplexity()`] scores a text with
-//! transformers' sliding-window recipe.
+//! [`Llama`] is a decoder-only transformer that loads Hugging Face checkpoints of
+//! `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (config.json + safetensors,
+//! through [`Pretrained`](cachet_nn::Pretrained)) or GGUF files, and matches transformers'
+//! logits. Its attention takes any [`Cache`](cachet_kv::Cache) from `cachet-kv`. [`generate()`]
+//! decodes (greedy, sampling, beam search); [`embedded`] ships a tiny checkpoint (with a
+//! tokenizer) for offline demos; [`perplexity()`] scores a text with transformers'
+//! sliding-window recipe.
 
-mod config_file;
-pub mod dit;
 pub mod embedded;
-pub mod error;
-pub mod generate;
-pub mod linear;
-pub mod llama;
-pub mod perplexity;
+mod generate;
+mod llama;
+mod perplexity;
 
-pub use cachet_kv::{Cache, MaskLayout};
-pub use error::{ModelError, Result};
 pub use generate::{
-    Generation, GenerationConfig, GenerationOutput, GreedyOptions, StepTokens, generate,
-    generate_streaming, greedy,
+    EarlyStopping, Generation, GenerationConfig, GenerationOutput, GreedyOptions, NeverTag,
+    StepTokens, default_cache, generate, generate_streaming, greedy,
 };
-pub use linear::{
-    DenseFactory, FastDenseFactory, HostDense, LinearFactory, LinearLayer, LinearOp, LinearSpec,
-    burn_linear,
+pub use llama::{
+    Llama, LlamaConfig, ModelFamily, Rope, RopeParameters, TokenIds, gguf_checkpoint, gguf_config,
+    hf_tensor_name, inverse_frequencies,
 };
-pub use llama::{Llama, LlamaConfig, ModelFamily};
 pub use perplexity::{PerplexityConfig, PerplexityReport, perplexity};

@@ -14,8 +14,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use cachet_kv::{CacheConfig, CacheImplementation, build_cache};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
 use crate::llama::Llama;
+use cachet_nn::{ModelError, Result};
 
 /// How to slide over the text and what runs each window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,7 +68,7 @@ pub struct PerplexityReport {
 
 /// The windows of the recipe: `(begin, end, first_scored)` where tokens `first_scored..end`
 /// are scored from the logits of the tokens before them.
-pub fn windows(len: usize, context: usize, stride: usize) -> Vec<(usize, usize, usize)> {
+pub(crate) fn windows(len: usize, context: usize, stride: usize) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::new();
     let mut prev_end = 0;
     let mut begin = 0;
@@ -142,7 +142,9 @@ pub fn perplexity(
     let vocab = model.config.vocab_size;
     check(ids, config, vocab)?;
     let implementation = match &config.cache_implementation {
-        Some(name) => name.parse::<CacheImplementation>()?,
+        Some(name) => name
+            .parse::<CacheImplementation>()
+            .map_err(ModelError::cache)?,
         None => CacheImplementation::Dynamic,
     };
     let cache_config = config.cache_config.clone().unwrap_or_default();
@@ -162,7 +164,8 @@ pub fn perplexity(
                 &model.cache_info(),
                 &device,
                 end - begin,
-            )?;
+            )
+            .map_err(ModelError::cache)?;
             let chunk = if config.chunk == 0 {
                 end - begin
             } else {

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use cachet_models::llama::gguf::{gguf_checkpoint, gguf_config, hf_tensor_name};
-use cachet_models::llama::{LlamaConfig, Rope};
-use cachet_models::{Llama, ModelError};
+use cachet_models::Llama;
+use cachet_models::{LlamaConfig, Rope, gguf_checkpoint, gguf_config, hf_tensor_name};
+use cachet_nn::ModelError;
+use cachet_nn::Pretrained;
 use cachet_tensor::gguf::{Array, GgmlType, GgufFile, GgufWriter, Value};
-use cachet_tensor::{Checkpoint, Device, DeviceSpec, Precision};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{Device, DeviceSpec, Precision};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

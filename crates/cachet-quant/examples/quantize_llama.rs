@@ -5,8 +5,10 @@
 //! tiny test Llama).
 
 use burn::tensor::{Int, Tensor, TensorData};
+use cachet_models::Llama;
 use cachet_quant::{BnbQuantizationConfig, LoadOptions, load_and_quantize_model};
-use cachet_tensor::{Checkpoint, DeviceSpec, Precision, human_bytes};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DeviceSpec, Precision, human_bytes};
 
 fn main() -> anyhow::Result<()> {
     let dir = std::env::args()
@@ -20,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         progress: true,
         ..LoadOptions::default()
     };
-    let quantized = load_and_quantize_model(&dir, &config, &options, &device)?;
+    let quantized = load_and_quantize_model::<Llama>(&dir, &config, &options, &device)?;
     println!(
         "{} projections quantized in {:.2} s; weights {} f32 checkpoint -> {} NF4 in memory",
         quantized.layers.len(),

@@ -3,6 +3,7 @@
 //!
 //! Run from the workspace root: `cargo run -p cachet-quant --example save_fixtures`.
 
+use cachet_models::Llama;
 use cachet_quant::{BnbQuantizationConfig, LoadOptions, load_and_quantize_model};
 use cachet_tensor::{DeviceSpec, Precision};
 
@@ -35,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         ..LoadOptions::default()
     };
     for (name, config) in variants {
-        let model = load_and_quantize_model(source, &config, &options, &device)?;
+        let model = load_and_quantize_model::<Llama>(source, &config, &options, &device)?;
         model.save_pretrained(out.join(name))?;
         // transformers' save writes no generation_config here; keep the fixture small.
         let _ = std::fs::remove_file(out.join(name).join("generation_config.json"));

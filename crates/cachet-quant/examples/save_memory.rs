@@ -19,8 +19,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::TensorData;
+use cachet_models::Llama;
 use cachet_quant::{BnbQuantizationConfig, LoadOptions, QuantizedModel, load_and_quantize_model};
-use cachet_tensor::{Checkpoint, DeviceSpec, Precision, human_bytes};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DeviceSpec, Precision, human_bytes};
 
 fn status_kb(key: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -185,7 +187,7 @@ fn measure_size(dir: &Path, bits: u32) -> anyhow::Result<()> {
     };
     let source = Checkpoint::open(dir)?.total_bytes();
     let start = std::time::Instant::now();
-    let q = load_and_quantize_model(dir, &config, &options, &device)?;
+    let q = load_and_quantize_model::<Llama>(dir, &config, &options, &device)?;
     let quantized = start.elapsed().as_secs_f64();
     let rss = status_kb("VmHWM:") * 1024;
     let out = dir.with_extension(format!("out-{bits}bit"));
@@ -222,7 +224,7 @@ fn measure_size(dir: &Path, bits: u32) -> anyhow::Result<()> {
 }
 
 /// The one-shot writer cachet used before saving was streamed.
-fn one_shot(q: &QuantizedModel, out: &Path) -> anyhow::Result<()> {
+fn one_shot(q: &QuantizedModel<Llama>, out: &Path) -> anyhow::Result<()> {
     let ck = Checkpoint::open(&q.source)?;
     let owned = |name: &str| {
         q.layers.keys().any(|p| {
@@ -267,7 +269,7 @@ fn main() -> anyhow::Result<()> {
         torch_dtype: Some(Precision::F32),
         ..LoadOptions::default()
     };
-    let q = load_and_quantize_model(
+    let q = load_and_quantize_model::<Llama>(
         dir,
         &BnbQuantizationConfig::nf4(Precision::F32),
         &options,

@@ -89,13 +89,20 @@ impl DeviceMap {
             .map(String::as_str)
             .collect();
         if unknown.is_empty() {
-            Ok(())
-        } else {
-            Err(QuantError::DeviceMap {
-                reason: format!(
-                    "unknown module(s) {unknown:?} (the model has e.g. model.embed_tokens, model.layers, model.layers.0.mlp, model.norm, lm_head)"
-                ),
-            })
+            return Ok(());
         }
+        // The model's top-level names (one or two components), as examples.
+        let examples: Vec<&str> = modules
+            .iter()
+            .map(String::as_str)
+            .filter(|m| m.split('.').count() <= 2)
+            .take(8)
+            .collect();
+        Err(QuantError::DeviceMap {
+            reason: format!(
+                "unknown module(s) {unknown:?} (the model has e.g. {})",
+                examples.join(", ")
+            ),
+        })
     }
 }

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use cachet_models::ModelError;
-use cachet_tensor::{SafetensorsError, TensorError};
+use cachet_nn::ModelError;
+use cachet_tensor::TensorError;
+use cachet_tensor::safetensors::SafetensorsError;
 
 /// Result alias of cachet-quant.
 pub type Result<T, E = QuantError> = std::result::Result<T, E>;

@@ -6,11 +6,12 @@
 //! * [`codes`] — the NF4, FP4 and dynamic code tables.
 //! * [`linear`] — `Linear4bit` / `Linear8bitLt`: burn modules, plugged into models as
 //!   `LinearOp`s, with host-memory weights on the host device and packed device-resident ones
-//!   on a GPU ([`device`]).
-//! * [`load`] — `load_and_quantize_model`, `load_pretrained` (transformers' checkpoint layout,
-//!   single or sharded), with [`config::BnbQuantizationConfig`], [`device_map`] and [`offload`]
-//!   to `cpu` / `disk` (quantized layers stay quantized; dense projections are kept in host
-//!   memory or memory-mapped from the offload folder).
+//!   on a GPU ([`device`]); one generic two-form layer ([`TwoForm`]) serves both formats.
+//! * [`load`] — `load_and_quantize_model`, `load_pretrained` for any model implementing
+//!   `cachet_nn::QuantizableModel`, which names its projections and modules (transformers'
+//!   checkpoint layout, single or sharded), with [`config::BnbQuantizationConfig`],
+//!   [`device_map`] and [`offload`] to `cpu` / `disk` (quantized layers stay quantized; dense
+//!   projections are kept in host memory or memory-mapped from the offload folder).
 //! * [`save`] — `QuantizedModel::save_pretrained[_with]`: streamed tensor by tensor, sharded
 //!   as transformers does (`max_shard_size`, default "5GB"), staged then moved into place.
 
@@ -20,7 +21,9 @@ pub mod config;
 pub mod device;
 pub mod device_map;
 pub mod error;
+mod factory;
 pub mod int8;
+mod kernels;
 pub mod linear;
 pub mod load;
 pub mod offload;
@@ -33,11 +36,14 @@ pub use blockwise::{
 };
 pub use codes::QuantType;
 pub use config::BnbQuantizationConfig;
-pub use device::{DEFAULT_TILE_BYTES, Resident4bit, Resident8bit, WeightResidence, is_host_device};
+pub use device::{DEFAULT_TILE_BYTES, Resident4bit, Resident8bit, WeightResidence};
 pub use device_map::{DeviceMap, Placement};
 pub use error::{QuantError, Result};
 pub use int8::{Int8Weight, int8_matmul};
-pub use linear::{Fp32Linear, HostLinear4bit, HostLinear8bitLt, Linear4bit, Linear8bitLt};
+pub use linear::{
+    DeviceForm, Fp32Linear, HostForm, HostLinear4bit, HostLinear8bitLt, Linear4bit, Linear8bitLt,
+    TwoForm,
+};
 pub use load::{
     LoadOptions, QuantizedLinear, QuantizedModel, QuantizingFactory, load_and_quantize_model,
     load_and_quantize_model_with, load_pretrained,

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use cachet_models::{DenseFactory, LinearFactory, LinearOp, LinearSpec};
-use cachet_tensor::{Checkpoint, Precision};
+use cachet_nn::{DenseFactory, LinearFactory, LinearOp, LinearSpec};
+use cachet_tensor::Precision;
+use cachet_tensor::safetensors::Checkpoint;
 
 use crate::error::{QuantError, Result};
 use crate::linear::{HostLinear4bit, HostLinear8bitLt};
@@ -177,7 +178,7 @@ impl fmt::Debug for CpuDenseLinear {
 impl CpuDenseLinear {
     /// Loads projection `spec` from `checkpoint` onto the CPU backend in `dtype`.
     pub fn load(spec: &LinearSpec, checkpoint: &Checkpoint, dtype: DType) -> Result<Self> {
-        let cpu = cachet_tensor::device::cpu_device().map_err(|e| QuantError::DeviceMap {
+        let cpu = cachet_tensor::cpu_device().map_err(|e| QuantError::DeviceMap {
             reason: format!(
                 "{} is placed on cpu, but the CPU backend is missing: {e}",
                 spec.name
@@ -261,12 +262,12 @@ impl DiskDenseLinear {
             let info =
                 checkpoint
                     .info(&name)
-                    .ok_or_else(|| cachet_models::ModelError::MissingWeight {
+                    .ok_or_else(|| cachet_nn::ModelError::MissingWeight {
                         name: name.clone(),
                         module: spec.name.clone(),
                     })?;
             if info.shape != want {
-                return Err(cachet_models::ModelError::WeightShape {
+                return Err(cachet_nn::ModelError::WeightShape {
                     name,
                     expected: want,
                     actual: info.shape.clone(),
@@ -321,7 +322,7 @@ impl DiskDenseLinear {
             None
         };
         // As DenseFactory builds it (same layout, same numbers).
-        Ok(cachet_models::burn_linear(weight, bias))
+        Ok(cachet_nn::burn_linear(weight, bias))
     }
 }
 

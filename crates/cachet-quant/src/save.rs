@@ -15,7 +15,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
-use cachet_tensor::Checkpoint;
+use cachet_tensor::safetensors::Checkpoint;
 use cachet_tensor::safetensors::StoredDType;
 use serde_json::Value;
 
@@ -156,7 +156,7 @@ fn stored_bytes(data: &TensorData) -> Cow<'_, [u8]> {
     }
 }
 
-impl QuantizedModel {
+impl<M> QuantizedModel<M> {
     /// Writes `config.json` (with `quantization_config`) and the weights in transformers'
     /// layout to `dir`, with transformers' default `max_shard_size` of 5 GB (see
     /// [`QuantizedModel::save_pretrained_with`]).
@@ -187,11 +187,10 @@ impl QuantizedModel {
         }
         let checkpoint = Checkpoint::open(&self.source)?;
         let mut entries: Vec<Entry<'_>> = Vec::new();
-        let tied = self.model.config.tie_word_embeddings;
         for name in checkpoint.names() {
             // A tied lm_head is the embedding matrix: transformers drops tied duplicates when
             // it saves (`_tied_weights_keys`), so the matrix is written once.
-            if owned_by(&self.layers, name) || (tied && name == "lm_head.weight") {
+            if owned_by(&self.layers, name) || self.tied_weights.iter().any(|t| t == name) {
                 continue;
             }
             let info = checkpoint.info(name).expect("a listed tensor has an info");
@@ -334,12 +333,12 @@ fn split_into_shards(entries: Vec<Entry<'_>>, max: u64) -> Vec<Vec<Entry<'_>>> {
 /// produced just before it is written. Layout as `cachet_tensor::safetensors::save` (header keys
 /// sorted; data by decreasing element size, then name, so every tensor is naturally aligned),
 /// so a single-file save is byte-identical to saving all tensors at once.
-fn write_streaming(
+fn write_streaming<M>(
     path: &Path,
     mut entries: Vec<Entry<'_>>,
     checkpoint: &Checkpoint,
     metadata: &BTreeMap<String, String>,
-    model: &QuantizedModel,
+    model: &QuantizedModel<M>,
 ) -> Result<()> {
     let _span =
         tracing::debug_span!("write_shard", file = %path.display(), tensors = entries.len())

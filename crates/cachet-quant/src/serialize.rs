@@ -4,8 +4,9 @@
 //! 4-bit; `weight` (int8), `SCB`, `weight_format` for LLM.int8.
 
 use burn::tensor::{DType, TensorData};
+use cachet_tensor::Precision;
+use cachet_tensor::safetensors::Checkpoint;
 use cachet_tensor::safetensors::StoredDType;
-use cachet_tensor::{Checkpoint, Precision};
 use serde_json::Value;
 
 use crate::blockwise::{AbsMax, NestedAbsMax, Quantized4bit};
@@ -15,49 +16,7 @@ use crate::int8::Int8Weight;
 
 /// Formats an f64 like Python's `repr(float)` (what `json.dumps` writes), so the quant-state
 /// JSON cachet writes is byte-identical to bitsandbytes'.
-pub fn python_float_repr(x: f64) -> String {
-    if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
-    }
-    if !x.is_finite() {
-        return if x.is_nan() {
-            "NaN".into()
-        } else if x > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
-    }
-    // Shortest round-trip digits, as `d.ddde±x`.
-    let sci = format!("{:e}", x.abs());
-    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
-    let exp: i32 = exp.parse().expect("an integer exponent");
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    let sign = if x < 0.0 { "-" } else { "" };
-    if (-4..16).contains(&exp) {
-        let n = digits.len() as i32;
-        let body = if exp < 0 {
-            format!("0.{}{}", "0".repeat((-exp - 1) as usize), digits)
-        } else if exp + 1 >= n {
-            format!("{}{}.0", digits, "0".repeat((exp + 1 - n) as usize))
-        } else {
-            let (a, b) = digits.split_at((exp + 1) as usize);
-            format!("{a}.{b}")
-        };
-        format!("{sign}{body}")
-    } else {
-        let m = if digits.len() > 1 {
-            format!("{}.{}", &digits[..1], &digits[1..])
-        } else {
-            digits
-        };
-        format!(
-            "{sign}{m}e{}{:02}",
-            if exp < 0 { '-' } else { '+' },
-            exp.abs()
-        )
-    }
-}
+pub use cachet_pyjson::float_repr as python_float_repr;
 
 /// The quant-state JSON of a 4-bit tensor, key order and spacing as `json.dumps` writes it.
 pub fn quant_state_json(q: &Quantized4bit, dtype: Precision) -> String {

@@ -3,12 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
+use cachet_models::Llama;
 use cachet_quant::serialize::{read_four_bit, read_int8};
 use cachet_quant::{
     BnbQuantizationConfig, DeviceMap, LoadOptions, QuantError, QuantType, load_and_quantize_model,
     quantize_4bit, quantize_blockwise,
 };
-use cachet_tensor::{Checkpoint, DeviceSpec, Precision};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DeviceSpec, Precision};
 
 fn source() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
@@ -151,9 +153,12 @@ fn quant_state_json_that_disagrees_with_shapes() {
     assert!(matches!(err, QuantError::InconsistentState { .. }), "{err}");
     assert!(err.to_string().contains("[64, 32]"), "{err}");
     // And through the model loader.
-    let err =
-        cachet_quant::load_pretrained(dir.path(), &DeviceSpec::Cpu.init().unwrap(), Precision::F32)
-            .unwrap_err();
+    let err = cachet_quant::load_pretrained::<Llama>(
+        dir.path(),
+        &DeviceSpec::Cpu.init().unwrap(),
+        Precision::F32,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains(Q), "{err}");
 }
 
@@ -206,7 +211,7 @@ fn unquantizable_dtype_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     cachet_tensor::safetensors::save(dir.path().join("model.safetensors"), &tensors, None).unwrap();
     std::fs::copy(source().join("config.json"), dir.path().join("config.json")).unwrap();
-    let err = load_and_quantize_model(
+    let err = load_and_quantize_model::<Llama>(
         dir.path(),
         &BnbQuantizationConfig::nf4(Precision::F32),
         &options(),
@@ -229,7 +234,7 @@ fn device_map_with_unknown_modules_or_bad_offload_folder() {
         device_map: Some(map),
         ..options()
     };
-    let err = load_and_quantize_model(source(), &config, &opts, &device).unwrap_err();
+    let err = load_and_quantize_model::<Llama>(source(), &config, &opts, &device).unwrap_err();
     assert!(
         matches!(err, QuantError::DeviceMap { .. }) && err.to_string().contains("transformer.h"),
         "{err}"
@@ -244,7 +249,7 @@ fn device_map_with_unknown_modules_or_bad_offload_folder() {
         offload_folder: Some(file.join("offload")),
         ..options()
     };
-    let err = load_and_quantize_model(source(), &config, &opts, &device).unwrap_err();
+    let err = load_and_quantize_model::<Llama>(source(), &config, &opts, &device).unwrap_err();
     assert!(matches!(err, QuantError::OffloadFolder { .. }), "{err}");
     // Disk without a folder.
     let opts = LoadOptions {
@@ -252,7 +257,7 @@ fn device_map_with_unknown_modules_or_bad_offload_folder() {
         ..options()
     };
     assert!(matches!(
-        load_and_quantize_model(source(), &config, &opts, &device),
+        load_and_quantize_model::<Llama>(source(), &config, &opts, &device),
         Err(QuantError::DeviceMap { .. })
     ));
 }
@@ -260,7 +265,7 @@ fn device_map_with_unknown_modules_or_bad_offload_folder() {
 #[test]
 fn failed_save_leaves_nothing_behind() {
     let device = DeviceSpec::Cpu.init().unwrap();
-    let q = load_and_quantize_model(
+    let q = load_and_quantize_model::<Llama>(
         source(),
         &BnbQuantizationConfig::nf4(Precision::F32),
         &options(),

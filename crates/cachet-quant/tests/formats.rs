@@ -5,7 +5,7 @@ use std::path::Path;
 use cachet_quant::blockwise::{AbsMax, dequantize_blockwise_with};
 use cachet_quant::codes::{DYNAMIC_MAP, FP4, FP4_ORDER, NF4};
 use cachet_quant::{Int8Weight, QuantType, int8_matmul, quantize_4bit, quantize_blockwise};
-use cachet_tensor::Checkpoint;
+use cachet_tensor::safetensors::Checkpoint;
 use serde_json::Value;
 
 fn formats() -> Checkpoint {

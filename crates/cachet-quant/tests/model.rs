@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use cachet_models::Llama;
+use cachet_nn::Pretrained;
 use cachet_quant::{BnbQuantizationConfig, LoadOptions, load_and_quantize_model, load_pretrained};
-use cachet_tensor::{Checkpoint, Device, DeviceSpec, Precision};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{Device, DeviceSpec, Precision};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -120,7 +122,7 @@ fn options() -> LoadOptions {
 fn quantizing_the_f32_llama_gives_transformers_tensors_bit_for_bit() {
     let device = device();
     for (name, config) in variants() {
-        let q = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+        let q = load_and_quantize_model::<Llama>(source(), &config, &options(), &device).unwrap();
         assert_eq!(
             q.layers.len(),
             14,
@@ -155,7 +157,8 @@ fn greedy_tokens_match_transformers_both_ways() {
         let ids = i64s(&reference, "a.input_ids");
         let want_logits = f32s(&reference, "a.logits");
         // 1. The checkpoint transformers saved, loaded through config.json's quantization_config.
-        let theirs = load_pretrained(fixtures().join(name), &device, Precision::F32).unwrap();
+        let theirs =
+            load_pretrained::<Llama>(fixtures().join(name), &device, Precision::F32).unwrap();
         let d = max_diff(&logits(&theirs, &ids, 2), &want_logits);
         assert!(
             d < 2e-3,
@@ -167,7 +170,8 @@ fn greedy_tokens_match_transformers_both_ways() {
             "{name}: greedy (their checkpoint)"
         );
         // 2. Quantized here from the f32 checkpoint.
-        let ours = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+        let ours =
+            load_and_quantize_model::<Llama>(source(), &config, &options(), &device).unwrap();
         let d = max_diff(&logits(&ours.model, &ids, 2), &want_logits);
         assert!(d < 2e-3, "{name}: logits of our quantization differ by {d}");
         assert_eq!(
@@ -183,7 +187,7 @@ fn save_then_reload_is_identical_and_matches_transformers_layout() {
     let device = device();
     let tmp = tempfile::tempdir().unwrap();
     for (name, config) in variants() {
-        let q = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+        let q = load_and_quantize_model::<Llama>(source(), &config, &options(), &device).unwrap();
         let out = tmp.path().join(name);
         q.save_pretrained(&out).unwrap();
         // Same key set, dtypes, shapes and bytes as transformers' save_pretrained.
@@ -212,7 +216,7 @@ fn save_then_reload_is_identical_and_matches_transformers_layout() {
         assert_eq!(cfg.load_in_4bit, config.load_in_4bit);
         assert_eq!(cfg.bnb_4bit_quant_type, config.bnb_4bit_quant_type);
         // Reload: identical logits.
-        let re = load_pretrained(&out, &device, Precision::F32).unwrap();
+        let re = load_pretrained::<Llama>(&out, &device, Precision::F32).unwrap();
         let ids = [5i64, 17, 99, 3, 200, 41];
         assert_eq!(
             logits(&re, &ids, 1),
@@ -248,7 +252,7 @@ fn committed_cachet_checkpoints_are_what_cachet_writes_today() {
             "{name}: {entry}"
         );
         assert_eq!(entry["tensors_bit_identical"], true, "{name}: {entry}");
-        let q = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+        let q = load_and_quantize_model::<Llama>(source(), &config, &options(), &device).unwrap();
         q.save_pretrained(tmp.path().join(name)).unwrap();
         let now = Checkpoint::open(tmp.path().join(name)).unwrap();
         let committed = Checkpoint::open(dir.join(name)).unwrap();
@@ -266,7 +270,7 @@ fn committed_cachet_checkpoints_are_what_cachet_writes_today() {
 fn disk_and_cpu_offload_keep_layers_quantized_with_identical_outputs() {
     let device = device();
     let config = BnbQuantizationConfig::nf4(Precision::F32);
-    let plain = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+    let plain = load_and_quantize_model::<Llama>(source(), &config, &options(), &device).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let map = cachet_quant::DeviceMap::parse(
         r#"{"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": "disk", "lm_head": "cpu"}"#,
@@ -277,7 +281,7 @@ fn disk_and_cpu_offload_keep_layers_quantized_with_identical_outputs() {
         offload_folder: Some(tmp.path().join("offload")),
         ..options()
     };
-    let offloaded = load_and_quantize_model(source(), &config, &opts, &device).unwrap();
+    let offloaded = load_and_quantize_model::<Llama>(source(), &config, &opts, &device).unwrap();
     // Layer 1's seven projections are on disk, quantized, in transformers' 4-bit layout.
     let files: Vec<String> = std::fs::read_dir(tmp.path().join("offload"))
         .unwrap()
@@ -305,7 +309,7 @@ fn disk_and_cpu_offload_keep_layers_quantized_with_identical_outputs() {
 
 /// What the one-shot writer (every output tensor built, then one `safetensors::save`) wrote
 /// before saving was streamed: the streamed single file must be byte-identical to it.
-fn one_shot_file(q: &cachet_quant::QuantizedModel, path: &Path) {
+fn one_shot_file(q: &cachet_quant::QuantizedModel<Llama>, path: &Path) {
     let ck = Checkpoint::open(&q.source).unwrap();
     let owned = |name: &str| {
         q.layers.keys().any(|p| {
@@ -339,7 +343,7 @@ fn streamed_sharded_save_reloads_with_identical_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let ids = [5i64, 17, 99, 3, 200, 41];
     for (name, config) in variants() {
-        let q = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+        let q = load_and_quantize_model::<Llama>(source(), &config, &options(), &device).unwrap();
         let want = logits(&q.model, &ids, 1);
         // Default 5GB: one file, byte for byte what the one-shot writer produced.
         let single = tmp.path().join(format!("{name}-single"));
@@ -393,7 +397,7 @@ fn streamed_sharded_save_reloads_with_identical_logits() {
                 "{name} {key}"
             );
         }
-        let re = load_pretrained(&sharded, &device, Precision::F32).unwrap();
+        let re = load_pretrained::<Llama>(&sharded, &device, Precision::F32).unwrap();
         assert_eq!(logits(&re, &ids, 1), want, "{name}: sharded reload");
         // Saving again as one file over the sharded one leaves no stale shard or index behind.
         q.save_pretrained(&sharded).unwrap();
@@ -410,7 +414,7 @@ fn streamed_sharded_save_reloads_with_identical_logits() {
         );
         assert_eq!(
             logits(
-                &load_pretrained(&sharded, &device, Precision::F32).unwrap(),
+                &load_pretrained::<Llama>(&sharded, &device, Precision::F32).unwrap(),
                 &ids,
                 1
             ),
@@ -430,7 +434,7 @@ fn streamed_save_casts_dense_parts_to_torch_dtype_like_the_one_shot_writer() {
             ..LoadOptions::default()
         };
         let config = BnbQuantizationConfig::nf4(precision);
-        let q = load_and_quantize_model(source(), &config, &opts, &device).unwrap();
+        let q = load_and_quantize_model::<Llama>(source(), &config, &opts, &device).unwrap();
         let out = tmp.path().join(format!("{precision:?}"));
         q.save_pretrained_with(
             &out,
@@ -466,7 +470,7 @@ fn dense_projections_honour_cpu_and_disk_placements_with_identical_logits() {
         skip_modules: Some(vec!["lm_head".into(), "self_attn".into()]),
         ..BnbQuantizationConfig::nf4(Precision::F32)
     };
-    let plain = load_and_quantize_model(source(), &config, &options(), &device).unwrap();
+    let plain = load_and_quantize_model::<Llama>(source(), &config, &options(), &device).unwrap();
     assert_eq!(plain.layers.len(), 6, "only the MLPs are quantized");
     let tmp = tempfile::tempdir().unwrap();
     let folder = tmp.path().join("offload");
@@ -480,7 +484,7 @@ fn dense_projections_honour_cpu_and_disk_placements_with_identical_logits() {
         offload_folder: Some(folder.clone()),
         ..options()
     };
-    let offloaded = load_and_quantize_model(source(), &config, &opts, &device).unwrap();
+    let offloaded = load_and_quantize_model::<Llama>(source(), &config, &opts, &device).unwrap();
     let ids = [7i64, 3, 250, 31, 9, 100];
     assert_eq!(
         logits(&offloaded.model, &ids, 2),
@@ -545,7 +549,7 @@ fn offloaded_dense_projections_keep_their_bias() {
         skip_modules: Some(vec!["lm_head".into(), "self_attn".into()]),
         ..BnbQuantizationConfig::nf4(Precision::F32)
     };
-    let plain = load_and_quantize_model(&dir, &config, &options(), &device).unwrap();
+    let plain = load_and_quantize_model::<Llama>(&dir, &config, &options(), &device).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let opts = LoadOptions {
         device_map: Some(
@@ -557,7 +561,7 @@ fn offloaded_dense_projections_keep_their_bias() {
         offload_folder: Some(tmp.path().to_path_buf()),
         ..options()
     };
-    let offloaded = load_and_quantize_model(&dir, &config, &opts, &device).unwrap();
+    let offloaded = load_and_quantize_model::<Llama>(&dir, &config, &opts, &device).unwrap();
     let q = Checkpoint::open(
         tmp.path()
             .join("model.layers.0.self_attn.q_proj.safetensors"),
@@ -581,7 +585,7 @@ struct HostF32Linear {
     inp: usize,
 }
 
-impl cachet_models::LinearOp for HostF32Linear {
+impl cachet_nn::LinearOp for HostF32Linear {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (device, dtype) = (x.device(), x.dtype());
         let [b, s, _] = x.dims();
@@ -609,19 +613,19 @@ impl cachet_models::LinearOp for HostF32Linear {
 /// Builds the reference model: the quantized layers of `q` as they are, `keep` projections as
 /// [`HostF32Linear`] from the f32 source, everything else dense in the model's dtype.
 struct ReferenceFactory<'a> {
-    q: &'a cachet_quant::QuantizedModel,
+    q: &'a cachet_quant::QuantizedModel<Llama>,
     keep: &'a str,
 }
 
-impl cachet_models::LinearFactory for ReferenceFactory<'_> {
+impl cachet_nn::LinearFactory for ReferenceFactory<'_> {
     fn build(
         &self,
-        spec: &cachet_models::LinearSpec,
+        spec: &cachet_nn::LinearSpec,
         checkpoint: &Checkpoint,
         device: &Device,
         dtype: burn::tensor::DType,
-    ) -> cachet_models::Result<cachet_models::LinearLayer> {
-        use cachet_models::LinearLayer;
+    ) -> cachet_nn::Result<cachet_nn::LinearLayer> {
+        use cachet_nn::LinearLayer;
         use cachet_quant::QuantizedLinear;
         if spec.name.contains(self.keep) {
             return Ok(LinearLayer::custom(std::sync::Arc::new(HostF32Linear {
@@ -633,7 +637,7 @@ impl cachet_models::LinearFactory for ReferenceFactory<'_> {
         Ok(match self.q.layers.get(&spec.name) {
             Some(QuantizedLinear::FourBit(l, _)) => LinearLayer::custom(l.clone()),
             Some(QuantizedLinear::Int8(l)) => LinearLayer::custom(l.clone()),
-            None => cachet_models::DenseFactory.build(spec, checkpoint, device, dtype)?,
+            None => cachet_nn::DenseFactory.build(spec, checkpoint, device, dtype)?,
         })
     }
 }
@@ -652,7 +656,7 @@ fn keep_in_fp32_modules_are_f32_in_memory_in_the_saved_file_and_after_reload() {
         keep_in_fp32_modules: Some(vec!["down_proj".into()]),
         ..BnbQuantizationConfig::nf4(Precision::BF16)
     };
-    let q = load_and_quantize_model(source(), &config, &bf16, &device).unwrap();
+    let q = load_and_quantize_model::<Llama>(source(), &config, &bf16, &device).unwrap();
     let layers = q.model.layers.len();
 
     // In memory: every down_proj is an f32 layer, nothing else is.
@@ -691,7 +695,7 @@ fn keep_in_fp32_modules_are_f32_in_memory_in_the_saved_file_and_after_reload() {
         skip_modules: Some(vec!["lm_head".into(), "down_proj".into()]),
         ..BnbQuantizationConfig::nf4(Precision::BF16)
     };
-    let q16 = load_and_quantize_model(source(), &in_bf16, &bf16, &device).unwrap();
+    let q16 = load_and_quantize_model::<Llama>(source(), &in_bf16, &bf16, &device).unwrap();
     assert!(q16.fp32_modules.is_empty());
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let (d_kept, d_bf16) = (
@@ -733,13 +737,13 @@ fn keep_in_fp32_modules_are_f32_in_memory_in_the_saved_file_and_after_reload() {
     assert_eq!(skip, &serde_json::json!(["lm_head", "down_proj"]));
 
     // Reloaded: f32 again, identical logits.
-    let re = load_and_quantize_model(&out, &cfg, &bf16, &device).unwrap();
+    let re = load_and_quantize_model::<Llama>(&out, &cfg, &bf16, &device).unwrap();
     assert_eq!(re.fp32_modules.len(), layers);
     for kept in re.fp32_modules.values() {
         assert_eq!(kept.weight_dtype(), Some(DType::F32));
     }
     assert_eq!(logits(&re.model, &ids, 1), got, "reload");
-    let plain = load_pretrained(&out, &device, Precision::BF16).unwrap();
+    let plain = load_pretrained::<Llama>(&out, &device, Precision::BF16).unwrap();
     assert_eq!(logits(&plain, &ids, 1), got, "load_pretrained");
 
     // Offloaded kept modules stay f32 too: on cpu, and on disk (written in f32).
@@ -753,7 +757,7 @@ fn keep_in_fp32_modules_are_f32_in_memory_in_the_saved_file_and_after_reload() {
         offload_folder: Some(folder.clone()),
         ..bf16
     };
-    let offloaded = load_and_quantize_model(source(), &config, &opts, &device).unwrap();
+    let offloaded = load_and_quantize_model::<Llama>(source(), &config, &opts, &device).unwrap();
     assert_eq!(offloaded.fp32_modules.len(), layers);
     assert_eq!(logits(&offloaded.model, &ids, 1), got, "offloaded");
     let on_disk =
@@ -795,14 +799,14 @@ fn a_tied_lm_head_is_saved_once() {
         BnbQuantizationConfig::int8(),
         BnbQuantizationConfig::nf4(Precision::F32),
     ] {
-        let q = load_and_quantize_model(&src, &config, &options(), &device).unwrap();
+        let q = load_and_quantize_model::<Llama>(&src, &config, &options(), &device).unwrap();
         let out = tmp.path().join(format!("out-{}", config.load_in_8bit));
         q.save_pretrained(&out).unwrap();
         let saved = Checkpoint::open(&out).unwrap();
         assert!(!saved.contains("lm_head.weight"));
         assert!(saved.contains("model.embed_tokens.weight"));
         let ids = [5i64, 17, 99, 3];
-        let re = load_pretrained(&out, &device, Precision::F32).unwrap();
+        let re = load_pretrained::<Llama>(&out, &device, Precision::F32).unwrap();
         assert_eq!(logits(&re, &ids, 1), logits(&q.model, &ids, 1));
     }
 }

@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use cachet_tensor::safetensors::save_tensors;
+use cachet_tensor::safetensors::{Checkpoint, save_tensors};
 use cachet_tensor::{
-    Checkpoint, DeviceSpec, HostTensor, MemoryFootprint, Precision, Tensor, cast_checked,
-    human_bytes, supports_dtype,
+    DeviceSpec, HostTensor, MemoryFootprint, Precision, Tensor, cast_checked, human_bytes,
+    supports_dtype,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

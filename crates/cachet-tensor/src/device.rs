@@ -107,6 +107,12 @@ impl DeviceSpec {
     }
 }
 
+/// Whether `device` is the host: the CPU backend that the `cpu` spec opens. There host kernels
+/// run (much faster than tensor ops on the CPU) and host-side stores live.
+pub fn is_host_device(device: &Device) -> bool {
+    cpu_device().is_ok_and(|cpu| cpu == *device)
+}
+
 /// The CPU device (burn's `flex` backend).
 pub fn cpu_device() -> Result<Device> {
     #[cfg(feature = "flex")]

@@ -4,7 +4,7 @@ use crate::dtype::Precision;
 use crate::safetensors::SafetensorsError;
 
 /// Result alias used across cachet-tensor.
-pub type Result<T, E = TensorError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = TensorError> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the tensor layer; each variant names the offending input.
 #[derive(Debug, thiserror::Error)]

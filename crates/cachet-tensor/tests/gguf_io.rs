@@ -7,7 +7,8 @@ use std::time::Instant;
 use cachet_tensor::gguf::{
     Array, DequantizeError, GgmlType, GgufError, GgufFile, GgufWriter, Value, dequantize,
 };
-use cachet_tensor::{Checkpoint, DType, Precision};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{DType, Precision};
 use half::{bf16, f16};
 
 fn fixtures() -> PathBuf {

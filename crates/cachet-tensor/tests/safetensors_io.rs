@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use cachet_tensor::safetensors::{StoredDType, save, save_tensors};
-use cachet_tensor::{Checkpoint, SafetensorsError};
+use cachet_tensor::safetensors::{Checkpoint, SafetensorsError, StoredDType, save, save_tensors};
 use half::{bf16, f16};
 
 fn device() -> Device {

@@ -72,7 +72,7 @@ pub enum TextError {
 }
 
 /// Result alias of this crate.
-pub type Result<T, E = TextError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = TextError> = std::result::Result<T, E>;
 
 /// Reads a file, naming it in the error.
 pub(crate) fn read_to_string(path: &std::path::Path) -> Result<String> {

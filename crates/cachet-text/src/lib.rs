@@ -19,10 +19,12 @@ mod stream;
 mod template;
 mod tokenizer;
 
-pub use error::{Result, TextError};
+pub use error::TextError;
 /// Template values (messages with tool calls, `tools`) for [`ChatTemplate::render_with`].
 pub use minijinja::Value;
 pub use stop::StopStrings;
 pub use stream::DecodeStream;
 pub use template::{ChatTemplate, Message, json_value};
 pub use tokenizer::{TextModel, Tokenizer};
+
+use error::Result;

@@ -9,7 +9,8 @@
 use std::io::Write;
 
 use cachet::models::{GenerationConfig, Llama, embedded, generate_streaming};
-use cachet::tensor::device::cpu_device;
+use cachet::nn::Pretrained;
+use cachet::tensor::cpu_device;
 use cachet::tensor::{Device, Precision};
 use cachet::text::{DecodeStream, Message, TextModel};
 
@@ -42,9 +43,7 @@ fn main() -> anyhow::Result<()> {
     let ids = text.tokenizer.encode(&prompt, false)?;
 
     let mut config = GenerationConfig::greedy(32);
-    config.eos_token_id = text
-        .eos_token_id()
-        .map(cachet::models::llama::TokenIds::One);
+    config.eos_token_id = text.eos_token_id().map(cachet::models::TokenIds::One);
     let mut stream = DecodeStream::with_context(true, &ids);
     let mut failed = None;
     let out = generate_streaming(&model, &[ids], &config, None, &mut |step| {

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Distribution, Tensor};
+use cachet::diffusion::models::{CogVideoX, FluxTransformer, embedded};
 use cachet::diffusion::{
     CacheConfig, CacheHooks, CogVideoXCond, Denoise, FlowMatchEuler, FluxCond, Guidance,
     TensorFormat, denoise, latent_psnr, steps_mask_png, summary,
 };
-use cachet::models::dit::{CogVideoX, FluxTransformer};
-use cachet::models::embedded;
-use cachet::tensor::plot::{Canvas, Rgb, WHITE};
+use cachet::nn::Pretrained;
 use cachet::tensor::{DeviceSpec, Precision, human_bytes};
+use cachet_plot::{Canvas, Rgb, WHITE};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `cachet denoise`.

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use cachet::kv::CacheConfig;
 use cachet::kv::{Cache, CacheImplementation, build_cache};
-use cachet::models::llama::TokenIds;
+use cachet::models::TokenIds;
 use cachet::models::{GenerationConfig, Llama, embedded, generate, generate_streaming};
 use cachet::tensor::{DeviceSpec, Precision, human_bytes};
 use cachet::text::{DecodeStream, Message, StopStrings, TextModel};
@@ -128,10 +128,12 @@ fn load_model(
 ) -> Result<Llama> {
     #[cfg(feature = "quant")]
     {
-        Ok(cachet::quant::load_pretrained(dir, device, precision)?)
+        let model = cachet::quant::load_pretrained::<Llama>(dir, device, precision)?;
+        Ok(model)
     }
     #[cfg(not(feature = "quant"))]
     {
+        use cachet::nn::Pretrained;
         Ok(Llama::from_pretrained(dir, device, precision)?)
     }
 }

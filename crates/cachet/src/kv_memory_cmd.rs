@@ -12,11 +12,10 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Distribution, Tensor};
 use cachet::kv::{Cache, CacheConfig, CacheImplementation, ModelCacheInfo, build_cache};
 use cachet::models::LlamaConfig;
-use cachet::models::llama::Rope;
-use cachet::models::llama::rope::inverse_frequencies;
+use cachet::models::Rope;
+use cachet::models::inverse_frequencies;
 use cachet::tensor::{DeviceSpec, Precision, cast_checked, human_bytes};
-
-use cachet::tensor::plot::{LineChart, Marker, Rgb, Series};
+use cachet_plot::{LineChart, Marker, Rgb, Series};
 
 /// Llama-3-8B's RoPE base, used for the sink cache's re-rotation when no `--model` is given.
 const LLAMA3_ROPE_THETA: f64 = 500_000.0;

@@ -9,6 +9,7 @@ pub use cachet_compile as compile;
 pub use cachet_diffusion as diffusion;
 pub use cachet_kv as kv;
 pub use cachet_models as models;
+pub use cachet_nn as nn;
 #[cfg(feature = "quant")]
 pub use cachet_quant as quant;
 pub use cachet_tensor as tensor;

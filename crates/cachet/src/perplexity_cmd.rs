@@ -102,7 +102,7 @@ fn quantized(
         progress: true,
         ..LoadOptions::default()
     };
-    let qm = load_and_quantize_model(path, &config, &options, device)
+    let qm = load_and_quantize_model::<Llama>(path, &config, &options, device)
         .with_context(|| format!("loading {} as {kind}", path.display()))?;
     Ok((qm.model, crate::generate_cmd::folder_text(path)?))
 }

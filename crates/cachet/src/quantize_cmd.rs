@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use cachet::models::Llama;
 use cachet::quant::{
     BnbQuantizationConfig, DeviceMap, LoadOptions, SaveOptions, load_and_quantize_model,
     parse_shard_size,
@@ -128,7 +129,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         offload_folder: args.offload_folder.clone(),
         progress: !args.json,
     };
-    let model = load_and_quantize_model(&args.model, &config, &options, &device)
+    let model = load_and_quantize_model::<Llama>(&args.model, &config, &options, &device)
         .with_context(|| format!("quantizing {}", args.model.display()))?;
     let quantize_seconds = start.elapsed().as_secs_f64();
     if !model.not_offloaded.is_empty() && !args.json {

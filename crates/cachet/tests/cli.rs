@@ -38,7 +38,7 @@ fn assert_each_fails_with(cases: &[(&[&str], &str)]) {
 
 /// Integer tensor `key` of a reference safetensors file, as u64 token ids.
 fn reference_ids(path: &Path, key: &str) -> Vec<u64> {
-    let checkpoint = cachet::tensor::Checkpoint::open(path).unwrap();
+    let checkpoint = cachet::tensor::safetensors::Checkpoint::open(path).unwrap();
     let data = checkpoint.tensor_data(key).unwrap();
     let data = data.try_cast(cachet::tensor::DType::I64).unwrap();
     data.try_into_vec::<i64>()

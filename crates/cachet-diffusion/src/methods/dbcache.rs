@@ -3,9 +3,12 @@
 //! residual (or a TaylorSeer forecast of it) is reused; the last `Bn` blocks always run.
 //! Warm-up, interval, cached-step limits, CFG-separate counting and the steps computation mask
 //! follow cache-dit 1.5.3's `CachedContext`/`CachedContextManager` step by step.
+//!
+//! Long file: the config, the per-unit context and the block runner are one port of cache-dit's
+//! `cached_context.py`, kept in one file so it reads side by side with the Python it mirrors.
 
+use crate::models::{BlockFn, BlockGroup, BlockStates, ForwardPattern};
 use burn::tensor::Tensor;
-use cachet_models::dit::{BlockFn, BlockGroup, BlockStates, ForwardPattern};
 use serde::{Deserialize, Serialize};
 
 use super::taylorseer::{TaylorSeerCalibrator, TaylorSeerCalibratorConfig};

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
+use crate::models::{DenoiserOutput, HookPoint, ModuleFn, ModuleKind};
 use burn::tensor::Tensor;
-use cachet_models::dit::{DenoiserOutput, HookPoint, ModuleFn, ModuleKind};
 use serde::{Deserialize, Serialize};
 
 use super::pab::current_timestep;
@@ -90,7 +90,7 @@ pub struct FasterCacheConfig {
 }
 
 /// diffusers' `_SPATIAL_ATTENTION_BLOCK_IDENTIFIERS` of faster_cache.py.
-pub fn default_spatial_identifiers() -> Vec<String> {
+pub(crate) fn default_spatial_identifiers() -> Vec<String> {
     strings(&[
         "^blocks.*attn",
         "^transformer_blocks.*attn",
@@ -99,7 +99,7 @@ pub fn default_spatial_identifiers() -> Vec<String> {
 }
 
 /// diffusers' `_TEMPORAL_ATTENTION_BLOCK_IDENTIFIERS` of faster_cache.py.
-pub fn default_temporal_identifiers() -> Vec<String> {
+pub(crate) fn default_temporal_identifiers() -> Vec<String> {
     strings(&["^temporal_transformer_blocks.*attn"])
 }
 

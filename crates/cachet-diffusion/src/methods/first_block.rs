@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
+use crate::models::{BlockFn, BlockGroup, BlockStates};
 use burn::tensor::Tensor;
-use cachet_models::dit::{BlockFn, BlockGroup, BlockStates};
 use serde::{Deserialize, Serialize};
 
 use super::{BlockMethod, GroupLayout, relative_l1};

@@ -1,14 +1,14 @@
 //! The caching methods. Module-level ones (PAB, FasterCache's attention part, TaylorSeer) wrap
 //! named attention layers; block-level ones (FirstBlockCache, DBCache) drive block lists.
 
-pub mod dbcache;
-pub mod faster_cache;
-pub mod first_block;
-pub mod pab;
-pub mod taylorseer;
+pub(crate) mod dbcache;
+pub(crate) mod faster_cache;
+pub(crate) mod first_block;
+pub(crate) mod pab;
+pub(crate) mod taylorseer;
 
+use crate::models::{BlockFn, BlockGroup, BlockStates, ForwardPattern, HookPoint, ModuleFn};
 use burn::tensor::Tensor;
-use cachet_models::dit::{BlockFn, BlockGroup, BlockStates, ForwardPattern, HookPoint, ModuleFn};
 
 use crate::error::{DiffusionError, Result};
 use crate::hooks::ModuleHooks;

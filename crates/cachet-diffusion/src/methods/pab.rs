@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
+use crate::models::{HookPoint, ModuleFn, ModuleKind};
 use burn::tensor::Tensor;
-use cachet_models::dit::{HookPoint, ModuleFn, ModuleKind};
 use serde::{Deserialize, Serialize};
 
 use super::{ModuleMethod, bytes_of, point_names};
@@ -18,7 +18,7 @@ fn strings(list: &[&str]) -> Vec<String> {
 }
 
 /// diffusers' `_SPATIAL_TRANSFORMER_BLOCK_IDENTIFIERS` (0.42.1).
-pub fn default_spatial_identifiers() -> Vec<String> {
+pub(crate) fn default_spatial_identifiers() -> Vec<String> {
     strings(&[
         "blocks",
         "transformer_blocks",
@@ -29,12 +29,12 @@ pub fn default_spatial_identifiers() -> Vec<String> {
 }
 
 /// diffusers' `_TEMPORAL_TRANSFORMER_BLOCK_IDENTIFIERS`.
-pub fn default_temporal_identifiers() -> Vec<String> {
+pub(crate) fn default_temporal_identifiers() -> Vec<String> {
     strings(&["temporal_transformer_blocks"])
 }
 
 /// diffusers' `_CROSS_TRANSFORMER_BLOCK_IDENTIFIERS`.
-pub fn default_cross_identifiers() -> Vec<String> {
+pub(crate) fn default_cross_identifiers() -> Vec<String> {
     strings(&["blocks", "transformer_blocks", "layers"])
 }
 

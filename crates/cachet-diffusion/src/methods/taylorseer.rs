@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 
+use crate::models::{HookPoint, ModuleFn, ModuleKind};
 use burn::tensor::{DType, Tensor};
-use cachet_models::dit::{HookPoint, ModuleFn, ModuleKind};
 use serde::{Deserialize, Serialize};
 
 use super::{ModuleMethod, bytes_of, point_names};
@@ -245,7 +245,7 @@ impl Default for TaylorSeerCacheConfig {
 }
 
 /// diffusers' default active patterns of taylorseer_cache.py.
-pub fn default_cache_identifiers() -> Vec<String> {
+pub(crate) fn default_cache_identifiers() -> Vec<String> {
     [
         "^blocks.*attn",
         "^transformer_blocks.*attn",

@@ -5,7 +5,7 @@ use std::path::Path;
 use cachet_tensor::Precision;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
+use cachet_nn::{ModelError, Result};
 
 /// Which Hugging Face architecture a checkpoint is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,21 +181,21 @@ pub struct LlamaConfig {
 }
 
 /// Largest vocabulary accepted (16.7M entries; real models have up to ~256k).
-pub const MAX_VOCAB: usize = 1 << 24;
+pub(crate) const MAX_VOCAB: usize = 1 << 24;
 /// Largest width accepted for hidden, intermediate and attention sizes (1M; real models ≤ 64k).
-pub const MAX_WIDTH: usize = 1 << 20;
+pub(crate) const MAX_WIDTH: usize = 1 << 20;
 /// Most decoder layers accepted (real models have up to ~128).
-pub const MAX_LAYERS: usize = 1 << 12;
+pub(crate) const MAX_LAYERS: usize = 1 << 12;
 
 impl LlamaConfig {
     /// Parses a config from JSON text; `origin` names it in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        crate::config_file::parse(text, origin, Self::validate)
+        cachet_nn::config::parse(text, origin, Self::validate)
     }
 
     /// Reads `config.json` from a file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let (text, origin) = crate::config_file::read(path.as_ref())?;
+        let (text, origin) = cachet_nn::config::read(path.as_ref())?;
         Self::from_json(&text, &origin)
     }
 

@@ -10,12 +10,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use cachet_tensor::gguf::{GgufFile, GgufTensorInfo, Value};
-use cachet_tensor::{Checkpoint, Device, Precision};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{Device, Precision};
 use serde_json::{Map, Value as Json, json};
 
 use super::config::LlamaConfig;
 use super::model::Llama;
-use crate::error::{ModelError, Result};
+use cachet_nn::{ModelError, Pretrained, Result};
 
 /// The tensor holding llama.cpp's per-frequency RoPE factors (Llama 3.1+ scaling).
 const ROPE_FREQS: &str = "rope_freqs.weight";

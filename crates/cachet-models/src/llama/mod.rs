@@ -1,11 +1,12 @@
 //! Llama-family decoder: Llama, Mistral (sliding window) and Qwen2 (q/k/v bias).
 
-pub mod config;
-pub mod gguf;
+mod config;
+mod gguf;
 mod model;
-pub mod rope;
+mod quantizable;
+mod rope;
 
 pub use config::{LlamaConfig, ModelFamily, Rope, RopeParameters, TokenIds};
-pub use model::{
-    Attention, DecoderLayer, Llama, Mlp, RmsNorm, TokenEmbedding, default_position_ids,
-};
+pub use gguf::{gguf_checkpoint, gguf_config, hf_tensor_name};
+pub use model::Llama;
+pub use rope::inverse_frequencies;

@@ -11,44 +11,25 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use cachet_tensor::kernels::{AttentionShape, causal_attention};
-use cachet_tensor::{Checkpoint, MemoryFootprint, Precision, ensure_supported};
+use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::{MemoryFootprint, Precision, ensure_supported, is_host_device};
 
 use super::config::LlamaConfig;
-use super::rope::{RotaryEmbedding, apply_rotary};
-use crate::error::{ModelError, Result};
-use crate::linear::{
-    FastDenseFactory, HostDense, LinearFactory, LinearLayer, LinearOp, Loader, is_host_device,
-    round_slice, tensor_to_host,
+use super::quantizable::{
+    EMBED_TOKENS, FINAL_NORM, LayerProjections, layer_norms, lm_head as lm_head_spec,
 };
+use super::rope::{RotaryEmbedding, apply_rotary};
 use cachet_kv::{Cache, KvView, MaskLayout};
+use cachet_nn::{
+    FastDenseFactory, HostDense, LinearFactory, LinearLayer, LinearOp, LinearSpec, Loader,
+    Pretrained, RmsNorm, round_slice, tensor_to_host,
+};
+use cachet_nn::{ModelError, Result};
 
 /// Query tokens from which attention runs as one fused, KV-tiled op (flash attention on the CPU
 /// backend) instead of explicit score tensors; decode steps stay on the strided matmuls, which
 /// read the cache in place.
 const FUSED_ATTENTION_MIN_QUERIES: usize = 16;
-
-/// Root-mean-square layer norm, computed in f32 as transformers does.
-#[derive(Module, Debug)]
-pub struct RmsNorm {
-    /// Per-channel scale.
-    pub weight: Param<Tensor<1>>,
-    /// Added to the mean square before the square root.
-    pub eps: f64,
-}
-
-impl RmsNorm {
-    /// `weight * x / sqrt(mean(x²) + eps)`, in f32, cast back to the input dtype.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let variance = x.clone().square().mean_dim(D - 1);
-        let normed = (x * variance.add_scalar(self.eps).sqrt().recip()).cast(dtype);
-        let width = self.weight.dims()[0];
-        let mut shape = [1; D];
-        shape[D - 1] = width;
-        normed * self.weight.val().reshape(shape)
-    }
-}
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
@@ -142,13 +123,11 @@ pub struct Attention {
 
 /// What every layer of one forward shares: RoPE tables, positions, the padding mask and the
 /// masks built from it (once per distinct cache layout, not once per layer).
-struct ForwardContext<'a> {
+struct ForwardContext {
     cos: Tensor<4>,
     sin: Tensor<4>,
     cache_position: Vec<usize>,
     attention_mask: Option<Tensor<2, Int>>,
-    /// RoPE frequencies per position (linear scaling folded in), for a sink cache's shift.
-    rope_inv_freq: &'a [f32],
     /// Whether the fused attention op may run (the host backend).
     fused_attention: bool,
     /// Masks built so far in this forward, by (layout, layer window, batch).
@@ -168,7 +147,7 @@ enum MaskNeed {
     Explicit,
 }
 
-impl ForwardContext<'_> {
+impl ForwardContext {
     /// For keys at contiguous positions ending at the last query, with no padding: the window
     /// the queries see (`Some(None)`: plain causal); `None` for any other layout.
     fn causal_window(&self, layout: &MaskLayout, window: Option<usize>) -> Option<Option<usize>> {
@@ -239,30 +218,6 @@ impl ForwardContext<'_> {
     }
 }
 
-/// A static cache hands over all its slots; attend only to the filled ones (no mask needed).
-fn trim_unused_slots(view: KvView) -> KvView {
-    let layout = view.layout;
-    if view.prefix.is_some()
-        || layout.sink_tokens > 0
-        || layout.rotation > 0
-        || layout.valid_length >= layout.kv_length
-    {
-        return view;
-    }
-    let [b, h, _, d] = view.keys.dims();
-    let n = layout.valid_length;
-    let [_, _, _, dv] = view.values.dims();
-    KvView {
-        prefix: None,
-        keys: view.keys.slice([0..b, 0..h, 0..n, 0..d]),
-        values: view.values.slice([0..b, 0..h, 0..n, 0..dv]),
-        layout: MaskLayout {
-            kv_length: n,
-            ..layout
-        },
-    }
-}
-
 impl Attention {
     /// The query, key and value projections; on the host, from one copy of the activations.
     fn project_qkv(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
@@ -309,36 +264,21 @@ impl Attention {
         let k = apply_rotary(k, &ctx.cos, &ctx.sin);
 
         let view = match cache {
-            Some(cache) => cache.update_view(self.layer, k, v, &ctx.cache_position)?,
+            Some(cache) => cache
+                .update_view(self.layer, k, v, &ctx.cache_position)
+                .map_err(ModelError::cache)?,
             None => KvView::dense(k, v, MaskLayout::contiguous(ctx.cache_position[0], seq)),
         };
-        let view = trim_unused_slots(view);
-        // A quantized cache hands its old tokens over still quantized (`prefix`): they are
-        // attended to in place, tile by tile, and only the recent tokens are dense tensors.
-        let prefix_len = view.prefix_len();
-        let KvView {
-            prefix,
-            keys: k,
-            values: v,
-            layout,
-        } = view;
-        let dense_len = k.dims()[2];
-        let kv_len = prefix_len + dense_len;
-        if kv_len != layout.kv_length || (prefix_len > 0 && layout.rope_shift > 0) {
-            return Err(ModelError::Input(format!(
-                "cache returned {kv_len} keys ({prefix_len} quantized) but a mask layout of {} \
-                 (rope shift {})",
-                layout.kv_length, layout.rope_shift
-            )));
-        }
+        // The view checks itself against its layout and drops a preallocated cache's unused slots.
+        let view = view.for_attention().map_err(ModelError::cache)?;
+        let layout = view.layout;
+        let kv_len = layout.kv_length;
         let need = ctx.mask_need(&layout, self.sliding_window);
         let device = q.device();
 
-        if prefix.is_none()
-            && layout.rope_shift == 0
-            && ctx.fused_attention
-            && seq >= FUSED_ATTENTION_MIN_QUERIES
-        {
+        if view.is_plain() && ctx.fused_attention && seq >= FUSED_ATTENTION_MIN_QUERIES {
+            // Keys and values are plain tensors: a fused kernel reads them directly.
+            let (k, v) = (view.keys, view.values);
             if let Some(window) = ctx.causal_window(&layout, self.sliding_window) {
                 // A prompt over contiguous keys: cachet's tiled kernel, which skips the tiles
                 // the causal mask or the window would zero.
@@ -384,57 +324,22 @@ impl Attention {
         }
 
         // Grouped-query attention without copying keys: fold the query heads that share a kv
-        // head into the query rows, [b, kv, rep * seq, d] against [b, kv, kv_len, d].
+        // head into the query rows, [b, kv, rep * seq, d] against [b, kv, kv_len, d]. The view
+        // does what is specific to its cache (keys kept compact, keys stored RoPE-shifted).
         let rep = heads / kv_heads;
-        let fold = |q: Tensor<4>| q.reshape([batch, kv_heads, rep * seq, dim]);
-        let scores = if layout.rope_shift > 0 {
-            // A sink cache stores its recent keys `rope_shift` positions ahead: rotate the query
-            // forward by as much for them, and attend to the sinks with the plain query.
-            let sinks = layout.sink_tokens.min(kv_len);
-            let shifted =
-                cachet_kv::sink::rotate_by(q.clone(), ctx.rope_inv_freq, layout.rope_shift);
-            let k_sinks = k.clone().slice([0..batch, 0..kv_heads, 0..sinks, 0..dim]);
-            let k_rest = k
-                .clone()
-                .slice([0..batch, 0..kv_heads, sinks..kv_len, 0..dim]);
-            Tensor::cat(
-                vec![
-                    fold(q).matmul(k_sinks.swap_dims(2, 3)),
-                    fold(shifted).matmul(k_rest.swap_dims(2, 3)),
-                ],
-                3,
-            )
-            .cast(DType::F32)
-        } else if let Some(prefix) = &prefix {
-            Tensor::cat(
-                vec![
-                    prefix.scores(fold(q.clone()))?,
-                    fold(q).matmul(k.swap_dims(2, 3)).cast(DType::F32),
-                ],
-                3,
-            )
-        } else {
-            fold(q).matmul(k.swap_dims(2, 3)).cast(DType::F32)
-        };
-        let scores = scores.mul_scalar(1.0 / (dim as f64).sqrt());
+        let scores = view
+            .scores(q.reshape([batch, kv_heads, rep * seq, dim]))
+            .map_err(ModelError::cache)?
+            .mul_scalar(1.0 / (dim as f64).sqrt());
         let scores = if need == MaskNeed::Nothing {
             scores
         } else {
             let mask = ctx.mask(layout, self.sliding_window, batch, &device)?;
             scores.mask_fill(mask.repeat_dim(2, rep), f32::MIN)
         };
-        let probs = softmax(scores, 3);
-        let rows = rep * seq;
-        let out = match &prefix {
-            Some(prefix) => {
-                let old = probs
-                    .clone()
-                    .slice([0..batch, 0..kv_heads, 0..rows, 0..prefix_len]);
-                let recent = probs.slice([0..batch, 0..kv_heads, 0..rows, prefix_len..kv_len]);
-                prefix.weighted_values(old)?.cast(v.dtype()) + recent.cast(v.dtype()).matmul(v)
-            }
-            None => probs.cast(v.dtype()).matmul(v),
-        };
+        let out = view
+            .weighted_values(softmax(scores, 3))
+            .map_err(ModelError::cache)?;
         let out = out.reshape([batch, heads, seq, dim]);
         let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
         Ok(self.o_proj.forward(out))
@@ -660,149 +565,6 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads a Hugging Face checkpoint directory (`config.json` + safetensors, single or sharded)
-    /// onto `device` in `precision`.
-    pub fn from_pretrained(
-        dir: impl AsRef<Path>,
-        device: &Device,
-        precision: Precision,
-    ) -> Result<Self> {
-        let dir = dir.as_ref();
-        let _span = tracing::info_span!("load_model", dir = %dir.display()).entered();
-        let config = LlamaConfig::from_file(dir.join("config.json"))?;
-        let checkpoint = Checkpoint::open(dir)?;
-        Self::load(config, &checkpoint, device, precision)
-    }
-
-    /// Builds the model from a parsed config and an opened checkpoint.
-    pub fn load(
-        config: LlamaConfig,
-        checkpoint: &Checkpoint,
-        device: &Device,
-        precision: Precision,
-    ) -> Result<Self> {
-        Self::load_with(config, checkpoint, device, precision, &FastDenseFactory)
-    }
-
-    /// Like [`Llama::load`], with `factory` building every projection (q/k/v/o, the MLP and
-    /// `lm_head`): the hook quantizers use to load straight into quantized layers.
-    pub fn load_with(
-        config: LlamaConfig,
-        checkpoint: &Checkpoint,
-        device: &Device,
-        precision: Precision,
-        factory: &dyn LinearFactory,
-    ) -> Result<Self> {
-        ensure_supported(device, precision)?;
-        let loader = Loader {
-            checkpoint,
-            device,
-            dtype: precision.dtype(),
-            factory,
-        };
-        let (hidden, heads, kv_heads, head_dim) = (
-            config.hidden_size,
-            config.num_attention_heads,
-            config.kv_heads(),
-            config.head_dim(),
-        );
-        let inter = config.intermediate_size;
-        let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: Param::from_tensor(
-                    loader.tensor::<1>(&format!("{name}.weight"), [hidden])?,
-                ),
-                eps: config.rms_norm_eps,
-            })
-        };
-        // Grown as layers load: a config's layer count is not trusted for an allocation.
-        let mut layers = Vec::new();
-        for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let qkv_bias = config.qkv_bias();
-            layers.push(DecoderLayer {
-                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
-                self_attn: Attention {
-                    q_proj: loader.linear(
-                        &format!("{p}.self_attn.q_proj"),
-                        hidden,
-                        heads * head_dim,
-                        qkv_bias,
-                    )?,
-                    k_proj: loader.linear(
-                        &format!("{p}.self_attn.k_proj"),
-                        hidden,
-                        kv_heads * head_dim,
-                        qkv_bias,
-                    )?,
-                    v_proj: loader.linear(
-                        &format!("{p}.self_attn.v_proj"),
-                        hidden,
-                        kv_heads * head_dim,
-                        qkv_bias,
-                    )?,
-                    o_proj: loader.linear(
-                        &format!("{p}.self_attn.o_proj"),
-                        heads * head_dim,
-                        hidden,
-                        config.o_bias(),
-                    )?,
-                    num_heads: heads,
-                    num_kv_heads: kv_heads,
-                    head_dim,
-                    sliding_window: config.sliding_window_for(i),
-                    layer: i,
-                },
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
-                mlp: Mlp {
-                    gate_proj: loader.linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        hidden,
-                        inter,
-                        config.mlp_bias,
-                    )?,
-                    up_proj: loader.linear(
-                        &format!("{p}.mlp.up_proj"),
-                        hidden,
-                        inter,
-                        config.mlp_bias,
-                    )?,
-                    down_proj: loader.linear(
-                        &format!("{p}.mlp.down_proj"),
-                        inter,
-                        hidden,
-                        config.mlp_bias,
-                    )?,
-                },
-            });
-        }
-        let embed = loader.tensor::<2>("model.embed_tokens.weight", [config.vocab_size, hidden])?;
-        let embed_tokens = if is_host_device(device) {
-            // In host memory, where a tied lm_head's gemv reads the same matrix.
-            let matrix = crate::linear::matrix_from_data(embed.into_data(), "embed_tokens")?;
-            TokenEmbedding::host(Arc::new(HostDense::new(matrix, None, precision.dtype())?))
-        } else {
-            TokenEmbedding::dense(Embedding {
-                weight: Param::from_tensor(embed),
-            })
-        };
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(loader.linear("lm_head", hidden, config.vocab_size, false)?)
-        };
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm: norm("model.norm")?,
-            lm_head,
-            rotary: RotaryEmbedding::new(config.rope()?, head_dim, device),
-            config,
-            device: device.clone(),
-            dtype: precision.dtype(),
-        })
-    }
-
     /// What a KV cache needs to know about this model.
     pub fn cache_info(&self) -> cachet_kv::ModelCacheInfo {
         cachet_kv::ModelCacheInfo {
@@ -822,7 +584,8 @@ impl Llama {
     /// Logits `[batch, seq, vocab]` (f32) for `input_ids` `[batch, seq]` without a cache.
     ///
     /// `attention_mask` `[batch, seq]` has 1 for real tokens and 0 for padding; `position_ids`
-    /// default to [`default_position_ids`] of the mask (0, 1, 2... after left padding).
+    /// default to the positions of the mask's real tokens (`cumsum(mask) - 1`: 0, 1, 2... after
+    /// left padding).
     pub fn forward(
         &self,
         input_ids: Tensor<2, Int>,
@@ -894,7 +657,6 @@ impl Llama {
             sin,
             cache_position: (past..past + seq).collect(),
             attention_mask,
-            rope_inv_freq: self.rotary.angle_per_position(),
             fused_attention: is_host_device(&self.device),
             masks: RefCell::new(Vec::new()),
         };
@@ -928,7 +690,91 @@ impl Llama {
 
 /// Position ids from an attention mask, as transformers 5's generate computes them:
 /// `cumsum(mask) - 1`, with padding positions set to 0 (they are masked anyway).
-pub fn default_position_ids(attention_mask: Tensor<2, Int>) -> Tensor<2, Int> {
+pub(crate) fn default_position_ids(attention_mask: Tensor<2, Int>) -> Tensor<2, Int> {
     let positions = attention_mask.clone().cumsum(1).sub_scalar(1);
     positions.mask_fill(attention_mask.equal_elem(0), 0)
+}
+
+impl Pretrained for Llama {
+    type Config = LlamaConfig;
+
+    fn read_config(dir: &Path) -> Result<LlamaConfig> {
+        LlamaConfig::from_file(dir.join("config.json"))
+    }
+
+    fn default_factory() -> &'static dyn LinearFactory {
+        &FastDenseFactory
+    }
+
+    fn load_with(
+        config: LlamaConfig,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        precision: Precision,
+        factory: &dyn LinearFactory,
+    ) -> Result<Self> {
+        ensure_supported(device, precision)?;
+        let loader = Loader {
+            checkpoint,
+            device,
+            dtype: precision.dtype(),
+            factory,
+        };
+        let (hidden, heads, kv_heads, head_dim) = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.kv_heads(),
+            config.head_dim(),
+        );
+        let norm = |name: &str| loader.rms_norm(name, hidden, config.rms_norm_eps);
+        let build = |spec: &LinearSpec| factory.build(spec, checkpoint, device, loader.dtype);
+        // Grown as layers load: a config's layer count is not trusted for an allocation.
+        let mut layers = Vec::new();
+        for i in 0..config.num_hidden_layers {
+            let specs = LayerProjections::new(&config, i);
+            let [input_norm, post_attention_norm] = layer_norms(i);
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&input_norm)?,
+                self_attn: Attention {
+                    q_proj: build(&specs.q_proj)?,
+                    k_proj: build(&specs.k_proj)?,
+                    v_proj: build(&specs.v_proj)?,
+                    o_proj: build(&specs.o_proj)?,
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    head_dim,
+                    sliding_window: config.sliding_window_for(i),
+                    layer: i,
+                },
+                post_attention_layernorm: norm(&post_attention_norm)?,
+                mlp: Mlp {
+                    gate_proj: build(&specs.gate_proj)?,
+                    up_proj: build(&specs.up_proj)?,
+                    down_proj: build(&specs.down_proj)?,
+                },
+            });
+        }
+        let embed_name = format!("{EMBED_TOKENS}.weight");
+        let embed = loader.tensor::<2>(&embed_name, [config.vocab_size, hidden])?;
+        let embed_tokens = if is_host_device(device) {
+            // In host memory, where a tied lm_head's gemv reads the same matrix.
+            let matrix = cachet_nn::matrix_from_data(embed.into_data(), "embed_tokens")?;
+            TokenEmbedding::host(Arc::new(HostDense::new(matrix, None, precision.dtype())?))
+        } else {
+            TokenEmbedding::dense(Embedding {
+                weight: Param::from_tensor(embed),
+            })
+        };
+        let lm_head = lm_head_spec(&config).map(|s| build(&s)).transpose()?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: norm(FINAL_NORM)?,
+            lm_head,
+            rotary: RotaryEmbedding::new(config.rope()?, head_dim, device),
+            config,
+            device: device.clone(),
+            dtype: precision.dtype(),
+        })
+    }
 }

@@ -95,7 +95,7 @@ impl RotaryEmbedding {
 }
 
 /// Applies RoPE to `x` `[batch, heads, seq, head_dim]`: `x * cos + rotate_half(x) * sin`.
-pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+pub(crate) fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [batch, heads, seq, dim] = x.dims();
     let half = dim / 2;
     let x1 = x.clone().slice([0..batch, 0..heads, 0..seq, 0..half]);

@@ -59,7 +59,7 @@ pub fn dequantize_into(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), 
 }
 
 /// Like [`dequantize_into`], rounding each f32 result to f16 (nearest-even).
-pub fn dequantize_into_f16(
+pub(crate) fn dequantize_into_f16(
     ty: GgmlType,
     src: &[u8],
     dst: &mut [f16],
@@ -68,7 +68,7 @@ pub fn dequantize_into_f16(
 }
 
 /// Like [`dequantize_into`], rounding each f32 result to bf16 (nearest-even).
-pub fn dequantize_into_bf16(
+pub(crate) fn dequantize_into_bf16(
     ty: GgmlType,
     src: &[u8],
     dst: &mut [bf16],

@@ -30,11 +30,13 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use half::{bf16, f16};
 use memmap2::Mmap;
 
-pub use dequant::{dequantize, dequantize_into, dequantize_into_bf16, dequantize_into_f16};
+pub use dequant::{dequantize, dequantize_into};
 pub use error::{DequantizeError, GgufError};
-pub use read::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GgufTensorInfo, MAX_ARRAY_DEPTH, MAX_DIMS};
-pub use types::{Array, GgmlType, Value, ValueType};
+pub use read::GgufTensorInfo;
+pub use types::{Array, GgmlType, Value};
 pub use write::GgufWriter;
+
+use dequant::{dequantize_into_bf16, dequantize_into_f16};
 
 use crate::dtype::Precision;
 

@@ -14,13 +14,13 @@ type Result<T, E = GgufError> = std::result::Result<T, E>;
 /// The four bytes every GGUF file starts with.
 pub(crate) const MAGIC: [u8; 4] = *b"GGUF";
 /// Alignment of tensor data when `general.alignment` is absent.
-pub const DEFAULT_ALIGNMENT: u64 = 32;
+pub(crate) const DEFAULT_ALIGNMENT: u64 = 32;
 /// The metadata key that overrides the alignment.
-pub const ALIGNMENT_KEY: &str = "general.alignment";
+pub(crate) const ALIGNMENT_KEY: &str = "general.alignment";
 /// Most dimensions a tensor may have (ggml's `GGML_MAX_DIMS`).
-pub const MAX_DIMS: u32 = 4;
+pub(crate) const MAX_DIMS: u32 = 4;
 /// Deepest nesting of arrays accepted in metadata (real files nest at most once).
-pub const MAX_ARRAY_DEPTH: usize = 8;
+pub(crate) const MAX_ARRAY_DEPTH: usize = 8;
 /// Smallest encoding of one tensor info: name length, dimension count, type, offset.
 const MIN_TENSOR_INFO: u64 = 8 + 4 + 4 + 8;
 /// Smallest encoding of one key/value pair: key length, value type, a one-byte value.
