@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden generator for cachet's CogVideoX video DiT (`cachet_models::dit::cogvideox`).
+"""Golden generator for cachet's CogVideoX video DiT (`cachet_diffusion::models::CogVideoX`).
 
 Builds tiny, randomly initialised `CogVideoXTransformer3DModel`s with diffusers 0.42.1 (no Hub
 access: every model comes from a config under a fixed seed), writes each as `config.json` +

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden generator for cachet's Flux MMDiT (`cachet_models::dit::flux`).
+"""Golden generator for cachet's Flux MMDiT (`cachet_diffusion::models::FluxTransformer`).
 
 Builds tiny, randomly initialised `FluxTransformer2DModel`s with diffusers 0.42.1 (no Hub access:
 every model is built from its constructor arguments under a fixed seed), writes each with

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
@@ -156,31 +155,13 @@ pub fn check(root: &Path) -> Result<()> {
 
 /// The crate graph against [`ALLOWED`].
 fn crate_graph(root: &Path) -> Result<Vec<String>> {
-    let output = Command::new(crate::cargo())
-        .current_dir(root)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
-        .output()
-        .context("running cargo metadata")?;
-    if !output.status.success() {
-        bail!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("parsing cargo metadata")?;
+    let meta = crate::cargo_metadata(root)?;
     let allowed: BTreeMap<&str, BTreeSet<&str>> = ALLOWED
         .iter()
         .map(|(name, deps)| (*name, deps.iter().copied().collect()))
         .collect();
     let mut problems = Vec::new();
-    for package in meta["packages"].as_array().into_iter().flatten() {
+    for package in crate::json_items(&meta["packages"]) {
         let name = package["name"].as_str().unwrap_or_default();
         let manifest = package["manifest_path"].as_str().unwrap_or_default();
         if !manifest.contains("/crates/") {
@@ -193,7 +174,7 @@ fn crate_graph(root: &Path) -> Result<Vec<String>> {
             ));
             continue;
         };
-        for dep in package["dependencies"].as_array().into_iter().flatten() {
+        for dep in crate::json_items(&package["dependencies"]) {
             let dep_name = dep["name"].as_str().unwrap_or_default();
             let normal = dep["kind"].is_null();
             if normal && dep_name.starts_with("cachet") && !may.contains(dep_name) {

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod e2e;
 mod fetch_model;
+mod fuzz;
 mod invariants;
 mod llama_cpp;
 mod perplexity;
@@ -98,6 +99,11 @@ enum Cmd {
         #[command(flatten)]
         e2e_args: e2e::E2eArgs,
     },
+    /// Property-based fuzzing of every parser with a long budget: `cargo test --profile fuzz
+    /// -p <crate> --test fuzz` for each crate with a `tests/fuzz.rs`, `CACHET_FUZZ_CASES` cases
+    /// per property, round after round until `--minutes` are spent; prints the cases run per
+    /// target. A failure stops the run with proptest's minimal input.
+    Fuzz(fuzz::FuzzArgs),
     /// Perplexity table: SmolLM2 on the committed text for dense and bitsandbytes weights and
     /// quantized KV caches, `cachet perplexity` next to transformers (+bitsandbytes / quanto /
     /// hqq) in the same run; written to target/perplexity-bench.json.
@@ -152,6 +158,7 @@ fn main() -> ExitCode {
         } => e2e::bench_e2e(&root, e2e_args),
         Cmd::Bench { filter, no_run, .. } => bench(&root, filter.as_deref(), no_run),
         Cmd::Perplexity(args) => perplexity::bench_perplexity(&root, args),
+        Cmd::Fuzz(args) => fuzz::fuzz(&root, args),
         Cmd::Invariants => invariants::check(&root),
         Cmd::FetchModel {
             which,
@@ -763,8 +770,8 @@ fn print_bench_tables(
     Ok(())
 }
 
-/// The workspace's bench targets (`package/target`), from `cargo metadata`.
-fn bench_targets(root: &Path) -> Result<Vec<String>> {
+/// `cargo metadata --no-deps` of the workspace.
+fn cargo_metadata(root: &Path) -> Result<serde_json::Value> {
     let output = Command::new(cargo())
         .current_dir(root)
         .args(["metadata", "--no-deps", "--format-version", "1"])
@@ -776,32 +783,34 @@ fn bench_targets(root: &Path) -> Result<Vec<String>> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let metadata = json::parse(std::str::from_utf8(&output.stdout)?)?;
+    serde_json::from_slice(&output.stdout).context("parsing `cargo metadata`")
+}
+
+/// The elements of a JSON array; empty for anything else.
+fn json_items(value: &serde_json::Value) -> &[serde_json::Value] {
+    value.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// The workspace's bench targets (`package/target`), from `cargo metadata`.
+fn bench_targets(root: &Path) -> Result<Vec<String>> {
+    let metadata = cargo_metadata(root)?;
     let mut found = Vec::new();
-    for package in metadata
-        .get("packages")
-        .map(json::Value::items)
-        .unwrap_or_default()
-    {
+    for package in metadata.get("packages").map(json_items).unwrap_or_default() {
         let name = package
             .get("name")
-            .and_then(json::Value::as_str)
+            .and_then(serde_json::Value::as_str)
             .unwrap_or("?");
-        for target in package
-            .get("targets")
-            .map(json::Value::items)
-            .unwrap_or_default()
-        {
+        for target in package.get("targets").map(json_items).unwrap_or_default() {
             let is_bench = target
                 .get("kind")
-                .map(json::Value::items)
+                .map(json_items)
                 .unwrap_or_default()
                 .iter()
                 .any(|k| k.as_str() == Some("bench"));
             if is_bench {
                 let target = target
                     .get("name")
-                    .and_then(json::Value::as_str)
+                    .and_then(serde_json::Value::as_str)
                     .unwrap_or("?");
                 found.push(format!("{name}/{target}"));
             }
@@ -849,12 +858,12 @@ fn read_result(new_dir: &Path) -> Result<Option<BenchResult>> {
     let Ok(text) = std::fs::read_to_string(&estimates_path) else {
         return Ok(None);
     };
-    let estimates = json::parse(&text)?;
+    let estimates: serde_json::Value = serde_json::from_str(&text)?;
     let point = |key: &str| {
         estimates
             .get(key)
             .and_then(|e| e.get("point_estimate"))
-            .and_then(json::Value::as_f64)
+            .and_then(serde_json::Value::as_f64)
     };
     let (Some(mean_ns), Some(std_dev_ns)) = (point("mean"), point("std_dev")) else {
         bail!("{} lacks mean/std_dev", estimates_path.display());
@@ -866,11 +875,11 @@ fn read_result(new_dir: &Path) -> Result<Option<BenchResult>> {
     // benchmark.json carries the ids; fall back to the directory names.
     let meta = std::fs::read_to_string(new_dir.join("benchmark.json"))
         .ok()
-        .and_then(|t| json::parse(&t).ok());
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     let text_field = |key: &str| {
         meta.as_ref()
             .and_then(|m| m.get(key))
-            .and_then(json::Value::as_str)
+            .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
     };
     let dir_id = new_dir
@@ -974,246 +983,5 @@ fn print_table(
     );
     if old_reference {
         println!("* against a reference result from an earlier run (not re-measured by this one)");
-    }
-}
-
-/// A minimal JSON reader, enough for criterion's result files.
-mod json {
-    use anyhow::{Result, bail};
-
-    #[derive(Debug, Clone, PartialEq)]
-    pub enum Value {
-        Null,
-        Bool(bool),
-        Number(f64),
-        String(String),
-        Array(Vec<Value>),
-        Object(Vec<(String, Value)>),
-    }
-
-    impl Value {
-        pub fn get(&self, key: &str) -> Option<&Value> {
-            match self {
-                Value::Object(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-                _ => None,
-            }
-        }
-
-        pub fn as_f64(&self) -> Option<f64> {
-            match self {
-                Value::Number(n) => Some(*n),
-                _ => None,
-            }
-        }
-
-        /// The elements of an array; empty for anything else.
-        pub fn items(&self) -> &[Value] {
-            match self {
-                Value::Array(items) => items,
-                _ => &[],
-            }
-        }
-
-        pub fn as_str(&self) -> Option<&str> {
-            match self {
-                Value::String(s) => Some(s),
-                _ => None,
-            }
-        }
-    }
-
-    pub fn parse(text: &str) -> Result<Value> {
-        let mut parser = Parser {
-            bytes: text.as_bytes(),
-            pos: 0,
-        };
-        let value = parser.value()?;
-        parser.skip_ws();
-        if parser.pos != parser.bytes.len() {
-            bail!("trailing characters at byte {}", parser.pos);
-        }
-        Ok(value)
-    }
-
-    struct Parser<'a> {
-        bytes: &'a [u8],
-        pos: usize,
-    }
-
-    impl Parser<'_> {
-        fn skip_ws(&mut self) {
-            while self
-                .bytes
-                .get(self.pos)
-                .is_some_and(|b| b.is_ascii_whitespace())
-            {
-                self.pos += 1;
-            }
-        }
-
-        fn expect(&mut self, literal: &str) -> Result<()> {
-            if self.bytes[self.pos..].starts_with(literal.as_bytes()) {
-                self.pos += literal.len();
-                Ok(())
-            } else {
-                bail!("expected `{literal}` at byte {}", self.pos)
-            }
-        }
-
-        fn value(&mut self) -> Result<Value> {
-            self.skip_ws();
-            match self.bytes.get(self.pos) {
-                None => bail!("unexpected end of JSON"),
-                Some(b'n') => self.expect("null").map(|_| Value::Null),
-                Some(b't') => self.expect("true").map(|_| Value::Bool(true)),
-                Some(b'f') => self.expect("false").map(|_| Value::Bool(false)),
-                Some(b'"') => self.string().map(Value::String),
-                Some(b'[') => {
-                    self.pos += 1;
-                    let mut items = Vec::new();
-                    self.skip_ws();
-                    if self.bytes.get(self.pos) == Some(&b']') {
-                        self.pos += 1;
-                        return Ok(Value::Array(items));
-                    }
-                    loop {
-                        items.push(self.value()?);
-                        self.skip_ws();
-                        match self.bytes.get(self.pos) {
-                            Some(b',') => self.pos += 1,
-                            Some(b']') => {
-                                self.pos += 1;
-                                return Ok(Value::Array(items));
-                            }
-                            _ => bail!("expected `,` or `]` at byte {}", self.pos),
-                        }
-                    }
-                }
-                Some(b'{') => {
-                    self.pos += 1;
-                    let mut fields = Vec::new();
-                    self.skip_ws();
-                    if self.bytes.get(self.pos) == Some(&b'}') {
-                        self.pos += 1;
-                        return Ok(Value::Object(fields));
-                    }
-                    loop {
-                        self.skip_ws();
-                        let key = self.string()?;
-                        self.skip_ws();
-                        self.expect(":")?;
-                        fields.push((key, self.value()?));
-                        self.skip_ws();
-                        match self.bytes.get(self.pos) {
-                            Some(b',') => self.pos += 1,
-                            Some(b'}') => {
-                                self.pos += 1;
-                                return Ok(Value::Object(fields));
-                            }
-                            _ => bail!("expected `,` or `}}` at byte {}", self.pos),
-                        }
-                    }
-                }
-                Some(_) => self.number(),
-            }
-        }
-
-        fn number(&mut self) -> Result<Value> {
-            let start = self.pos;
-            while self
-                .bytes
-                .get(self.pos)
-                .is_some_and(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-            {
-                self.pos += 1;
-            }
-            let text = std::str::from_utf8(&self.bytes[start..self.pos])?;
-            match text.parse::<f64>() {
-                Ok(n) if !text.is_empty() => Ok(Value::Number(n)),
-                _ => bail!("invalid number `{text}` at byte {start}"),
-            }
-        }
-
-        fn string(&mut self) -> Result<String> {
-            self.expect("\"")?;
-            let mut out = String::new();
-            loop {
-                let start = self.pos;
-                while self
-                    .bytes
-                    .get(self.pos)
-                    .is_some_and(|b| *b != b'"' && *b != b'\\')
-                {
-                    self.pos += 1;
-                }
-                out.push_str(std::str::from_utf8(&self.bytes[start..self.pos])?);
-                match self.bytes.get(self.pos) {
-                    None => bail!("unterminated string"),
-                    Some(b'"') => {
-                        self.pos += 1;
-                        return Ok(out);
-                    }
-                    Some(_) => {
-                        let Some(&escape) = self.bytes.get(self.pos + 1) else {
-                            bail!("unterminated escape");
-                        };
-                        self.pos += 2;
-                        match escape {
-                            b'"' => out.push('"'),
-                            b'\\' => out.push('\\'),
-                            b'/' => out.push('/'),
-                            b'b' => out.push('\u{8}'),
-                            b'f' => out.push('\u{c}'),
-                            b'n' => out.push('\n'),
-                            b'r' => out.push('\r'),
-                            b't' => out.push('\t'),
-                            b'u' => {
-                                let mut code = self.hex4()?;
-                                if (0xD800..0xDC00).contains(&code) {
-                                    self.expect("\\u")?;
-                                    let low = self.hex4()?;
-                                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
-                                }
-                                out.push(char::from_u32(code).unwrap_or('\u{FFFD}'));
-                            }
-                            other => bail!("invalid escape `\\{}`", other as char),
-                        }
-                    }
-                }
-            }
-        }
-
-        fn hex4(&mut self) -> Result<u32> {
-            let Some(digits) = self.bytes.get(self.pos..self.pos + 4) else {
-                bail!("truncated \\u escape");
-            };
-            let code = u32::from_str_radix(std::str::from_utf8(digits)?, 16)?;
-            self.pos += 4;
-            Ok(code)
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn parses_criterion_files() {
-            let v = parse(
-                r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.5e3,
-                "upper_bound":1600.0},"point_estimate":1550.25,"standard_error":3.1},
-                "slope":null,"id":"a\/b \u00b5\"x\"","list":[1,-2.5E-1,true,false,[]]}"#,
-            )
-            .unwrap();
-            let mean = v.get("mean").unwrap();
-            assert_eq!(
-                mean.get("point_estimate").and_then(Value::as_f64),
-                Some(1550.25)
-            );
-            assert_eq!(v.get("slope"), Some(&Value::Null));
-            assert_eq!(v.get("id").and_then(Value::as_str), Some("a/b µ\"x\""));
-            assert!(parse("{\"a\":1,}").is_err());
-            assert!(parse("[1 2]").is_err());
-        }
     }
 }

@@ -123,6 +123,17 @@ pub enum CompileCacheError {
         /// The client's error.
         detail: String,
     },
+    /// A file from the Hub is bigger than cachet reads or downloads (before anything is read
+    /// where the size is advertised).
+    #[error("refusing {what}: {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// The file or module, and the repo.
+        what: String,
+        /// Its size: the advertised one, else the bytes received (then `limit + 1`).
+        size: u64,
+        /// The limit it exceeds.
+        limit: u64,
+    },
     /// Private-model compilations may not be pushed to a public cache repo.
     #[error("refusing to push compilations of private model {model_id} to public repo {repo}")]
     PrivateToPublic {

@@ -569,3 +569,161 @@ fn large_artifacts_round_trip() {
     assert_eq!(got.len(), size);
     assert!(got == pattern(size));
 }
+
+#[test]
+fn synchronize_replaces_same_size_files_with_other_bytes() {
+    let server = HubServer::start();
+    server.add_repo("alice/cache", true);
+    let dir = tempfile::tempdir().unwrap();
+    let local = CompileCache::local_only(LocalCache::new(dir.path(), layout()));
+    // One module below the LFS threshold (compared by git blob id), one above (by SHA-256).
+    let small = entry("meta-llama/Llama-3.2-1B", 1);
+    let big = entry("meta-llama/Llama-3.2-1B", 2);
+    local
+        .get_or_compile(&small, |o| Compiler::new(5000).compile(o))
+        .unwrap();
+    local
+        .get_or_compile(&big, |o| Compiler::new(11 << 20).compile(o))
+        .unwrap();
+    let hub = HubCache::new("alice/cache", options(&server, WRITE_TOKEN)).unwrap();
+    let first = hub.synchronize(local.local()).unwrap();
+    assert_eq!(first.uploaded.len(), 10, "{:?}", first.uploaded);
+    // Someone else's bytes of the same sizes land on the Hub.
+    let changed = [
+        format!("{}/model.neff", layout().module_dir(&small.hash())),
+        format!("{}/model.neff", layout().module_dir(&big.hash())),
+        layout().registry_path(&small),
+    ];
+    for path in &changed {
+        let mut bytes = server.file("alice/cache", path).unwrap().to_vec();
+        bytes[0] ^= 0xff;
+        server.put_file("alice/cache", path, bytes);
+    }
+    let report = hub.synchronize(local.local()).unwrap();
+    let mut uploaded = report.uploaded.clone();
+    uploaded.sort();
+    let mut want = changed.to_vec();
+    want.sort();
+    assert_eq!(
+        uploaded, want,
+        "same-size files with other bytes must be uploaded"
+    );
+    assert_eq!(report.already_present, 7);
+    for path in &changed {
+        assert_eq!(
+            server.file("alice/cache", path).unwrap().to_vec(),
+            fs::read(dir.path().join(path)).unwrap(),
+            "{path}"
+        );
+    }
+    let again = hub.synchronize(local.local()).unwrap();
+    assert!(again.uploaded.is_empty(), "{:?}", again.uploaded);
+    assert_eq!(again.already_present, 10);
+}
+
+#[test]
+fn remote_text_is_read_up_to_a_limit() {
+    const LIMIT: u64 = 16 << 20;
+    assert_eq!(hub::MAX_TEXT_BYTES, LIMIT);
+    let server = HubServer::start();
+    server.add_repo("alice/cache", true);
+    server.put_file(
+        "alice/cache",
+        "registry/big.json",
+        vec![b' '; LIMIT as usize + 1],
+    );
+    server.put_file(
+        "alice/cache",
+        "registry/limit.json",
+        vec![b' '; LIMIT as usize],
+    );
+    server.put_file("alice/cache", "registry/ok.json", b"{}".to_vec());
+    server.put_file("alice/cache", "registry/empty.json", Vec::new());
+    let hub = HubCache::new("alice/cache", options(&server, WRITE_TOKEN)).unwrap();
+    match hub.read_text("registry/big.json") {
+        Err(CompileCacheError::TooLarge { what, size, limit }) => {
+            assert!(what.contains("registry/big.json"), "{what}");
+            assert_eq!((size, limit), (LIMIT + 1, LIMIT));
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(text) => panic!("read {} bytes over the limit", text.len()),
+    }
+    let shown = hub.read_text("registry/big.json").unwrap_err().to_string();
+    assert!(
+        shown.contains("registry/big.json") && shown.contains(&(LIMIT + 1).to_string()),
+        "{shown}"
+    );
+    // Only the first bytes were asked for: the file never had to fit in memory.
+    let ranges = server.state.lock().unwrap().ranges_seen.clone();
+    assert!(
+        ranges.contains(&format!("registry/big.json bytes=0-{LIMIT}")),
+        "{ranges:?}"
+    );
+    assert_eq!(
+        hub.read_text("registry/limit.json").unwrap().len() as u64,
+        LIMIT
+    );
+    assert_eq!(hub.read_text("registry/ok.json").unwrap(), "{}");
+    // No byte 0 to start a range at: the Hub answers 416, which is an empty file.
+    assert_eq!(hub.read_text("registry/empty.json").unwrap(), "");
+}
+
+#[test]
+fn module_downloads_refuse_advertised_sizes_over_the_limit() {
+    let server = HubServer::start();
+    server.add_repo("alice/cache", true);
+    let e = entry("meta-llama/Llama-3.2-1B", 4);
+    let module = layout().module_dir(&e.hash());
+    let hub = HubCache::new("alice/cache", options(&server, WRITE_TOKEN)).unwrap();
+    let staging = tempfile::tempdir().unwrap();
+    // A listing that promises a 2 TiB artifact, or a 1 GiB manifest, or many files over the
+    // module limit together.
+    let huge = |file: &str, size: u64| json!({"type": "file", "oid": "0".repeat(40), "size": size, "path": format!("{module}/{file}")});
+    let half = hub::MAX_MODULE_BYTES / 2 + 1;
+    for (listing, named, size, limit) in [
+        (
+            json!([huge("model.neff", 2 << 40)]),
+            "model.neff",
+            2u64 << 40,
+            hub::MAX_MODULE_BYTES,
+        ),
+        (
+            json!([huge(MANIFEST_FILE, 1 << 30)]),
+            MANIFEST_FILE,
+            1 << 30,
+            hub::MAX_TEXT_BYTES,
+        ),
+        (
+            json!([huge("a.neff", half), huge("b.neff", half)]),
+            "MODULE_",
+            2 * half,
+            hub::MAX_MODULE_BYTES,
+        ),
+    ] {
+        server.clear_faults();
+        server.fault(
+            Some("GET"),
+            "/tree/",
+            FaultKind::Body(listing.to_string()),
+            u32::MAX,
+        );
+        let before = server.log().len();
+        match hub.fetch_module(&layout(), &e.hash(), staging.path()) {
+            Err(CompileCacheError::TooLarge {
+                what,
+                size: got,
+                limit: got_limit,
+            }) => {
+                assert!(what.contains(named), "{what}");
+                assert_eq!((got, got_limit), (size, limit), "{named}");
+            }
+            other => panic!("{named}: {other:?}"),
+        }
+        let downloads: Vec<String> = server.log()[before..]
+            .iter()
+            .filter(|l| l.contains("/resolve/"))
+            .cloned()
+            .collect();
+        assert!(downloads.is_empty(), "{named}: downloaded {downloads:?}");
+    }
+}

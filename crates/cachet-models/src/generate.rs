@@ -47,6 +47,9 @@ impl EarlyStopping {
     }
 }
 
+/// Most sequences (prompts × beams) one generation runs at once.
+pub(crate) const MAX_ROWS: usize = 1 << 16;
+
 fn default_max_new_tokens() -> usize {
     20
 }
@@ -82,7 +85,7 @@ pub struct GenerationConfig {
     /// Sample among the smallest set of tokens whose probability reaches `top_p`.
     #[serde(default = "one_f")]
     pub top_p: f32,
-    /// Beams for beam search (1 = no beam search).
+    /// Beams for beam search (1 = no beam search); prompts × beams is at most 65536.
     #[serde(default = "one")]
     pub num_beams: usize,
     /// Sequences returned per prompt (at most `num_beams`).
@@ -249,6 +252,19 @@ pub fn generate_streaming(
             "pad_token_id {pad} is outside the vocabulary (size {vocab})"
         )));
     }
+    // Every beam of every prompt is a row of the batch: refuse a count no machine could hold
+    // before anything is sized from it (a generation_config.json may say anything).
+    if prompts
+        .len()
+        .checked_mul(config.num_beams)
+        .is_none_or(|rows| rows > MAX_ROWS)
+    {
+        return Err(ModelError::Input(format!(
+            "{} prompts x num_beams {} exceeds {MAX_ROWS} sequences",
+            prompts.len(),
+            config.num_beams
+        )));
+    }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if longest
         .checked_add(config.max_new_tokens)
@@ -314,8 +330,10 @@ fn make_cache(
         let rows = prompts.len() * config.num_beams;
         let c = &model.config;
         let dtype_size = model.embed_tokens.dtype().size();
-        let estimate =
-            c.num_hidden_layers * 2 * rows * c.kv_heads() * max_len * c.head_dim() * dtype_size;
+        // Saturating: a fuzzed max_new_tokens makes the product overflow, which means "over".
+        let estimate = [2, rows, c.kv_heads(), max_len, c.head_dim(), dtype_size]
+            .into_iter()
+            .fold(c.num_hidden_layers, usize::saturating_mul);
         let can_offload = matches!(
             implementation,
             CacheImplementation::Dynamic | CacheImplementation::Static
@@ -448,7 +466,11 @@ impl<'a, 'c> Run<'a, 'c> {
             last
         };
         let flat = last
-            .into_data()
+            .try_into_data()
+            .map_err(|err| cachet_tensor::TensorError::Transfer {
+                what: "logits to host".into(),
+                reason: err.to_string(),
+            })?
             .try_cast(DType::F32)
             .and_then(|d| d.try_into_vec::<f32>())
             .map_err(|err| ModelError::Input(format!("reading logits: {err:?}")))?;

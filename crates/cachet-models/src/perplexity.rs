@@ -185,7 +185,12 @@ pub fn perplexity(
                 processed += stop - at;
                 if hi > lo {
                     let rows = logits.slice([0..1, 0..hi - lo, 0..vocab]);
-                    let data = rows.into_data();
+                    let data = rows.try_into_data().map_err(|err| {
+                        cachet_tensor::TensorError::Transfer {
+                            what: "logits to host".into(),
+                            reason: err.to_string(),
+                        }
+                    })?;
                     let values = data
                         .as_slice::<f32>()
                         .map_err(|e| ModelError::Input(format!("logits are not f32: {e:?}")))?;

@@ -14,12 +14,17 @@ pub fn parse<T: DeserializeOwned>(
     origin: &str,
     validate: impl FnOnce(&T, &str) -> Result<()>,
 ) -> Result<T> {
-    let deserializer = &mut serde_json::Deserializer::from_str(text);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
     let config: T =
-        serde_path_to_error::deserialize(deserializer).map_err(|err| ModelError::Config {
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| ModelError::Config {
             origin: origin.to_string(),
             reason: format!("field `{}`: {}", err.path(), err.inner()),
         })?;
+    // One document: text after it (`{...} x`) is refused, as `json.loads` refuses it.
+    deserializer.end().map_err(|err| ModelError::Config {
+        origin: origin.to_string(),
+        reason: format!("trailing characters after the JSON document: {err}"),
+    })?;
     validate(&config, origin)?;
     Ok(config)
 }

@@ -10,15 +10,17 @@ use burn::nn::Linear;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use cachet_tensor::kernels::DenseMatrix;
 use cachet_tensor::safetensors::Checkpoint;
-use cachet_tensor::{MemoryFootprint, is_host_device};
+use cachet_tensor::{MemoryFootprint, TensorError, is_host_device};
 
 use crate::error::{ModelError, Result};
 use crate::norm::RmsNorm;
 
 /// A linear map `[.., in] -> [.., out]` implemented outside burn's `Linear` (e.g. quantized).
 pub trait LinearOp: Send + Sync + Debug {
-    /// Applies the layer to `x` `[batch, seq, in_features]`.
-    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+    /// Applies the layer to `x` `[batch, seq, in_features]`. Fallible because a layer may read
+    /// its weights on use (a disk-offloaded file damaged since load) or read values back from a
+    /// device: the error reaches the caller of the model's forward, never a panic.
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>>;
     /// Input width.
     fn in_features(&self) -> usize;
     /// Output width.
@@ -33,10 +35,11 @@ pub trait LinearOp: Send + Sync + Debug {
     }
 
     /// `[rows, in]` f32 activations in host memory to `[rows, out]` f32 (values rounded as the
-    /// layer's compute dtype rounds them); `None` when the layer has no host path.
-    fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+    /// layer's compute dtype rounds them); `Ok(None)` when the layer has no host path, an error
+    /// when it has one that failed (as [`LinearOp::forward`]).
+    fn forward_host(&self, x: &[f32], rows: usize) -> Result<Option<Vec<f32>>> {
         let _ = (x, rows);
-        None
+        Ok(None)
     }
 }
 
@@ -80,11 +83,11 @@ impl LinearLayer {
         self.custom.as_ref().filter(|op| op.has_host_forward())
     }
 
-    /// Applies the layer.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    /// Applies the layer; a custom layer's error (see [`LinearOp::forward`]) is returned as is.
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
         match (&self.dense, &self.custom) {
             (_, Some(op)) => op.forward(x),
-            (Some(linear), None) => linear.forward(x),
+            (Some(linear), None) => Ok(linear.forward(x)),
             (None, None) => unreachable!("a LinearLayer is built dense or custom"),
         }
     }
@@ -322,21 +325,17 @@ impl HostDense {
 }
 
 impl LinearOp for HostDense {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
         let device = x.device();
         let [b, s, k] = x.dims();
         let _span =
             tracing::trace_span!("host_dense", rows = b * s, k, n = self.weight.rows()).entered();
-        let data = x
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .unwrap_or_else(|_| unreachable!("converted to f32 just above"));
-        let y = self.matmul_host(&data, b * s);
-        Tensor::from_data(
+        let (data, rows) = tensor_to_host(x)?;
+        let y = self.matmul_host(&data, rows);
+        Ok(Tensor::from_data(
             TensorData::new(y, [b, s, self.weight.rows()]),
             (&device, self.dtype),
-        )
+        ))
     }
 
     fn in_features(&self) -> usize {
@@ -355,8 +354,8 @@ impl LinearOp for HostDense {
         true
     }
 
-    fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
-        Some(self.matmul_host(x, rows))
+    fn forward_host(&self, x: &[f32], rows: usize) -> Result<Option<Vec<f32>>> {
+        Ok(Some(self.matmul_host(x, rows)))
     }
 }
 
@@ -373,16 +372,22 @@ pub fn round_slice(dtype: DType, values: &mut [f32]) {
     }
 }
 
-/// Activations `[.., in]` to host f32 values and the row count.
-pub fn tensor_to_host<const D: usize>(x: Tensor<D>) -> (Vec<f32>, usize) {
+/// Activations `[.., in]` to host f32 values and the row count; a failed read from the
+/// activations' device is a typed error ([`TensorError::Transfer`]), not a panic.
+pub fn tensor_to_host<const D: usize>(x: Tensor<D>) -> Result<(Vec<f32>, usize)> {
     let dims = x.dims();
     let rows = dims[..D - 1].iter().product();
+    let transfer = |reason: String| TensorError::Transfer {
+        what: "activations to host".into(),
+        reason,
+    };
     let data = x
-        .into_data()
+        .try_into_data()
+        .map_err(|e| transfer(e.to_string()))?
         .convert::<f32>()
         .try_into_vec::<f32>()
-        .unwrap_or_else(|_| unreachable!("converted to f32 just above"));
-    (data, rows)
+        .map_err(|e| transfer(format!("{e:?}")))?;
+    Ok((data, rows))
 }
 
 /// Loads a model's named tensors with shape checks and builds its projections through a

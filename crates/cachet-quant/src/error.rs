@@ -70,6 +70,17 @@ pub enum QuantError {
         /// Why.
         reason: String,
     },
+    /// A `disk` layer's offloaded file no longer holds what was written at load (truncated,
+    /// removed or overwritten since): the layer cannot run, and the forward returns this.
+    #[error("disk-offloaded layer {module} cannot be read back from {}: {reason}", path.display())]
+    OffloadedFile {
+        /// The layer (module name).
+        module: String,
+        /// Its file in the offload folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A file or directory operation failed.
     #[error("{op} {path}: {source}")]
     Io {

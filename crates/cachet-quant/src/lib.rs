@@ -13,8 +13,10 @@
 //!   [`device_map`] and [`offload`] to `cpu` / `disk` (quantized layers stay quantized; dense
 //!   projections are kept in host memory or memory-mapped from the offload folder).
 //! * [`save`] — `QuantizedModel::save_pretrained[_with]`: streamed tensor by tensor, sharded
-//!   as transformers does (`max_shard_size`, default "5GB"), staged then moved into place.
+//!   as transformers does (`max_shard_size`, default "5GB"), written beside the target and
+//!   swapped in whole, so a killed save leaves the old checkpoint or the new one.
 
+mod atomic_dir;
 pub mod blockwise;
 pub mod codes;
 pub mod config;
@@ -48,4 +50,4 @@ pub use load::{
     LoadOptions, QuantizedLinear, QuantizedModel, QuantizingFactory, load_and_quantize_model,
     load_and_quantize_model_with, load_pretrained,
 };
-pub use save::{DEFAULT_MAX_SHARD_SIZE, SaveOptions, parse_shard_size};
+pub use save::{DEFAULT_MAX_SHARD_SIZE, SaveOptions, parse_shard_size, recover_interrupted_save};

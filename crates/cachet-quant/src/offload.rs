@@ -4,19 +4,24 @@
 //! `skip_modules`, `keep_in_fp32_modules`) are offloaded too: [`CpuDenseLinear`] keeps the
 //! weight on the CPU backend and multiplies there, [`DiskDenseLinear`] maps it from the folder
 //! and loads it onto the activations' device on use.
+//!
+//! A disk layer's file may be damaged after load (truncated, removed, overwritten): each use
+//! checks it first and the forward returns [`QuantError::OffloadedFile`] naming the file,
+//! never a panic, nor a read past the end of a truncated mapping (which would be a SIGBUS).
+//! Truncation racing with the read itself cannot be caught: that is the price of the mapping.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 use cachet_nn::{DenseFactory, LinearFactory, LinearOp, LinearSpec};
 use cachet_tensor::Precision;
-use cachet_tensor::safetensors::Checkpoint;
+use cachet_tensor::safetensors::{Checkpoint, SafetensorsError};
 
 use crate::error::{QuantError, Result};
-use crate::linear::{HostLinear4bit, HostLinear8bitLt};
+use crate::linear::{HostLinear4bit, HostLinear8bitLt, via_host};
 use crate::load::QuantizedLinear;
 use crate::serialize::{read_four_bit, read_int8};
 
@@ -33,6 +38,58 @@ pub fn check_folder(folder: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The file a `disk` layer maps, with its length when it was written: checked before each use.
+struct MappedFile {
+    path: PathBuf,
+    len: u64,
+    checkpoint: Checkpoint,
+}
+
+impl MappedFile {
+    /// Maps `path`, just written.
+    fn open(path: PathBuf) -> Result<Self> {
+        let checkpoint = Checkpoint::open(&path)?;
+        let len = std::fs::metadata(&path)
+            .map_err(|source| QuantError::Io {
+                op: "reading the length of",
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        Ok(Self {
+            path,
+            len,
+            checkpoint,
+        })
+    }
+
+    /// The mapping, once the file is known to be as long as it was written (one `stat`): a
+    /// shorter file would make reading the mapping past its new end a SIGBUS.
+    fn checkpoint(&self, module: &str) -> Result<&Checkpoint> {
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if meta.len() >= self.len => Ok(&self.checkpoint),
+            Ok(meta) => Err(self.damaged(
+                module,
+                format!(
+                    "the file was truncated to {} bytes since it was written ({} bytes)",
+                    meta.len(),
+                    self.len
+                ),
+            )),
+            Err(err) => Err(self.damaged(module, format!("the file is gone: {err}"))),
+        }
+    }
+
+    /// The error of layer `module` whose file no longer reads back.
+    fn damaged(&self, module: &str, reason: impl fmt::Display) -> QuantError {
+        QuantError::OffloadedFile {
+            module: module.to_string(),
+            path: self.path.clone(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Kind {
     FourBit(crate::codes::QuantType, Precision),
@@ -41,8 +98,7 @@ enum Kind {
 
 /// A quantized layer that lives on disk and is loaded on use.
 pub struct DiskLinear {
-    path: PathBuf,
-    checkpoint: Checkpoint,
+    file: MappedFile,
     name: String,
     kind: Kind,
     shape: [usize; 2],
@@ -53,7 +109,7 @@ impl fmt::Debug for DiskLinear {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DiskLinear")
             .field("name", &self.name)
-            .field("path", &self.path)
+            .field("path", &self.file.path)
             .field("shape", &self.shape)
             .finish()
     }
@@ -69,7 +125,7 @@ impl DiskLinear {
                 reason: format!("writing {}: {e}", path.display()),
             }
         })?;
-        let checkpoint = Checkpoint::open(&path)?;
+        let file = MappedFile::open(path)?;
         let (kind, shape, bias) = match layer {
             QuantizedLinear::FourBit(l, _) => {
                 let l = l.host_copy()?;
@@ -89,8 +145,7 @@ impl DiskLinear {
             }
         };
         Ok(Self {
-            path,
-            checkpoint,
+            file,
             name: name.to_string(),
             kind,
             shape,
@@ -98,12 +153,16 @@ impl DiskLinear {
         })
     }
 
-    /// `y = x · Wᵀ + b` on the host, reading the weight from the mapping.
+    /// `y = x · Wᵀ + b` on the host, reading the weight from the mapping; a file damaged since
+    /// it was written is [`QuantError::OffloadedFile`].
     pub fn forward_host(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let _span = tracing::trace_span!("disk_linear", name = self.name.as_str()).entered();
+        let checkpoint = self.file.checkpoint(&self.name)?;
+        let damaged = |err: QuantError| self.file.damaged(&self.name, err);
         Ok(match self.kind {
             Kind::FourBit(qt, compute) => {
-                let (weight, dtype) = read_four_bit(&self.checkpoint, &self.name, qt, self.shape)?;
+                let (weight, dtype) =
+                    read_four_bit(checkpoint, &self.name, qt, self.shape).map_err(damaged)?;
                 HostLinear4bit {
                     weight,
                     bias: self.bias.clone(),
@@ -113,7 +172,7 @@ impl DiskLinear {
                 .forward_host(x, rows)
             }
             Kind::Int8(threshold) => HostLinear8bitLt {
-                weight: read_int8(&self.checkpoint, &self.name, self.shape)?,
+                weight: read_int8(checkpoint, &self.name, self.shape).map_err(damaged)?,
                 bias: self.bias.clone(),
                 threshold,
             }
@@ -123,22 +182,10 @@ impl DiskLinear {
 }
 
 impl LinearOp for DiskLinear {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let device = x.device();
-        let dtype = x.dtype();
-        let [b, s, _] = x.dims();
-        let data = x
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 data");
-        let out = self
-            .forward_host(&data, b * s)
-            .unwrap_or_else(|e| panic!("disk-offloaded layer {}: {e}", self.name));
-        Tensor::<3>::from_data(
-            TensorData::new(out, [b, s, self.shape[0]]),
-            (&device, dtype),
-        )
+    fn forward(&self, x: Tensor<3>) -> cachet_nn::Result<Tensor<3>> {
+        Ok(via_host(x, self.shape[0], |data, rows| {
+            self.forward_host(data, rows)
+        })?)
     }
 
     fn in_features(&self) -> usize {
@@ -201,11 +248,11 @@ impl CpuDenseLinear {
 }
 
 impl LinearOp for CpuDenseLinear {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>) -> cachet_nn::Result<Tensor<3>> {
         let _span = tracing::trace_span!("cpu_dense_linear", name = self.name.as_str()).entered();
         let device = x.device();
         let y = self.linear.forward(x.to_device(&self.cpu));
-        y.to_device(&device)
+        Ok(y.to_device(&device))
     }
 
     fn in_features(&self) -> usize {
@@ -225,8 +272,7 @@ impl LinearOp for CpuDenseLinear {
 /// `folder/<name>.safetensors` in the model's dtype, memory-mapped, and loaded onto the
 /// activations' device on each use (accelerate's disk offload), then dropped.
 pub struct DiskDenseLinear {
-    path: PathBuf,
-    checkpoint: Checkpoint,
+    file: MappedFile,
     name: String,
     shape: [usize; 2],
     bias: bool,
@@ -237,7 +283,7 @@ impl fmt::Debug for DiskDenseLinear {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DiskDenseLinear")
             .field("name", &self.name)
-            .field("path", &self.path)
+            .field("path", &self.file.path)
             .field("shape", &self.shape)
             .finish()
     }
@@ -297,8 +343,7 @@ impl DiskDenseLinear {
         })?;
         drop(tensors);
         Ok(Self {
-            checkpoint: Checkpoint::open(&path)?,
-            path,
+            file: MappedFile::open(path)?,
             name: spec.name.clone(),
             shape,
             bias: spec.bias,
@@ -306,18 +351,20 @@ impl DiskDenseLinear {
         })
     }
 
+    /// The layer on `device`, read from the mapping; a file damaged since it was written is
+    /// [`QuantError::OffloadedFile`].
     fn load(&self, device: &Device) -> Result<Linear> {
-        let weight = self.checkpoint.load_float::<2>(
-            &format!("{}.weight", self.name),
-            device,
-            self.dtype,
-        )?;
+        let checkpoint = self.file.checkpoint(&self.name)?;
+        let damaged = |err: SafetensorsError| self.file.damaged(&self.name, err);
+        let weight = checkpoint
+            .load_float::<2>(&format!("{}.weight", self.name), device, self.dtype)
+            .map_err(damaged)?;
         let bias = if self.bias {
-            Some(Param::from_tensor(self.checkpoint.load_float::<1>(
-                &format!("{}.bias", self.name),
-                device,
-                self.dtype,
-            )?))
+            Some(Param::from_tensor(
+                checkpoint
+                    .load_float::<1>(&format!("{}.bias", self.name), device, self.dtype)
+                    .map_err(damaged)?,
+            ))
         } else {
             None
         };
@@ -327,12 +374,10 @@ impl DiskDenseLinear {
 }
 
 impl LinearOp for DiskDenseLinear {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>) -> cachet_nn::Result<Tensor<3>> {
         let _span = tracing::trace_span!("disk_dense_linear", name = self.name.as_str()).entered();
-        let linear = self
-            .load(&x.device())
-            .unwrap_or_else(|e| panic!("disk-offloaded layer {}: {e}", self.name));
-        linear.forward(x)
+        let linear = self.load(&x.device())?;
+        Ok(linear.forward(x))
     }
 
     fn in_features(&self) -> usize {

@@ -7,6 +7,17 @@
 //! therefore one tensor, whatever the model or shard size. Files are split as transformers'
 //! `save_pretrained(max_shard_size=...)` splits them (`model-00001-of-0000N.safetensors` plus
 //! `model.safetensors.index.json`); a model that fits one shard is a single `model.safetensors`.
+//!
+//! The directory is replaced atomically (the private `atomic_dir` module): the whole checkpoint is written
+//! into a work folder beside it (`.NAME.cachet-save-PID-N`), every file and folder is synced,
+//! and the folder is swapped in, so `dir` is at every moment the complete old checkpoint or the
+//! complete new one (on Linux; elsewhere a crash between the two renames of the swap leaves the
+//! old checkpoint parked in the work folder, put back by the next save or by
+//! [`recover_interrupted_save`]). Files of `dir` that are not weight files (a README, a
+//! tokenizer, a folder) are carried into the new checkpoint, hard-linked where possible.
+//! `cachet_tensor::safetensors::save` is atomic per file but holds every tensor in memory; the
+//! streaming writer here needs no per-file atomicity, since nothing it writes is visible before
+//! the swap.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -19,6 +30,7 @@ use cachet_tensor::safetensors::Checkpoint;
 use cachet_tensor::safetensors::StoredDType;
 use serde_json::Value;
 
+use crate::atomic_dir::{DirSave, crash_point};
 use crate::error::{QuantError, Result};
 use crate::load::{QuantizedLinear, QuantizedModel, float_dtype_of, owned_by};
 use crate::serialize::Part;
@@ -169,9 +181,13 @@ impl<M> QuantizedModel<M> {
     /// `options.max_shard_size`, else `model-0000i-of-0000N.safetensors` and
     /// `model.safetensors.index.json`, split as transformers splits them. Tensors are streamed:
     /// each one is produced, written and dropped before the next, so memory stays near the
-    /// largest single tensor. Files are staged in a temporary sibling directory and moved in
-    /// only once complete (a failed save leaves nothing behind); weight files of an earlier
-    /// save in `dir` that this one does not write are removed.
+    /// largest single tensor. The checkpoint is written into a work folder beside `dir`,
+    /// synced, and swapped in whole (see the [module docs](self)): a failed save leaves nothing
+    /// behind, a killed one leaves `dir` the old checkpoint or the new one. Weight files of an
+    /// earlier save in `dir` that this one does not write are dropped; every other file and
+    /// folder of `dir` is kept. Saves of one directory from two processes at once are not
+    /// supported: each is atomic, the last one to finish wins, one may fail. Files written into
+    /// `dir` while a save runs may be lost, and `dir` must not be a mount point.
     pub fn save_pretrained_with(&self, dir: impl AsRef<Path>, options: &SaveOptions) -> Result<()> {
         let dir = dir.as_ref();
         let _span = tracing::info_span!("save_pretrained", dir = %dir.display()).entered();
@@ -233,75 +249,62 @@ impl<M> QuantizedModel<M> {
         if let Value::Object(map) = &mut config {
             map.insert("quantization_config".into(), self.config.to_transformers());
         }
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let staging = parent.join(format!(".{name}.cachet-tmp-{}", std::process::id()));
-        let result = (|| -> Result<()> {
-            std::fs::create_dir_all(&staging).map_err(io("creating", &staging))?;
-            let mut metadata = BTreeMap::new();
-            metadata.insert("format".to_string(), "pt".to_string());
-            let n = shards.len();
-            let file_names: Vec<String> = if n == 1 {
-                vec!["model.safetensors".into()]
-            } else {
-                (1..=n)
-                    .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
-                    .collect()
-            };
-            let mut weight_map = BTreeMap::new();
-            for (shard, file) in shards.into_iter().zip(&file_names) {
-                for e in &shard {
-                    weight_map.insert(e.name.clone(), Value::String(file.clone()));
-                }
-                write_streaming(&staging.join(file), shard, &checkpoint, &metadata, self)?;
+        // The whole checkpoint is written beside `dir`, synced, then swapped in (atomic_dir).
+        let save = DirSave::begin(dir)?;
+        let staging = save.staging().to_path_buf();
+        let mut metadata = BTreeMap::new();
+        metadata.insert("format".to_string(), "pt".to_string());
+        let n = shards.len();
+        let file_names: Vec<String> = if n == 1 {
+            vec!["model.safetensors".into()]
+        } else {
+            (1..=n)
+                .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+                .collect()
+        };
+        let mut weight_map = BTreeMap::new();
+        for (shard, file) in shards.into_iter().zip(&file_names) {
+            for e in &shard {
+                weight_map.insert(e.name.clone(), Value::String(file.clone()));
             }
-            if n > 1 {
-                let index = serde_json::json!({
-                    "metadata": {"total_size": total_size},
-                    "weight_map": weight_map,
-                });
-                let text = serde_json::to_string_pretty(&index).expect("JSON value serializes");
-                let path = staging.join("model.safetensors.index.json");
-                std::fs::write(&path, text + "\n").map_err(io("writing", &path))?;
-            }
-            let cfg = serde_json::to_string_pretty(&config).expect("JSON value serializes") + "\n";
-            let cfg_path = staging.join("config.json");
-            std::fs::write(&cfg_path, cfg).map_err(io("writing", &cfg_path))?;
-            let gen_cfg = self.source.join("generation_config.json");
-            if gen_cfg.exists() {
-                let to = staging.join("generation_config.json");
-                std::fs::copy(&gen_cfg, &to).map_err(io("copying", &to))?;
-            }
-            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-            // Weight files of an earlier save that this one does not replace would shadow or
-            // contradict it (an index is preferred over a single file when both exist).
-            for entry in std::fs::read_dir(dir).map_err(io("listing", dir))? {
-                let entry = entry.map_err(io("listing", dir))?;
-                let file = entry.file_name().to_string_lossy().into_owned();
-                let weights = file == "model.safetensors"
-                    || file == "model.safetensors.index.json"
-                    || (file.starts_with("model-") && file.ends_with(".safetensors"));
-                if weights && !staging.join(&file).exists() {
-                    std::fs::remove_file(entry.path()).map_err(io("removing", &entry.path()))?;
-                }
-            }
-            for entry in std::fs::read_dir(&staging).map_err(io("listing", &staging))? {
-                let entry = entry.map_err(io("listing", &staging))?;
-                let to = dir.join(entry.file_name());
-                std::fs::rename(entry.path(), &to).map_err(io("moving into", &to))?;
-            }
-            Ok(())
-        })();
-        let _ = std::fs::remove_dir_all(&staging);
-        result
+            write_streaming(&staging.join(file), shard, &checkpoint, &metadata, self)?;
+            crash_point("wrote a shard");
+        }
+        if n > 1 {
+            let index = serde_json::json!({
+                "metadata": {"total_size": total_size},
+                "weight_map": weight_map,
+            });
+            let text = serde_json::to_string_pretty(&index).expect("JSON value serializes");
+            save.write("model.safetensors.index.json", (text + "\n").as_bytes())?;
+        }
+        let cfg = serde_json::to_string_pretty(&config).expect("JSON value serializes") + "\n";
+        save.write("config.json", cfg.as_bytes())?;
+        let gen_cfg = self.source.join("generation_config.json");
+        if gen_cfg.exists() {
+            save.copy(&gen_cfg, "generation_config.json")?;
+        }
+        // Weight files of an earlier save that this one does not write would shadow or
+        // contradict it (an index is preferred over a single file when both exist): they are
+        // not carried over. Every other file of `dir` is.
+        save.commit(is_weight_file)
     }
+}
+
+/// Whether `file` is a weight file `save_pretrained` writes (a single file, a shard, the index).
+fn is_weight_file(file: &str) -> bool {
+    file == "model.safetensors"
+        || file == "model.safetensors.index.json"
+        || (file.starts_with("model-") && file.ends_with(".safetensors"))
+}
+
+/// Finishes or undoes what a killed [`QuantizedModel::save_pretrained`] left beside `dir`: a
+/// work folder of a save that died is removed, and if the save died between the two renames of
+/// a swap without atomic exchange (never on Linux), the old checkpoint it parked there is put
+/// back first. Work folders of saves still running are left alone. Every save does this first;
+/// call it to repair a directory without saving.
+pub fn recover_interrupted_save(dir: impl AsRef<Path>) -> Result<()> {
+    crate::atomic_dir::recover(dir.as_ref())
 }
 
 /// huggingface_hub's `split_state_dict_into_shards`: tensors in order fill a shard until the

@@ -327,3 +327,112 @@ fn a_quant_map_other_than_the_built_in_table_is_refused() {
         "{err}"
     );
 }
+
+/// The tiny Llama quantized with `config`, the modules of `map` offloaded to a fresh folder
+/// (returned with the model: the layers map their files from it).
+fn offloaded(
+    config: &BnbQuantizationConfig,
+    map: &str,
+) -> (cachet_quant::QuantizedModel<Llama>, tempfile::TempDir) {
+    let device = DeviceSpec::Cpu.init().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = LoadOptions {
+        device_map: Some(DeviceMap::parse(map).unwrap()),
+        offload_folder: Some(tmp.path().to_path_buf()),
+        ..options()
+    };
+    let q = load_and_quantize_model::<Llama>(source(), config, &opts, &device).unwrap();
+    (q, tmp)
+}
+
+#[test]
+fn a_truncated_disk_offloaded_layer_is_a_typed_error_naming_its_file() {
+    let layer = r#"{"model.layers.1": "disk"}"#;
+    // 4-bit and int8 disk layers, and a dense one (lm_head is never quantized).
+    for (config, map, module) in [
+        (
+            BnbQuantizationConfig::nf4(Precision::F32),
+            layer,
+            "model.layers.1.mlp.down_proj",
+        ),
+        (
+            BnbQuantizationConfig::int8(),
+            layer,
+            "model.layers.1.self_attn.q_proj",
+        ),
+        (
+            BnbQuantizationConfig::nf4(Precision::F32),
+            r#"{"lm_head": "disk"}"#,
+            "lm_head",
+        ),
+    ] {
+        let (q, tmp) = offloaded(&config, map);
+        let prompt = vec![vec![1u32, 20, 30]];
+        let greedy = cachet_models::GenerationConfig::greedy(3);
+        assert!(cachet_models::generate(&q.model, &prompt, &greedy, None).is_ok());
+        // Truncated after load, while the model maps it.
+        let file = tmp.path().join(format!("{module}.safetensors"));
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let err = cachet_models::generate(&q.model, &prompt, &greedy, None).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&file.display().to_string()), "{text}");
+        assert!(text.contains("truncated"), "{text}");
+        // The layer's own typed error travelled through the model.
+        assert!(
+            matches!(
+                QuantError::from(err),
+                QuantError::OffloadedFile { module: m, path, .. } if m == module && path == file
+            ),
+            "{text}"
+        );
+        // Removed: accelerate reads the file again on every use, and so does the check.
+        std::fs::remove_file(&file).unwrap();
+        let err = cachet_models::generate(&q.model, &prompt, &greedy, None).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
+    }
+}
+
+#[test]
+fn a_damaged_disk_offloaded_layer_is_a_typed_error_naming_its_file() {
+    let (q, tmp) = offloaded(
+        &BnbQuantizationConfig::nf4(Precision::F32),
+        r#"{"model.layers.1": "disk"}"#,
+    );
+    let module = "model.layers.1.mlp.up_proj";
+    let file = tmp.path().join(format!("{module}.safetensors"));
+    // Overwrite the quant-state JSON in place (same length, so only the bytes change).
+    let state = format!("{module}.weight.quant_state.bitsandbytes__nf4");
+    let (begin, end) = Checkpoint::open(&file)
+        .unwrap()
+        .info(&state)
+        .unwrap()
+        .data_offsets;
+    let mut bytes = std::fs::read(&file).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header + begin..8 + header + end].fill(b'!');
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.write_all(&bytes).unwrap();
+    }
+    let device = q.model.device();
+    let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+        TensorData::new(vec![7i64, 3, 250], [1, 3]),
+        &device,
+    );
+    let err = q.model.forward(ids, None, None).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&file.display().to_string()), "{text}");
+    assert!(text.contains(&state) && text.contains("not JSON"), "{text}");
+    assert!(
+        matches!(QuantError::from(err), QuantError::OffloadedFile { module: m, .. } if m == module),
+        "{text}"
+    );
+}

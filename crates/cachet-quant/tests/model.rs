@@ -586,7 +586,7 @@ struct HostF32Linear {
 }
 
 impl cachet_nn::LinearOp for HostF32Linear {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>) -> cachet_nn::Result<Tensor<3>> {
         let (device, dtype) = (x.device(), x.dtype());
         let [b, s, _] = x.dims();
         let x: Vec<f32> = x.into_data().convert::<f32>().try_into_vec().unwrap();
@@ -597,7 +597,10 @@ impl cachet_nn::LinearOp for HostF32Linear {
                 *y = w.iter().zip(xr).map(|(a, b)| a * b).sum();
             }
         }
-        Tensor::<3>::from_data(TensorData::new(y, [b, s, self.out]), (&device, dtype))
+        Ok(Tensor::<3>::from_data(
+            TensorData::new(y, [b, s, self.out]),
+            (&device, dtype),
+        ))
     }
     fn in_features(&self) -> usize {
         self.inp

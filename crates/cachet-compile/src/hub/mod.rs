@@ -27,6 +27,7 @@ pub use prune::{PruneReport, plan_prune};
 pub use registry::LookupFilter;
 pub use repo::{RepoChoice, create_repo, resolve_repo, save_repo};
 pub use sync::SyncReport;
+pub use transfer::{MAX_MODULE_BYTES, MAX_TEXT_BYTES};
 
 /// A Hub cache repo.
 pub struct HubCache {
@@ -114,6 +115,16 @@ impl HubCache {
     /// Lists files under `prefix` (recursively; `""` is the whole repo); a missing folder is an
     /// empty list.
     pub fn list_files(&self, prefix: &str) -> Result<Vec<RemoteFile>> {
+        Ok(self
+            .list_files_with_ids(prefix)?
+            .into_iter()
+            .map(|(file, _)| file)
+            .collect())
+    }
+
+    /// [`HubCache::list_files`] with each file's git object id as the Hub lists it (for a file
+    /// outside LFS, the git blob id of its bytes).
+    pub(crate) fn list_files_with_ids(&self, prefix: &str) -> Result<Vec<(RemoteFile, String)>> {
         let listing = if prefix.is_empty() {
             self.repo.list_tree().recursive(true).send()
         } else {
@@ -146,7 +157,11 @@ impl HubCache {
         let mut out = Vec::new();
         for entry in entries {
             if let RepoTreeEntry::File {
-                path, size, lfs, ..
+                path,
+                size,
+                lfs,
+                oid,
+                ..
             } = entry
             {
                 safe_relative(&path, &origin)?;
@@ -157,11 +172,14 @@ impl HubCache {
                         reason: "listed outside the requested folder",
                     });
                 }
-                out.push(RemoteFile {
-                    path,
-                    size,
-                    sha256: lfs.and_then(|l| l.sha256),
-                });
+                out.push((
+                    RemoteFile {
+                        path,
+                        size,
+                        sha256: lfs.and_then(|l| l.sha256),
+                    },
+                    oid,
+                ));
             }
         }
         Ok(out)

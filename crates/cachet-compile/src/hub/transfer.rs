@@ -17,6 +17,15 @@ use crate::error::{CompileCacheError, Result, io_err};
 use crate::layout::{CacheLayout, safe_relative};
 use crate::local::{MANIFEST_FILE, Manifest, Verify, sha256_file, verify_files};
 
+/// The most bytes [`HubCache::read_text`] reads: 16 MiB. Registry entries and manifests are a
+/// few kilobytes; a bigger text file from a cache repo is refused with
+/// [`CompileCacheError::TooLarge`], and no more than one byte past the limit is requested.
+pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+
+/// The largest module [`HubCache::fetch_module`] downloads, file or total, by the sizes the
+/// repo's listing advertises: 256 GiB. A listing over it is refused before any download.
+pub const MAX_MODULE_BYTES: u64 = 256 << 30;
+
 impl HubCache {
     /// Downloads one file to `dest` (must not exist) with a progress bar for large files.
     fn download(&self, remote: &RemoteFile, tmp_root: &Path, dest: &Path) -> Result<()> {
@@ -49,6 +58,7 @@ impl HubCache {
         if files.is_empty() {
             return Ok(false);
         }
+        self.check_advertised_sizes(&prefix, &files)?;
         let tmp = tempfile::Builder::new()
             .prefix(".download.")
             .tempdir_in(staging)
@@ -70,6 +80,14 @@ impl HubCache {
         {
             let dl = tempfile::tempdir_in(staging).map_err(io_err(staging))?;
             let path = self.download_path(remote, dl.path())?;
+            let size = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+            if size > MAX_TEXT_BYTES {
+                return Err(CompileCacheError::TooLarge {
+                    what: format!("{} in {}", remote.path, self.repo_id),
+                    size,
+                    limit: MAX_TEXT_BYTES,
+                });
+            }
             let text = std::fs::read(&path).map_err(io_err(&path))?;
             let manifest: Manifest =
                 serde_json::from_slice(&text).map_err(|source| CompileCacheError::Json {
@@ -107,6 +125,36 @@ impl HubCache {
         Ok(true)
     }
 
+    /// Refuses a module whose listing advertises a file or a total over [`MAX_MODULE_BYTES`],
+    /// or a manifest over [`MAX_TEXT_BYTES`].
+    fn check_advertised_sizes(&self, prefix: &str, files: &[RemoteFile]) -> Result<()> {
+        let too_large = |what: &str, size, limit| CompileCacheError::TooLarge {
+            what: format!("{what} in {}", self.repo_id),
+            size,
+            limit,
+        };
+        let mut total = 0u64;
+        for remote in files {
+            let limit = if remote.path.ends_with(&format!("/{MANIFEST_FILE}")) {
+                MAX_TEXT_BYTES
+            } else {
+                MAX_MODULE_BYTES
+            };
+            if remote.size > limit {
+                return Err(too_large(&remote.path, remote.size, limit));
+            }
+            total = total.saturating_add(remote.size);
+        }
+        if total > MAX_MODULE_BYTES {
+            return Err(too_large(
+                &format!("module {prefix}"),
+                total,
+                MAX_MODULE_BYTES,
+            ));
+        }
+        Ok(())
+    }
+
     fn download_path(&self, remote: &RemoteFile, dir: &Path) -> Result<PathBuf> {
         self.repo
             .download_file()
@@ -116,19 +164,61 @@ impl HubCache {
             .map_err(|e| map_err(&self.repo_id, &remote.path, e))
     }
 
-    /// Reads a small text file from the repo.
+    /// Reads a small text file from the repo: at most [`MAX_TEXT_BYTES`]; a bigger file is a
+    /// [`CompileCacheError::TooLarge`] naming it and its size. Only the first
+    /// `MAX_TEXT_BYTES + 1` bytes are requested (an HTTP range, which the Hub honours), so an
+    /// oversized file never fills memory.
     pub fn read_text(&self, path: &str) -> Result<String> {
         safe_relative(path, &self.repo_id)?;
-        let bytes = self
+        let got = self
             .repo
             .download_file_to_bytes()
             .filename(path.to_owned())
-            .send()
-            .map_err(|e| map_err(&self.repo_id, path, e))?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| CompileCacheError::CorruptRegistry {
+            .range(0..MAX_TEXT_BYTES + 1)
+            .send();
+        let bytes = match got {
+            Ok(bytes) => bytes.to_vec(),
+            // A range starting at byte 0 is unsatisfiable only for an empty file.
+            Err(HFError::Http { context }) if context.status.as_u16() == 416 => {
+                match self.advertised_size(path)? {
+                    0 => Vec::new(),
+                    n => {
+                        return Err(CompileCacheError::Hub {
+                            what: format!("{path} in {}", self.repo_id),
+                            detail: format!("HTTP 416 for the first bytes of a {n}-byte file"),
+                        });
+                    }
+                }
+            }
+            Err(e) => return Err(map_err(&self.repo_id, path, e)),
+        };
+        if bytes.len() as u64 > MAX_TEXT_BYTES {
+            // The size for the message: the advertised one when the server gives it.
+            let size = self
+                .advertised_size(path)
+                .ok()
+                .filter(|&n| n > MAX_TEXT_BYTES)
+                .unwrap_or(bytes.len() as u64);
+            return Err(CompileCacheError::TooLarge {
+                what: format!("{path} in {}", self.repo_id),
+                size,
+                limit: MAX_TEXT_BYTES,
+            });
+        }
+        String::from_utf8(bytes).map_err(|_| CompileCacheError::CorruptRegistry {
             what: format!("{path} in {}", self.repo_id),
             reason: "not UTF-8".into(),
         })
+    }
+
+    /// The size the Hub advertises for `path` (a `HEAD` request).
+    fn advertised_size(&self, path: &str) -> Result<u64> {
+        self.repo
+            .get_file_metadata()
+            .filepath(path.to_owned())
+            .send()
+            .map(|meta| meta.file_size)
+            .map_err(|e| map_err(&self.repo_id, path, e))
     }
 
     /// Commits `files` (`(path in repo, local file)`), retrying conflicts with backoff.

@@ -46,9 +46,12 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Total bytes of the artifacts.
+    /// Total bytes of the artifacts (saturating: a manifest read from disk or a Hub repo may
+    /// claim sizes that add up past `u64::MAX`).
     pub fn total_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
+        self.files
+            .iter()
+            .fold(0u64, |total, f| total.saturating_add(f.size))
     }
 }
 

@@ -1,9 +1,9 @@
 //! A Hugging Face Hub-compatible HTTP server on loopback, for tests (the real Hub is unreachable).
 //!
 //! It implements what `hf-hub` and Python's `huggingface_hub` use for a compile cache: whoami,
-//! repo create/info, tree listing, file resolve (HEAD/GET), preupload + NDJSON commit (inline
-//! base64 files, deletions), bearer tokens with read/write roles, and the 401/403/404/409 answers
-//! of the Hub. Faults (status codes, stalls, dropped connections, replaced bodies) can be
+//! repo create/info, tree listing (git blob ids, LFS sums), file resolve (HEAD/GET, one byte
+//! range), preupload + NDJSON commit (inline base64 files, deletions), bearer tokens with
+//! read/write roles, and the 401/403/404/409/416 answers of the Hub. Faults (status codes, stalls, dropped connections, replaced bodies) can be
 //! injected per path. Its fidelity is checked by `xtask/goldens/compile_cache.py`, which drives
 //! the official Python client through it (`examples/loopback_hub.rs` serves it standalone).
 
@@ -30,18 +30,45 @@ pub struct TokenInfo {
     pub write: bool,
 }
 
-/// A stored file with its SHA-256, computed once (the Hub serves precomputed digests too).
+/// A stored file with its SHA-256 and git object id, computed once (the Hub serves
+/// precomputed digests too).
 #[derive(Debug)]
 pub struct Blob {
     pub bytes: Vec<u8>,
     pub sha256: String,
+    /// What the tree listing's `oid` is on the Hub: the git blob id of the bytes, or for a file
+    /// in LFS of its pointer file ([`Blob::lfs_pointer`]).
+    pub git_oid: String,
 }
 
 impl Blob {
     fn new(bytes: Vec<u8>) -> Arc<Self> {
         let sha256 = sha256_hex(&bytes);
-        Arc::new(Self { bytes, sha256 })
+        let git_oid = if bytes.len() >= LFS_THRESHOLD {
+            git_blob_id(lfs_pointer(&sha256, bytes.len()).as_bytes())
+        } else {
+            git_blob_id(&bytes)
+        };
+        Arc::new(Self {
+            bytes,
+            sha256,
+            git_oid,
+        })
     }
+}
+
+/// The git-lfs pointer file git stores for a file in LFS.
+pub fn lfs_pointer(sha256: &str, size: usize) -> String {
+    format!("version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n")
+}
+
+/// Git's blob id: SHA-1 of `blob LEN\0` and the bytes.
+pub fn git_blob_id(bytes: &[u8]) -> String {
+    use sha1::Digest as _;
+    let mut h = sha1::Sha1::new();
+    h.update(format!("blob {}\0", bytes.len()).as_bytes());
+    h.update(bytes);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A repository: private flag, files and head commit.
@@ -85,6 +112,8 @@ pub struct State {
     pub log: Vec<String>,
     /// `Authorization` headers seen (to check what clients send).
     pub auth_seen: Vec<String>,
+    /// `Range` headers of file downloads, as `path range`.
+    pub ranges_seen: Vec<String>,
 }
 
 /// The running server; stops on drop.
@@ -400,6 +429,8 @@ fn handle(conn: TcpStream, base: SocketAddr, state: &Mutex<State>) -> std::io::R
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        206 => "Partial Content",
+        416 => "Range Not Satisfiable",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -650,6 +681,10 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
             )
         }
         ("GET" | "HEAD", [org, name, "resolve", _rev, path @ ..]) => {
+            if let Some(range) = req.headers.get("range") {
+                let seen = format!("{} {range}", path.join("/"));
+                s.ranges_seen.push(seen);
+            }
             let id = format!("{org}/{name}");
             let Some(repo) = s.repos.get(&id) else {
                 return not_found_repo(&who);
@@ -677,6 +712,35 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
                     status: 200,
                     headers,
                     body: Vec::new(),
+                }
+            } else if let Some(range) = req.headers.get("range") {
+                // One `bytes=FIRST-[LAST]` range, as the Hub (and its CDN) serve it.
+                let len = blob.bytes.len();
+                let parsed = range.strip_prefix("bytes=").and_then(|r| {
+                    let (first, last) = r.split_once('-')?;
+                    let first: usize = first.trim().parse().ok()?;
+                    let last = match last.trim() {
+                        "" => usize::MAX,
+                        l => l.parse().ok()?,
+                    };
+                    Some((first, last))
+                });
+                match parsed {
+                    Some((first, last)) if first < len && first <= last => {
+                        let end = last.min(len - 1);
+                        headers
+                            .push(("Content-Range".into(), format!("bytes {first}-{end}/{len}")));
+                        Response {
+                            status: 206,
+                            headers,
+                            body: blob.bytes[first..=end].to_vec(),
+                        }
+                    }
+                    _ => Response {
+                        status: 416,
+                        headers: vec![("Content-Range".into(), format!("bytes */{len}"))],
+                        body: Vec::new(),
+                    },
                 }
             } else {
                 Response {
@@ -727,11 +791,13 @@ fn tree(repo: &Repo, prefix: &str, recursive: bool) -> Response {
             }
         }
         if recursive || parts.len() == 1 {
-            let mut entry = json!({"type": "file", "oid": &blob.sha256[..40], "size": bytes.len(), "path": path});
+            let mut entry =
+                json!({"type": "file", "oid": &blob.git_oid, "size": bytes.len(), "path": path});
             if bytes.len() >= LFS_THRESHOLD {
                 let sha = &blob.sha256;
+                let pointer = lfs_pointer(sha, bytes.len()).len();
                 entry["lfs"] =
-                    json!({"oid": sha, "sha256": sha, "size": bytes.len(), "pointerSize": 134});
+                    json!({"oid": sha, "sha256": sha, "size": bytes.len(), "pointerSize": pointer});
             }
             out.push(entry);
         }

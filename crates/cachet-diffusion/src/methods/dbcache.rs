@@ -91,7 +91,12 @@ impl DBCacheConfig {
                 reason: "must be at least 1 (the Fn residual drives the decision)".into(),
             });
         }
-        if self.Fn_compute_blocks + self.Bn_compute_blocks > blocks {
+        // Checked: a config may give any usize, and Fn + Bn must not wrap below `blocks`.
+        if self
+            .Fn_compute_blocks
+            .checked_add(self.Bn_compute_blocks)
+            .is_none_or(|n| n > blocks)
+        {
             return Err(DiffusionError::TooManyComputeBlocks {
                 fn_blocks: self.Fn_compute_blocks,
                 bn_blocks: self.Bn_compute_blocks,
@@ -316,15 +321,16 @@ impl Context {
         }
     }
 
-    fn warmup_steps(&self) -> Vec<i64> {
+    /// Whether `step` is in `range(0, max_warmup_steps, warmup_interval)`, computed rather than
+    /// listed (a config may ask for 2^63 warm-up steps).
+    fn is_warmup_step(&self, step: i64) -> bool {
         let mut max_warmup = self.config.max_warmup_steps;
         if let Some(mask) = &self.config.steps_computation_mask {
             let first_compute = mask.iter().take_while(|m| **m == 1).count();
             max_warmup = max_warmup.min(first_compute);
         }
-        (0..max_warmup as i64)
-            .step_by(self.config.warmup_interval)
-            .collect()
+        usize::try_from(step)
+            .is_ok_and(|s| s < max_warmup && s.is_multiple_of(self.config.warmup_interval))
     }
 
     fn in_full_compute_step(&self) -> bool {
@@ -393,7 +399,7 @@ impl Context {
 
     /// cache-dit's `can_cache` on the Fn residual.
     fn can_cache(&mut self, residual: &Tensor<3>) -> (bool, Option<f64>) {
-        if self.warmup_steps().contains(&self.current_step()) {
+        if self.is_warmup_step(self.current_step()) {
             return (false, None);
         }
         if self.config.steps_computation_mask.is_some() {

@@ -44,9 +44,22 @@ impl Default for TaylorSeerCalibratorConfig {
     }
 }
 
+/// Highest `taylorseer_order` accepted: each order keeps one tensor per stream (cache-dit uses 1
+/// or 2), so a config cannot size that list from an arbitrary number.
+pub(crate) const MAX_TAYLORSEER_ORDER: usize = 16;
+
 impl TaylorSeerCalibratorConfig {
-    /// Checks the type names.
+    /// Checks the type names and the order.
     pub fn validate(&self) -> Result<()> {
+        if self.taylorseer_order > MAX_TAYLORSEER_ORDER {
+            return Err(DiffusionError::InvalidOption {
+                field: "taylorseer_order",
+                reason: format!(
+                    "{}: at most {MAX_TAYLORSEER_ORDER} is supported",
+                    self.taylorseer_order
+                ),
+            });
+        }
         if self.calibrator_type != "taylorseer" {
             return Err(DiffusionError::InvalidOption {
                 field: "calibrator_type",
@@ -348,13 +361,15 @@ impl TaylorSeerCache {
     }
 
     fn should_compute(&self, step: i64) -> bool {
-        let before = self.config.disable_cache_before_step as i64;
+        // In i128: the options are any usize (a config may say 2^63), the step may be -1.
+        let step = i128::from(step);
+        let before = self.config.disable_cache_before_step as i128;
         let warmup = step < before;
-        let interval = (step - before - 1).rem_euclid(self.config.cache_interval as i64) == 0;
+        let interval = (step - before - 1).rem_euclid(self.config.cache_interval as i128) == 0;
         let cooldown = self
             .config
             .disable_cache_after_step
-            .is_some_and(|a| step >= a as i64);
+            .is_some_and(|a| step >= a as i128);
         warmup || interval || cooldown
     }
 }

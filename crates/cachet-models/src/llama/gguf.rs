@@ -496,6 +496,11 @@ fn fill<T: Copy, const N: usize>(
     heads: Option<usize>,
     encode: impl Fn(T) -> [u8; N],
 ) {
+    // An empty tensor may still have a huge dimension (`[0, 2^62]`): nothing to write, and its
+    // row width in bytes would overflow.
+    if values.is_empty() {
+        return;
+    }
     let cols = cols.max(1);
     let rows = values.len() / cols;
     let source_row = |r: usize| match heads {

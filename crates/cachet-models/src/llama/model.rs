@@ -43,18 +43,18 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Applies the MLP.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    /// Applies the MLP; a projection's error (see [`LinearOp::forward`]) is returned.
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
         if let (Some(gate), Some(up), Some(down)) = (
             self.gate_proj.host_op(),
             self.up_proj.host_op(),
             self.down_proj.host_op(),
-        ) && let Some(y) = Self::forward_host(gate, up, down, x.clone())
+        ) && let Some(y) = Self::forward_host(gate, up, down, x.clone())?
         {
-            return y;
+            return Ok(y);
         }
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = silu(self.gate_proj.forward(x.clone())?);
+        self.down_proj.forward(gate * self.up_proj.forward(x)?)
     }
 
     /// The whole MLP in host memory: one trip of the activations to the host and back instead
@@ -65,13 +65,17 @@ impl Mlp {
         up: &Arc<dyn LinearOp>,
         down: &Arc<dyn LinearOp>,
         x: Tensor<3>,
-    ) -> Option<Tensor<3>> {
+    ) -> Result<Option<Tensor<3>>> {
         let device = x.device();
         let dtype = x.dtype();
         let [b, s, _] = x.dims();
-        let (data, rows) = tensor_to_host(x);
-        let mut g = gate.forward_host(&data, rows)?;
-        let mut u = up.forward_host(&data, rows)?;
+        let (data, rows) = tensor_to_host(x)?;
+        let Some(mut g) = gate.forward_host(&data, rows)? else {
+            return Ok(None);
+        };
+        let Some(mut u) = up.forward_host(&data, rows)? else {
+            return Ok(None);
+        };
         round_slice(dtype, &mut g);
         round_slice(dtype, &mut u);
         if dtype == DType::F32 {
@@ -89,12 +93,14 @@ impl Mlp {
                 *g = round(round(*g * s) * u);
             }
         }
-        let y = down.forward_host(&g, rows)?;
+        let Some(y) = down.forward_host(&g, rows)? else {
+            return Ok(None);
+        };
         let out = down.out_features();
-        Some(Tensor::from_data(
+        Ok(Some(Tensor::from_data(
             TensorData::new(y, [b, s, out]),
             (&device, dtype),
-        ))
+        )))
     }
 }
 
@@ -220,7 +226,7 @@ impl ForwardContext {
 
 impl Attention {
     /// The query, key and value projections; on the host, from one copy of the activations.
-    fn project_qkv(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+    fn project_qkv(&self, x: Tensor<3>) -> Result<(Tensor<3>, Tensor<3>, Tensor<3>)> {
         if let (Some(q), Some(k), Some(v)) = (
             self.q_proj.host_op(),
             self.k_proj.host_op(),
@@ -229,24 +235,24 @@ impl Attention {
             let device = x.device();
             let dtype = x.dtype();
             let [b, s, _] = x.dims();
-            let (data, rows) = tensor_to_host(x.clone());
-            let run = |op: &Arc<dyn LinearOp>| {
-                op.forward_host(&data, rows).map(|y| {
+            let (data, rows) = tensor_to_host(x.clone())?;
+            let run = |op: &Arc<dyn LinearOp>| -> Result<Option<Tensor<3>>> {
+                Ok(op.forward_host(&data, rows)?.map(|y| {
                     Tensor::<3>::from_data(
                         TensorData::new(y, [b, s, op.out_features()]),
                         (&device, dtype),
                     )
-                })
+                }))
             };
-            if let (Some(q), Some(k), Some(v)) = (run(q), run(k), run(v)) {
-                return (q, k, v);
+            if let (Some(q), Some(k), Some(v)) = (run(q)?, run(k)?, run(v)?) {
+                return Ok((q, k, v));
             }
         }
-        (
-            self.q_proj.forward(x.clone()),
-            self.k_proj.forward(x.clone()),
-            self.v_proj.forward(x),
-        )
+        Ok((
+            self.q_proj.forward(x.clone())?,
+            self.k_proj.forward(x.clone())?,
+            self.v_proj.forward(x)?,
+        ))
     }
 
     fn forward(
@@ -258,7 +264,7 @@ impl Attention {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split = |t: Tensor<3>, h: usize| t.reshape([batch, seq, h, dim]).swap_dims(1, 2);
-        let (q, k, v) = self.project_qkv(x);
+        let (q, k, v) = self.project_qkv(x)?;
         let (q, k, v) = (split(q, heads), split(k, kv_heads), split(v, kv_heads));
         let q = apply_rotary(q, &ctx.cos, &ctx.sin);
         let k = apply_rotary(k, &ctx.cos, &ctx.sin);
@@ -292,16 +298,16 @@ impl Attention {
                     head_dim: dim,
                     v_dim: v.dims()[3],
                 };
-                let host = |t: Tensor<4>| tensor_to_host(t).0;
+                let host = |t: Tensor<4>| tensor_to_host(t).map(|(values, _)| values);
                 let scale = 1.0 / (dim as f32).sqrt();
-                let out = causal_attention(&host(q), &host(k), &host(v), shape, window, scale)
+                let out = causal_attention(&host(q)?, &host(k)?, &host(v)?, shape, window, scale)
                     .map_err(|e| ModelError::Input(e.to_string()))?;
                 let out = Tensor::<4>::from_data(
                     TensorData::new(out, [batch, heads, seq, shape.v_dim]),
                     (&device, dtype),
                 );
                 let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
-                return Ok(self.o_proj.forward(out));
+                return self.o_proj.forward(out);
             }
             // Padding, sinks or ring buffers: burn's fused op with the mask (KV tiles with an
             // online softmax, grouped-query heads read in place).
@@ -320,7 +326,7 @@ impl Attention {
             };
             let out = attention(q, k, v, mask, None, options);
             let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
-            return Ok(self.o_proj.forward(out));
+            return self.o_proj.forward(out);
         }
 
         // Grouped-query attention without copying keys: fold the query heads that share a kv
@@ -342,7 +348,7 @@ impl Attention {
             .map_err(ModelError::cache)?;
         let out = out.reshape([batch, heads, seq, dim]);
         let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
-        Ok(self.o_proj.forward(out))
+        self.o_proj.forward(out)
     }
 }
 
@@ -483,7 +489,11 @@ impl TokenEmbedding {
             (None, Some(h)) => {
                 let [b, s] = ids.dims();
                 let ids = ids
-                    .into_data()
+                    .try_into_data()
+                    .map_err(|err| cachet_tensor::TensorError::Transfer {
+                        what: "input_ids to host".into(),
+                        reason: err.to_string(),
+                    })?
                     .convert::<i64>()
                     .try_into_vec::<i64>()
                     .map_err(|err| ModelError::Input(format!("reading input_ids: {err:?}")))?;
@@ -534,7 +544,7 @@ impl DecoderLayer {
         let x = x + h;
         let h = self
             .mlp
-            .forward(self.post_attention_layernorm.forward(x.clone()));
+            .forward(self.post_attention_layernorm.forward(x.clone()))?;
         Ok(x + h)
     }
 }
@@ -675,9 +685,9 @@ impl Llama {
         };
         let x = self.norm.forward(x);
         let logits = match (&self.lm_head, &self.embed_tokens) {
-            (Some(head), _) => head.forward(x),
+            (Some(head), _) => head.forward(x)?,
             (None, e) => match (e.as_host(), e.as_dense()) {
-                (Some(host), _) => host.forward(x),
+                (Some(host), _) => host.forward(x)?,
                 (None, Some(dense)) => x.matmul(dense.weight.val().transpose().unsqueeze::<3>()),
                 (None, None) => {
                     return Err(ModelError::Input("the model has no embeddings".into()));

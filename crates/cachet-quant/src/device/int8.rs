@@ -128,8 +128,10 @@ impl Resident8bit {
     /// to f16 and quantized row-wise (outliers, |x| ≥ threshold, left out of the row absmax and
     /// their columns zeroed), an int8 × int8 → i32 product dequantized by `SCA·SCB/127²`, the
     /// bias, and the outlier columns multiplied in f32 with the dequantized weight columns.
-    /// The output has `x`'s dtype.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    /// The output has `x`'s dtype. The outlier columns are read back from the device (as bnb
+    /// does): a failed read is a typed error naming it
+    /// ([`TensorError::Transfer`](cachet_tensor::TensorError::Transfer)), never a panic.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Result<Tensor<D>> {
         let (n, k) = (self.meta.rows, self.meta.cols);
         let dims = x.dims();
         let dtype = x.dtype();
@@ -144,8 +146,7 @@ impl Resident8bit {
         let outlier_cols: Vec<i32> = match &outlier {
             Some(mask) => {
                 let cols = mask.clone().any_dim(0).int().reshape([k]);
-                read_i32(&cols, "outlier columns to host")
-                    .unwrap_or_else(|e| panic!("Linear8bitLt: {e}"))
+                read_i32(&cols, "Linear8bitLt outlier columns to host")?
                     .iter()
                     .enumerate()
                     .filter_map(|(c, &f)| (f != 0).then_some(c as i32))
@@ -201,7 +202,7 @@ impl Resident8bit {
         };
         let mut out_dims = dims;
         out_dims[D - 1] = n;
-        y.reshape(out_dims).cast(dtype)
+        Ok(y.reshape(out_dims).cast(dtype))
     }
 
     /// Reads `CB`/`SCB` (and the bias) back to host memory, bit-identical to what was uploaded.

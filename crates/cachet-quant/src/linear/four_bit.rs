@@ -141,8 +141,8 @@ impl DeviceForm for Resident4bit {
         Resident4bit::set_tile_bytes(self, tile_bytes);
     }
 
-    fn forward<const N: usize>(&self, x: Tensor<N>) -> Tensor<N> {
-        Resident4bit::forward(self, x)
+    fn forward<const N: usize>(&self, x: Tensor<N>) -> Result<Tensor<N>> {
+        Ok(Resident4bit::forward(self, x))
     }
 
     fn memory_bytes(&self) -> usize {

@@ -53,11 +53,11 @@ impl Fp32Linear {
 }
 
 impl LinearOp for Fp32Linear {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>) -> cachet_nn::Result<Tensor<3>> {
         let _span = tracing::trace_span!("fp32_linear", name = self.name.as_str()).entered();
         let dtype = x.dtype();
-        let y = self.inner.forward(x.cast(burn::tensor::DType::F32));
-        y.cast(dtype)
+        let y = self.inner.forward(x.cast(burn::tensor::DType::F32))?;
+        Ok(y.cast(dtype))
     }
 
     fn in_features(&self) -> usize {

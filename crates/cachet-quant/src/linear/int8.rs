@@ -88,7 +88,7 @@ impl DeviceForm for Resident8bit {
         Resident8bit::set_tile_bytes(self, tile_bytes);
     }
 
-    fn forward<const N: usize>(&self, x: Tensor<N>) -> Tensor<N> {
+    fn forward<const N: usize>(&self, x: Tensor<N>) -> Result<Tensor<N>> {
         Resident8bit::forward(self, x)
     }
 

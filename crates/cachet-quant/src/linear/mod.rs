@@ -16,4 +16,5 @@ mod two_form;
 pub use four_bit::{HostLinear4bit, Linear4bit};
 pub use fp32::Fp32Linear;
 pub use int8::{HostLinear8bitLt, Linear8bitLt};
+pub(crate) use two_form::via_host;
 pub use two_form::{DeviceForm, HostForm, TwoForm};

@@ -44,8 +44,9 @@ pub trait DeviceForm: Module + ModuleDisplay + fmt::Debug + Send + Sync + 'stati
     /// Sets the bound on the forward's transient memory per tile.
     fn set_tile_bytes(&mut self, tile_bytes: usize);
 
-    /// `y = x · Wᵀ + b` for `x` `[.., in]` on the weights' device, in `x`'s dtype.
-    fn forward<const N: usize>(&self, x: Tensor<N>) -> Tensor<N>;
+    /// `y = x · Wᵀ + b` for `x` `[.., in]` on the weights' device, in `x`'s dtype; an error
+    /// when a value the forward reads back from the device does not arrive.
+    fn forward<const N: usize>(&self, x: Tensor<N>) -> Result<Tensor<N>>;
 
     /// Bytes the weights take on the device.
     fn memory_bytes(&self) -> usize;
@@ -163,29 +164,30 @@ impl<H: HostForm, R: DeviceForm<Host = H>> TwoForm<H, R> {
         }
     }
 
-    /// `y = x · Wᵀ + b` for `x` `[.., in]`, output in `x`'s dtype on `x`'s device.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    /// `y = x · Wᵀ + b` for `x` `[.., in]`, output in `x`'s dtype on `x`'s device; a failed
+    /// read from a device (activations, or the int8 outlier columns) is a typed error.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Result<Tensor<D>> {
         match self.form() {
             Form::Resident(r) => r.forward(x),
-            Form::Host(h) => via_host(x, h.dims().0, |data, rows| h.forward_host(data, rows)),
+            Form::Host(h) => via_host(x, h.dims().0, |data, rows| Ok(h.forward_host(data, rows))),
         }
     }
 }
 
 impl<H: HostForm, R: DeviceForm<Host = H>> LinearOp for TwoForm<H, R> {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        TwoForm::forward(self, x)
+    fn forward(&self, x: Tensor<3>) -> cachet_nn::Result<Tensor<3>> {
+        Ok(TwoForm::forward(self, x)?)
     }
 
     fn has_host_forward(&self) -> bool {
         matches!(self.form(), Form::Host(_))
     }
 
-    fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
-        match self.form() {
+    fn forward_host(&self, x: &[f32], rows: usize) -> cachet_nn::Result<Option<Vec<f32>>> {
+        Ok(match self.form() {
             Form::Host(h) => Some(h.forward_host(x, rows)),
             Form::Resident(_) => None,
-        }
+        })
     }
 
     fn in_features(&self) -> usize {
@@ -207,21 +209,19 @@ impl<H: HostForm, R: DeviceForm<Host = H>> LinearOp for TwoForm<H, R> {
 
 /// Runs a host kernel `f` (`[rows, in]` f32 → `[rows, out]` f32) on `x` `[.., in]`: the
 /// activations travel to the host and the result back to `x`'s device, in `x`'s dtype.
-fn via_host<const D: usize>(
+pub(crate) fn via_host<const D: usize>(
     x: Tensor<D>,
     out_features: usize,
-    f: impl FnOnce(&[f32], usize) -> Vec<f32>,
-) -> Tensor<D> {
+    f: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Tensor<D>> {
     let device = x.device();
     let dtype = x.dtype();
     let mut dims = x.dims();
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let data = x
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("an f32 tensor reads back as f32");
-    let out = f(&data, rows);
+    let (data, rows) = cachet_nn::tensor_to_host(x)?;
+    let out = f(&data, rows)?;
     dims[D - 1] = out_features;
-    Tensor::<D>::from_data(TensorData::new(out, dims), (&device, dtype))
+    Ok(Tensor::<D>::from_data(
+        TensorData::new(out, dims),
+        (&device, dtype),
+    ))
 }

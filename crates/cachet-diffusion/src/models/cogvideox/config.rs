@@ -6,6 +6,17 @@ use serde::{Deserialize, Serialize};
 
 use cachet_nn::{ModelError, Result};
 
+/// Largest width accepted for any dimension and for `inner_dim` (1M; CogVideoX-5B has 3072):
+/// sizes no checkpoint has are refused before anything is sized from them.
+const MAX_WIDTH: usize = 1 << 20;
+/// Most blocks, patch sizes and compression ratios accepted.
+const MAX_LAYERS: usize = 1 << 12;
+/// Largest sample size (pixels or frames) accepted for the positional table.
+const MAX_SAMPLE: usize = 1 << 16;
+/// Most elements of the positional table a config may ask for (`tokens x inner_dim`; 2^31 is
+/// 40 times CogVideoX-5B's).
+const MAX_TABLE: usize = 1 << 31;
+
 /// The transformer's config as diffusers 0.42 writes it; absent fields take diffusers' defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -156,6 +167,54 @@ impl CogVideoXConfig {
         if self.patch_size_t == Some(0) {
             return Err(bad("patch_size_t must be positive".into()));
         }
+        if self.sample_frames == 0 {
+            return Err(bad("sample_frames must be positive".into()));
+        }
+        for (name, value, limit) in [
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("attention_head_dim", self.attention_head_dim, MAX_WIDTH),
+            ("in_channels", self.in_channels, MAX_WIDTH),
+            ("out_channels", self.out_channels(), MAX_WIDTH),
+            ("time_embed_dim", self.time_embed_dim, MAX_WIDTH),
+            ("ofs_embed_dim", self.ofs_embed_dim.unwrap_or(0), MAX_WIDTH),
+            ("text_embed_dim", self.text_embed_dim, MAX_WIDTH),
+            ("max_text_seq_length", self.max_text_seq_length, MAX_WIDTH),
+            ("num_layers", self.num_layers, MAX_LAYERS),
+            ("patch_size", self.patch_size, MAX_LAYERS),
+            ("patch_size_t", self.patch_size_t.unwrap_or(1), MAX_LAYERS),
+            (
+                "temporal_compression_ratio",
+                self.temporal_compression_ratio,
+                MAX_LAYERS,
+            ),
+            ("sample_width", self.sample_width, MAX_SAMPLE),
+            ("sample_height", self.sample_height, MAX_SAMPLE),
+            ("sample_frames", self.sample_frames, MAX_SAMPLE),
+        ] {
+            if value > limit {
+                return Err(bad(format!(
+                    "{name} is {value}; at most {limit} is supported"
+                )));
+            }
+        }
+        // Bounded factors, so these products are exact; `inner_dim` never overflows for an
+        // accepted config.
+        let inner = self.num_attention_heads * self.attention_head_dim;
+        if inner > MAX_WIDTH {
+            return Err(bad(format!(
+                "num_attention_heads x attention_head_dim is {inner}; at most {MAX_WIDTH} is supported"
+            )));
+        }
+        let frames = (self.sample_frames - 1) / self.temporal_compression_ratio + 1;
+        let tokens = self.max_text_seq_length
+            + frames
+                * (self.sample_height / self.patch_size)
+                * (self.sample_width / self.patch_size);
+        if tokens.saturating_mul(inner) > MAX_TABLE {
+            return Err(bad(format!(
+                "the positional table of the sample size ({tokens} tokens x inner_dim {inner}) exceeds {MAX_TABLE} elements"
+            )));
+        }
         if !self.use_rotary_positional_embeddings && self.use_learned_positional_embeddings {
             return Err(bad(
                 "use_learned_positional_embeddings needs use_rotary_positional_embeddings \
@@ -183,7 +242,6 @@ impl CogVideoXConfig {
                 self.time_embed_dim
             )));
         }
-        let inner = self.inner_dim();
         if self.uses_positional_table() && !inner.is_multiple_of(16) {
             return Err(bad(format!(
                 "inner_dim {inner} must be a multiple of 16 for the 3D sin-cos table"

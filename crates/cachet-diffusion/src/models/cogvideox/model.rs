@@ -65,11 +65,11 @@ pub struct TimestepMlp {
 }
 
 impl TimestepMlp {
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
         let x = x.unsqueeze_dim::<3>(1);
-        let y = self.linear_2.forward(silu(self.linear_1.forward(x)));
+        let y = self.linear_2.forward(silu(self.linear_1.forward(x)?))?;
         let [b, _, d] = y.dims();
-        y.reshape([b, d])
+        Ok(y.reshape([b, d]))
     }
 }
 
@@ -84,11 +84,11 @@ pub struct AdaNorm {
 
 impl AdaNorm {
     /// The modulation, split into `chunks` pieces of `[batch, 1, dim]`.
-    fn modulation(&self, temb: &Tensor<2>, chunks: usize) -> Vec<Tensor<3>> {
+    fn modulation(&self, temb: &Tensor<2>, chunks: usize) -> Result<Vec<Tensor<3>>> {
         let m = self
             .linear
-            .forward(silu(temb.clone()).unsqueeze_dim::<3>(1));
-        m.chunk(chunks, 2)
+            .forward(silu(temb.clone()).unsqueeze_dim::<3>(1))?;
+        Ok(m.chunk(chunks, 2))
     }
 
     /// `norm(x) * (1 + scale) + shift`.
@@ -144,9 +144,9 @@ impl JointAttention {
         let [batch, seq, _] = x.dims();
         let (heads, dim) = (self.heads, self.head_dim);
         let split = |t: Tensor<3>| t.reshape([batch, seq, heads, dim]).swap_dims(1, 2);
-        let mut q = self.norm_q.forward(split(self.to_q.forward(x.clone())));
-        let mut k = self.norm_k.forward(split(self.to_k.forward(x.clone())));
-        let v = split(self.to_v.forward(x));
+        let mut q = self.norm_q.forward(split(self.to_q.forward(x.clone())?));
+        let mut k = self.norm_k.forward(split(self.to_k.forward(x.clone())?));
+        let v = split(self.to_v.forward(x)?);
         if let Some(rotary) = rotary {
             let tokens = rotary.cos.dims()[0];
             if tokens != seq - text {
@@ -169,7 +169,7 @@ impl JointAttention {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, seq, heads * dim]);
-        let out = self.to_out.forward(out);
+        let out = self.to_out.forward(out)?;
         let width = heads * dim;
         let encoder = out.clone().slice([0..batch, 0..text, 0..width]);
         let hidden = out.slice([0..batch, text..seq, 0..width]);
@@ -189,8 +189,8 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.proj_in.forward(x);
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        let h = self.proj_in.forward(x)?;
         let h = if self.approximate {
             gelu_approximate(h)
         } else {
@@ -227,7 +227,7 @@ impl CogVideoXBlock {
             ModelError::Input("CogVideoX blocks need encoder_hidden_states".into())
         })?;
         let [batch, text, width] = encoder.dims();
-        let m = self.norm1.modulation(temb, 6);
+        let m = self.norm1.modulation(temb, 6)?;
         let norm_hidden = self.norm1.modulate(hidden.clone(), &m[0], &m[1]);
         let norm_encoder = self.norm1.modulate(encoder.clone(), &m[3], &m[4]);
         let path = ModulePath {
@@ -246,12 +246,12 @@ impl CogVideoXBlock {
         let hidden = hidden + m[2].clone() * attn_hidden;
         let encoder = encoder + m[5].clone() * attn_encoder;
 
-        let m = self.norm2.modulation(temb, 6);
+        let m = self.norm2.modulation(temb, 6)?;
         let norm_hidden = self.norm2.modulate(hidden.clone(), &m[0], &m[1]);
         let norm_encoder = self.norm2.modulate(encoder.clone(), &m[3], &m[4]);
         let ff = self
             .ff
-            .forward(Tensor::cat(vec![norm_encoder, norm_hidden], 1));
+            .forward(Tensor::cat(vec![norm_encoder, norm_hidden], 1))?;
         let seq = ff.dims()[1];
         let ff_encoder = ff.clone().slice([0..batch, 0..text, 0..width]);
         let ff_hidden = ff.slice([0..batch, text..seq, 0..width]);
@@ -457,10 +457,10 @@ impl CogVideoX {
             let data = timestep_embedding(&values, width, c.flip_sin_to_cos, c.freq_shift);
             Tensor::from_data(TensorData::new(data, [rows, width]), (&device, dtype))
         };
-        let mut temb = self.time_embedding.forward(table(&inputs.timestep, dim));
+        let mut temb = self.time_embedding.forward(table(&inputs.timestep, dim))?;
         if let (Some(mlp), Some(ofs)) = (&self.ofs_embedding, &inputs.ofs) {
             let width = c.ofs_embed_dim.unwrap_or(c.time_embed_dim);
-            temb = temb + mlp.forward(table(ofs, width));
+            temb = temb + mlp.forward(table(ofs, width))?;
         }
 
         // 2. Patch embedding.
@@ -487,11 +487,11 @@ impl CogVideoX {
                 (t, f)
             }
         };
-        let video = self.patch_embed.proj.forward(tokens);
+        let video = self.patch_embed.proj.forward(tokens)?;
         let text = self
             .patch_embed
             .text_proj
-            .forward(inputs.encoder_hidden_states.clone());
+            .forward(inputs.encoder_hidden_states.clone())?;
         let text_len = text.dims()[1];
         let mut embeds = Tensor::cat(vec![text, video], 1);
         if c.uses_positional_table() {
@@ -540,9 +540,9 @@ impl CogVideoX {
 
         // 4. Output.
         let hidden = self.norm_final.forward(states.hidden);
-        let m = self.norm_out.modulation(&temb, 2);
+        let m = self.norm_out.modulation(&temb, 2)?;
         let hidden = self.norm_out.modulate(hidden, &m[0], &m[1]);
-        let out = self.proj_out.forward(hidden);
+        let out = self.proj_out.forward(hidden)?;
         let oc = c.out_channels();
 
         // 5. Unpatchify.

@@ -8,6 +8,11 @@ use cachet_nn::{ModelError, Result};
 
 /// The diffusers class this config describes.
 pub(crate) const CLASS_NAME: &str = "FluxTransformer2DModel";
+/// Largest width accepted for any dimension, and for `inner_dim` and `proj_out` (1M; FLUX.1 has
+/// 4096 at most): sizes no checkpoint has are refused before anything is sized from them.
+pub(crate) const MAX_WIDTH: usize = 1 << 20;
+/// Most blocks accepted in each block list (FLUX.1 has 38).
+pub(crate) const MAX_LAYERS: usize = 1 << 12;
 
 /// Hyper-parameters of a Flux MMDiT, exactly as diffusers 0.42.1 writes them (missing fields take
 /// diffusers' defaults, i.e. FLUX.1's sizes). Unknown keys are ignored, as diffusers does.
@@ -148,6 +153,56 @@ impl FluxConfig {
         if self.out_channels == Some(0) {
             return Err(bad("out_channels", "must be positive".into()));
         }
+        for (name, value, limit) in [
+            ("patch_size", self.patch_size, MAX_WIDTH),
+            ("in_channels", self.in_channels, MAX_WIDTH),
+            ("out_channels", self.out_channels(), MAX_WIDTH),
+            ("attention_head_dim", self.attention_head_dim, MAX_WIDTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("joint_attention_dim", self.joint_attention_dim, MAX_WIDTH),
+            (
+                "pooled_projection_dim",
+                self.pooled_projection_dim,
+                MAX_WIDTH,
+            ),
+            ("num_layers", self.num_layers, MAX_LAYERS),
+            ("num_single_layers", self.num_single_layers, MAX_LAYERS),
+        ] {
+            if value > limit {
+                return Err(bad(name, format!("{value}; at most {limit} is supported")));
+            }
+        }
+        // Products of bounded factors: checked so that `inner_dim` and `output_width` never
+        // overflow for an accepted config.
+        let within = |product: Option<usize>| product.filter(|&n| n <= MAX_WIDTH);
+        if within(
+            self.num_attention_heads
+                .checked_mul(self.attention_head_dim),
+        )
+        .is_none()
+        {
+            return Err(bad(
+                "num_attention_heads",
+                format!(
+                    "{} heads x attention_head_dim {} exceeds {MAX_WIDTH}",
+                    self.num_attention_heads, self.attention_head_dim
+                ),
+            ));
+        }
+        let proj_out = self
+            .patch_size
+            .checked_mul(self.patch_size)
+            .and_then(|p| p.checked_mul(self.out_channels()));
+        if within(proj_out).is_none() {
+            return Err(bad(
+                "patch_size",
+                format!(
+                    "patch_size² x out_channels ({}² x {}) exceeds {MAX_WIDTH}",
+                    self.patch_size,
+                    self.out_channels()
+                ),
+            ));
+        }
         if self.axes_dims_rope.is_empty() {
             return Err(bad("axes_dims_rope", "must list at least one axis".into()));
         }
@@ -161,7 +216,12 @@ impl FluxConfig {
                 format!("every axis width must be even and positive, got {odd}"),
             ));
         }
-        let sum: usize = self.axes_dims_rope.iter().sum();
+        // Each axis is even and positive, so a sum equal to the (bounded) head width cannot
+        // have overflowed on the way: saturate rather than wrap.
+        let sum = self
+            .axes_dims_rope
+            .iter()
+            .fold(0usize, |acc, &d| acc.saturating_add(d));
         if sum != self.attention_head_dim {
             return Err(bad(
                 "axes_dims_rope",

@@ -83,11 +83,11 @@ impl FluxInputs {
 }
 
 /// Applies a projection to `[batch, features]` rows.
-fn linear2(layer: &LinearLayer, x: Tensor<2>) -> Tensor<2> {
+fn linear2(layer: &LinearLayer, x: Tensor<2>) -> Result<Tensor<2>> {
     let [batch, features] = x.dims();
-    let y = layer.forward(x.reshape([batch, 1, features]));
+    let y = layer.forward(x.reshape([batch, 1, features]))?;
     let out = y.dims()[2];
-    y.reshape([batch, out])
+    Ok(y.reshape([batch, out]))
 }
 
 /// LayerNorm without affine parameters over the last dimension, in f32.
@@ -115,10 +115,10 @@ pub struct AdaModulation {
 
 impl AdaModulation {
     /// The modulation vectors, each `[batch, 1, inner_dim]`, in diffusers' chunk order.
-    pub fn forward(&self, temb: &Tensor<2>) -> Vec<Tensor<3>> {
-        let emb = linear2(&self.linear, silu(temb.clone()));
+    pub fn forward(&self, temb: &Tensor<2>) -> Result<Vec<Tensor<3>>> {
+        let emb = linear2(&self.linear, silu(temb.clone()))?;
         let [batch, width] = emb.dims();
-        emb.reshape([batch, 1, width]).chunk(self.chunks, 2)
+        Ok(emb.reshape([batch, 1, width]).chunk(self.chunks, 2))
     }
 }
 
@@ -134,8 +134,8 @@ pub struct MlpEmbedder {
 
 impl MlpEmbedder {
     /// Applies the embedder to `[batch, features]`.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        linear2(&self.linear_2, silu(linear2(&self.linear_1, x)))
+    pub fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
+        linear2(&self.linear_2, silu(linear2(&self.linear_1, x)?))
     }
 }
 
@@ -176,10 +176,10 @@ impl TimeTextEmbed {
         let dtype = pooled.dtype();
         let time = self
             .timestep_embedder
-            .forward(timestep_projection(timestep).cast(dtype));
+            .forward(timestep_projection(timestep).cast(dtype))?;
         let time = match (&self.guidance_embedder, guidance) {
             (Some(embedder), Some(g)) => {
-                time + embedder.forward(timestep_projection(g).cast(dtype))
+                time + embedder.forward(timestep_projection(g).cast(dtype))?
             }
             (None, None) => time,
             (Some(_), None) => {
@@ -193,7 +193,7 @@ impl TimeTextEmbed {
                 ));
             }
         };
-        Ok(time + self.text_embedder.forward(pooled))
+        Ok(time + self.text_embedder.forward(pooled)?)
     }
 }
 
@@ -253,11 +253,11 @@ impl FluxAttention {
     ) -> Result<Vec<Tensor<3>>> {
         let mut q = self
             .norm_q
-            .forward(self.heads_of(self.to_q.forward(hidden.clone())));
+            .forward(self.heads_of(self.to_q.forward(hidden.clone())?));
         let mut k = self
             .norm_k
-            .forward(self.heads_of(self.to_k.forward(hidden.clone())));
-        let mut v = self.heads_of(self.to_v.forward(hidden));
+            .forward(self.heads_of(self.to_k.forward(hidden.clone())?));
+        let mut v = self.heads_of(self.to_v.forward(hidden)?);
         let mut text_len = 0;
         if let Some(encoder) = encoder {
             let ctx = self.context.as_ref().ok_or_else(|| {
@@ -266,11 +266,11 @@ impl FluxAttention {
             text_len = encoder.dims()[1];
             let eq = ctx
                 .norm_added_q
-                .forward(self.heads_of(ctx.add_q_proj.forward(encoder.clone())));
+                .forward(self.heads_of(ctx.add_q_proj.forward(encoder.clone())?));
             let ek = ctx
                 .norm_added_k
-                .forward(self.heads_of(ctx.add_k_proj.forward(encoder.clone())));
-            let ev = self.heads_of(ctx.add_v_proj.forward(encoder));
+                .forward(self.heads_of(ctx.add_k_proj.forward(encoder.clone())?));
+            let ev = self.heads_of(ctx.add_v_proj.forward(encoder)?);
             q = Tensor::cat(vec![eq, q], 1);
             k = Tensor::cat(vec![ek, k], 1);
             v = Tensor::cat(vec![ev, v], 1);
@@ -299,10 +299,10 @@ impl FluxAttention {
                 let to_out = self.to_out.as_ref().ok_or_else(|| {
                     ModelError::Input("double-stream attention without to_out".into())
                 })?;
-                Ok(vec![to_out.forward(image), ctx.to_add_out.forward(text)])
+                Ok(vec![to_out.forward(image)?, ctx.to_add_out.forward(text)?])
             }
             _ => Ok(vec![match &self.to_out {
-                Some(to_out) => to_out.forward(out),
+                Some(to_out) => to_out.forward(out)?,
                 None => out,
             }]),
         }
@@ -320,9 +320,9 @@ pub struct FeedForward {
 
 impl FeedForward {
     /// Applies the MLP.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
         self.proj_out
-            .forward(gelu_approximate(self.proj_in.forward(x)))
+            .forward(gelu_approximate(self.proj_in.forward(x)?))
     }
 }
 
@@ -375,10 +375,10 @@ impl FluxTransformerBlock {
         let encoder = states.encoder.ok_or_else(|| {
             ModelError::Hook(format!("{DOUBLE_BLOCKS}.{index} got no encoder states").into())
         })?;
-        let m = self.norm1.forward(temb);
+        let m = self.norm1.forward(temb)?;
         let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) =
             (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
-        let c = self.norm1_context.forward(temb);
+        let c = self.norm1_context.forward(temb)?;
         let (c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) =
             (&c[0], &c[1], &c[2], &c[3], &c[4], &c[5]);
         let norm_hidden = modulate(hidden.clone(), scale_msa, shift_msa);
@@ -403,13 +403,13 @@ impl FluxTransformerBlock {
         let hidden = hidden + gate_msa.clone() * attn_out;
         let ff = self
             .ff
-            .forward(modulate(hidden.clone(), scale_mlp, shift_mlp));
+            .forward(modulate(hidden.clone(), scale_mlp, shift_mlp))?;
         let hidden = hidden + gate_mlp.clone() * ff;
 
         let encoder = encoder + c_gate_msa.clone() * context_attn_out;
         let ff = self
             .ff_context
-            .forward(modulate(encoder.clone(), c_scale_mlp, c_shift_mlp));
+            .forward(modulate(encoder.clone(), c_scale_mlp, c_shift_mlp))?;
         let encoder = encoder + c_gate_mlp.clone() * ff;
         Ok(BlockStates {
             hidden,
@@ -448,10 +448,10 @@ impl FluxSingleTransformerBlock {
         let text_len = encoder.dims()[1];
         let x = Tensor::cat(vec![encoder, states.hidden], 1);
         let [batch, tokens, _] = x.dims();
-        let m = self.norm.forward(temb);
+        let m = self.norm.forward(temb)?;
         let (shift, scale, gate) = (&m[0], &m[1], &m[2]);
         let norm_x = modulate(x.clone(), scale, shift);
-        let mlp = gelu_approximate(self.proj_mlp.forward(norm_x.clone()));
+        let mlp = gelu_approximate(self.proj_mlp.forward(norm_x.clone())?);
 
         let path = ModulePath {
             group: SINGLE_BLOCKS,
@@ -463,7 +463,7 @@ impl FluxSingleTransformerBlock {
         })?;
         let attn_out = expect_outputs(outputs, 1, path)?.remove(0);
 
-        let x = x + gate.clone() * self.proj_out.forward(Tensor::cat(vec![attn_out, mlp], 2));
+        let x = x + gate.clone() * self.proj_out.forward(Tensor::cat(vec![attn_out, mlp], 2))?;
         Ok(BlockStates {
             encoder: Some(x.clone().narrow(1, 0, text_len)),
             hidden: x.narrow(1, text_len, tokens - text_len),
@@ -627,7 +627,7 @@ impl FluxTransformer {
         let dtype = self.precision.dtype();
         let hidden = self
             .x_embedder
-            .forward(inputs.hidden_states.clone().cast(dtype));
+            .forward(inputs.hidden_states.clone().cast(dtype))?;
         let timestep = inputs.timestep.clone().cast(dtype).mul_scalar(1000.0);
         let guidance = inputs
             .guidance
@@ -640,7 +640,7 @@ impl FluxTransformer {
         )?;
         let encoder = self
             .context_embedder
-            .forward(inputs.encoder_hidden_states.clone().cast(dtype));
+            .forward(inputs.encoder_hidden_states.clone().cast(dtype))?;
 
         let [double, single] = self.groups();
         let states = BlockStates {
@@ -662,10 +662,10 @@ impl FluxTransformer {
             block.forward(hooks, i, states, &temb, rope)
         })?;
 
-        let m = self.norm_out.forward(&temb);
+        let m = self.norm_out.forward(&temb)?;
         let (scale, shift) = (&m[0], &m[1]);
         let hidden = modulate(states.hidden, scale, shift);
-        Ok(self.proj_out.forward(hidden))
+        self.proj_out.forward(hidden)
     }
 
     fn groups(&self) -> [BlockGroup<'static>; 2] {
