@@ -223,7 +223,8 @@ fn check_generation(text: &str) -> Result<(), TestCaseError> {
         _ => None,
     };
     // Keys and values of one layer of the tiny model: 2 kv heads x 32 x 2 x 4 bytes per row.
-    let layer_bytes = |tokens: usize| (tokens as u64).saturating_mul(rows as u64 * 512);
+    let layer_bytes =
+        |tokens: usize| (tokens as u64).saturating_mul((rows as u64).saturating_mul(512));
     let host = cachet_tensor::host_memory_bytes().unwrap_or(u64::MAX / 2);
     if reserved.is_some_and(|t| t > 4096 && layer_bytes(t) <= host) {
         return Ok(());
