@@ -119,6 +119,38 @@ pub struct LinearSpec {
     pub bias: bool,
 }
 
+impl LinearSpec {
+    /// `{name}.weight` as `[out, in]`, checked against the spec.
+    pub fn load_weight(
+        &self,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor<2>> {
+        load_checked(
+            checkpoint,
+            &format!("{}.weight", self.name),
+            [self.out_features, self.in_features],
+            device,
+            dtype,
+        )
+    }
+
+    /// `{name}.bias` as `[out]` when the spec has one.
+    pub fn load_bias(
+        &self,
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Option<Tensor<1>>> {
+        if !self.bias {
+            return Ok(None);
+        }
+        let name = format!("{}.bias", self.name);
+        load_checked(checkpoint, &name, [self.out_features], device, dtype).map(Some)
+    }
+}
+
 /// Builds the projections of a model while it loads.
 pub trait LinearFactory {
     /// Builds the layer `spec` from `checkpoint` on `device`, computing in `dtype`.
@@ -143,25 +175,10 @@ impl LinearFactory for DenseFactory {
         device: &Device,
         dtype: DType,
     ) -> Result<LinearLayer> {
-        let weight = load_checked::<2>(
-            checkpoint,
-            &format!("{}.weight", spec.name),
-            [spec.out_features, spec.in_features],
-            device,
-            dtype,
-        )?;
-        let bias = if spec.bias {
-            let bias = load_checked::<1>(
-                checkpoint,
-                &format!("{}.bias", spec.name),
-                [spec.out_features],
-                device,
-                dtype,
-            )?;
-            Some(Param::from_tensor(bias))
-        } else {
-            None
-        };
+        let weight = spec.load_weight(checkpoint, device, dtype)?;
+        let bias = spec
+            .load_bias(checkpoint, device, dtype)?
+            .map(Param::from_tensor);
         Ok(LinearLayer::dense(burn_linear(weight, bias)))
     }
 }
@@ -202,24 +219,10 @@ impl LinearFactory for FastDenseFactory {
             return DenseFactory.build(spec, checkpoint, device, dtype);
         }
         let name = format!("{}.weight", spec.name);
-        let weight = load_checked::<2>(
-            checkpoint,
-            &name,
-            [spec.out_features, spec.in_features],
-            device,
-            dtype,
-        )?;
-        let bias = if spec.bias {
-            let bias = load_checked::<1>(
-                checkpoint,
-                &format!("{}.bias", spec.name),
-                [spec.out_features],
-                device,
-                DType::F32,
-            )?;
-            Some(read_f32(bias.into_data(), &spec.name)?)
-        } else {
-            None
+        let weight = spec.load_weight(checkpoint, device, dtype)?;
+        let bias = match spec.load_bias(checkpoint, device, DType::F32)? {
+            Some(bias) => Some(read_f32(bias.into_data(), &spec.name)?),
+            None => None,
         };
         let matrix = matrix_from_data(weight.into_data(), &name)?;
         Ok(LinearLayer::custom(Arc::new(HostDense::new(
