@@ -29,6 +29,10 @@ pub fn config() -> Result<LlamaConfig> {
 
 /// Loads the embedded tiny Llama onto `device`.
 pub fn tiny_llama(device: &Device, precision: Precision) -> Result<Llama> {
-    let checkpoint = Checkpoint::from_bytes(NAME, WEIGHTS)?;
-    Llama::load(config()?, &checkpoint, device, precision)
+    Llama::load(config()?, &checkpoint()?, device, precision)
+}
+
+/// The embedded weights as a checkpoint (read in place from the binary).
+pub(crate) fn checkpoint() -> Result<Checkpoint> {
+    Ok(Checkpoint::from_bytes(NAME, WEIGHTS)?)
 }

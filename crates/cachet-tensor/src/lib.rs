@@ -14,6 +14,7 @@ mod device;
 mod dtype;
 mod error;
 pub mod gguf;
+mod host_view;
 pub mod kernels;
 mod memory;
 mod offload;
@@ -23,6 +24,7 @@ pub use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 pub use device::{DeviceSpec, available_backends, cpu_device, is_host_device};
 pub use dtype::{Precision, cast_checked, ensure_supported, supports_dtype};
 pub use error::TensorError;
+pub use host_view::{HostStrided, read_host_f32};
 pub use memory::{
     MemoryFootprint, device_bytes_in_use, host_memory_bytes, human_bytes, tensor_bytes,
     tune_host_allocator,

@@ -70,10 +70,29 @@ impl Mlp {
         let dtype = x.dtype();
         let [b, s, _] = x.dims();
         let (data, rows) = tensor_to_host(x)?;
-        let Some(mut g) = gate.forward_host(&data, rows)? else {
+        let Some(y) = Self::host_values(gate, up, down, &data, rows, dtype)? else {
             return Ok(None);
         };
-        let Some(mut u) = up.forward_host(&data, rows)? else {
+        let out = down.out_features();
+        Ok(Some(Tensor::from_data(
+            TensorData::new(y, [b, s, out]),
+            (&device, dtype),
+        )))
+    }
+
+    /// The MLP on `[rows, hidden]` host activations; `None` when a projection has no host path.
+    pub(super) fn host_values(
+        gate: &Arc<dyn LinearOp>,
+        up: &Arc<dyn LinearOp>,
+        down: &Arc<dyn LinearOp>,
+        data: &[f32],
+        rows: usize,
+        dtype: DType,
+    ) -> Result<Option<Vec<f32>>> {
+        let Some(mut g) = gate.forward_host(data, rows)? else {
+            return Ok(None);
+        };
+        let Some(mut u) = up.forward_host(data, rows)? else {
             return Ok(None);
         };
         round_slice(dtype, &mut g);
@@ -93,14 +112,7 @@ impl Mlp {
                 *g = round(round(*g * s) * u);
             }
         }
-        let Some(y) = down.forward_host(&g, rows)? else {
-            return Ok(None);
-        };
-        let out = down.out_features();
-        Ok(Some(Tensor::from_data(
-            TensorData::new(y, [b, s, out]),
-            (&device, dtype),
-        )))
+        down.forward_host(&g, rows)
     }
 }
 
@@ -129,13 +141,13 @@ pub struct Attention {
 
 /// What every layer of one forward shares: RoPE tables, positions, the padding mask and the
 /// masks built from it (once per distinct cache layout, not once per layer).
-struct ForwardContext {
-    cos: Tensor<4>,
-    sin: Tensor<4>,
-    cache_position: Vec<usize>,
-    attention_mask: Option<Tensor<2, Int>>,
+pub(super) struct ForwardContext {
+    pub(super) cos: Tensor<4>,
+    pub(super) sin: Tensor<4>,
+    pub(super) cache_position: Vec<usize>,
+    pub(super) attention_mask: Option<Tensor<2, Int>>,
     /// Whether the fused attention op may run (the host backend).
-    fused_attention: bool,
+    pub(super) fused_attention: bool,
     /// Masks built so far in this forward, by (layout, layer window, batch).
     masks: RefCell<Vec<(MaskKey, Tensor<4, Bool>)>>,
 }
@@ -144,7 +156,7 @@ type MaskKey = (MaskLayout, Option<usize>, usize);
 
 /// What a layer's attention must mask, decided from positions alone (no tensor work).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MaskNeed {
+pub(super) enum MaskNeed {
     /// Every query sees every key (a decode step over a contiguous cache).
     Nothing,
     /// Plain causal masking, keys ending at the last query (a prompt over a contiguous cache).
@@ -171,7 +183,7 @@ impl ForwardContext {
         })
     }
 
-    fn mask_need(&self, layout: &MaskLayout, window: Option<usize>) -> MaskNeed {
+    pub(super) fn mask_need(&self, layout: &MaskLayout, window: Option<usize>) -> MaskNeed {
         if self.attention_mask.is_some()
             || layout.sink_tokens > 0
             || layout.rotation > 0
@@ -277,6 +289,20 @@ impl Attention {
         };
         // The view checks itself against its layout and drops a preallocated cache's unused slots.
         let view = view.for_attention().map_err(ModelError::cache)?;
+        let out = self.attend(q, view, ctx)?;
+        self.o_proj.forward(out)
+    }
+
+    /// Attention of the rotated queries `q` `[batch, heads, seq, head_dim]` over `view`, before
+    /// the output projection: `[batch, seq, heads * head_dim]`.
+    pub(super) fn attend(
+        &self,
+        q: Tensor<4>,
+        view: KvView,
+        ctx: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let [batch, _, seq, _] = q.dims();
+        let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let layout = view.layout;
         let kv_len = layout.kv_length;
         let need = ctx.mask_need(&layout, self.sliding_window);
@@ -307,7 +333,7 @@ impl Attention {
                     (&device, dtype),
                 );
                 let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
-                return self.o_proj.forward(out);
+                return Ok(out);
             }
             // Padding, sinks or ring buffers: burn's fused op with the mask (KV tiles with an
             // online softmax, grouped-query heads read in place).
@@ -326,7 +352,7 @@ impl Attention {
             };
             let out = attention(q, k, v, mask, None, options);
             let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
-            return self.o_proj.forward(out);
+            return Ok(out);
         }
 
         // Grouped-query attention without copying keys: fold the query heads that share a kv
@@ -347,8 +373,7 @@ impl Attention {
             .weighted_values(softmax(scores, 3))
             .map_err(ModelError::cache)?;
         let out = out.reshape([batch, heads, seq, dim]);
-        let out = out.swap_dims(1, 2).reshape([batch, seq, heads * dim]);
-        self.o_proj.forward(out)
+        Ok(out.swap_dims(1, 2).reshape([batch, seq, heads * dim]))
     }
 }
 
@@ -571,7 +596,7 @@ pub struct Llama {
     device: Device,
     /// The compute dtype.
     #[module(skip)]
-    dtype: DType,
+    pub(super) dtype: DType,
 }
 
 impl Llama {
@@ -673,9 +698,17 @@ impl Llama {
         let mut x = self
             .embed_tokens
             .forward(input_ids, self.dtype, &self.device)?;
-        for layer in &self.layers {
+        if self.decode_host_applies(seq, &ctx) {
+            let hidden = x.dims()[2];
+            let (h, _) = tensor_to_host(x)?;
             let cache = cache.as_mut().map(|c| &mut **c as &mut dyn Cache);
-            x = layer.forward(x, &ctx, cache)?;
+            let h = self.decode_host(h, batch, &ctx, cache)?;
+            x = Tensor::from_data(TensorData::new(h, [batch, 1, hidden]), &self.device);
+        } else {
+            for layer in &self.layers {
+                let cache = cache.as_mut().map(|c| &mut **c as &mut dyn Cache);
+                x = layer.forward(x, &ctx, cache)?;
+            }
         }
         let x = if logits_to_keep > 0 && logits_to_keep < seq {
             let hidden = x.dims()[2];

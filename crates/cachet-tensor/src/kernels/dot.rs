@@ -77,7 +77,7 @@ fn bf16_to_f32(v: bf16) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use half::bf16;
+    use half::{bf16, f16};
 
     /// Sum of the 8 lanes.
     #[inline(always)]
@@ -241,41 +241,77 @@ mod x86 {
             sum
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-use x86::{dot_bf16_avx2, dot_bf16_avx512, dot_f32_avx2, dot_f32_avx512};
-
-/// f16 → f32 for 8 values with F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn convert_f16_avx2(src: &[f16], dst: &mut [f32]) {
-    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
-    let n = src.len().min(dst.len());
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: i + 8 <= n, so 8 u16 are readable at src[i] and 8 f32 writable at dst[i].
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dot_f16_avx512(w: &[f16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: the caller passes a pointer with 16 readable u16.
+        let widen = |p: *const u16| -> __m512 {
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        };
+        // SAFETY: every load reads indices below n; the tail is scalar.
         unsafe {
-            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            while i + 64 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let o = i + 16 * a;
+                    *acc = _mm512_fmadd_ps(widen(wp.add(o)), _mm512_loadu_ps(xp.add(o)), *acc);
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                acc[0] = _mm512_fmadd_ps(widen(wp.add(i)), _mm512_loadu_ps(xp.add(i)), acc[0]);
+                i += 16;
+            }
+            let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            let mut sum = _mm512_reduce_add_ps(s);
+            while i < n {
+                sum += w[i].to_f32() * *xp.add(i);
+                i += 1;
+            }
+            sum
         }
-        i += 8;
     }
-    for j in i..n {
-        dst[j] = src[j].to_f32();
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_f16_f16c(w: &[f16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: the caller passes a pointer with 8 readable u16.
+        let widen = |p: *const u16| -> __m256 {
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        };
+        // SAFETY: every load reads indices below n; the tail is scalar.
+        unsafe {
+            while i + 32 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * a;
+                    *acc = _mm256_fmadd_ps(widen(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *acc);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(widen(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+                i += 8;
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut sum = hsum256(s);
+            while i < n {
+                sum += w[i].to_f32() * *xp.add(i);
+                i += 1;
+            }
+            sum
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_f16_avx2(w: &[f16], x: &[f32], buf: &mut [f32; CONVERT_CHUNK]) -> f32 {
-    let mut sum = 0.0;
-    for (wc, xc) in w.chunks(CONVERT_CHUNK).zip(x.chunks(CONVERT_CHUNK)) {
-        convert_f16_avx2(wc, &mut buf[..wc.len()]);
-        sum += dot_lanes(&buf[..wc.len()], xc, |v| v, true);
-    }
-    sum
-}
+use x86::{
+    dot_bf16_avx2, dot_bf16_avx512, dot_f16_avx512, dot_f16_f16c, dot_f32_avx2, dot_f32_avx512,
+};
 
 pub(super) fn dot_f32(level: Level, w: &[f32], x: &[f32]) -> f32 {
     match level {
@@ -303,11 +339,12 @@ pub(super) fn dot_bf16(level: Level, w: &[bf16], x: &[f32]) -> f32 {
 
 pub(super) fn dot_f16(level: Level, w: &[f16], x: &[f32], buf: &mut [f32; CONVERT_CHUNK]) -> f32 {
     match level {
-        // SAFETY: the level was detected on this CPU (AVX-512 CPUs have F16C).
+        // SAFETY: the level was detected on this CPU (AVX-512F converts halves itself).
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 | Level::Avx2 if std::is_x86_feature_detected!("f16c") => unsafe {
-            dot_f16_avx2(w, x, buf)
-        },
+        Level::Avx512 => unsafe { dot_f16_avx512(w, x) },
+        // SAFETY: the Avx2 level requires F16C (see `Level::detect`).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { dot_f16_f16c(w, x) },
         _ => {
             let mut sum = 0.0;
             for (wc, xc) in w.chunks(CONVERT_CHUNK).zip(x.chunks(CONVERT_CHUNK)) {
@@ -342,6 +379,13 @@ mod tests {
             let w = values(k, 5);
             let x = values(k, 6);
             let bf: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let hf: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let exact_hf: f64 = hf
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| a.to_f32() as f64 * *b as f64)
+                .sum();
+            let mut buf = [0.0f32; CONVERT_CHUNK];
             let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
             let exact_bf: f64 = bf
                 .iter()
@@ -351,6 +395,11 @@ mod tests {
             for &level in &levels {
                 let f = dot_f32(level, &w, &x) as f64;
                 let b = dot_bf16(level, &bf, &x) as f64;
+                let h = dot_f16(level, &hf, &x, &mut buf) as f64;
+                assert!(
+                    (h - exact_hf).abs() < 1e-4,
+                    "{level:?} k={k}: {h} vs {exact_hf}"
+                );
                 assert!((f - exact).abs() < 1e-4, "{level:?} k={k}: {f} vs {exact}");
                 assert!(
                     (b - exact_bf).abs() < 1e-4,

@@ -9,12 +9,14 @@
 //! prompt, and [`silu_mul`] SwiGLU's elementwise part.
 
 pub use attention::{AttentionShape, causal_attention};
+pub use decode::{decode_attention, rms_norm, rotate_half};
 pub use dense::{DenseMatrix, WeightDType};
 pub use silu::{sigmoid, silu_mul};
 
 use dot::Level;
 
 mod attention;
+mod decode;
 mod dense;
 mod dot;
 mod silu;
