@@ -1,6 +1,7 @@
 //! LLM.int8 (bitsandbytes `Int8Params` + `MatMul8bitLt`): row-wise int8 weights `CB` with
 //! `SCB = rowabsmax`, vector-wise int8 activations and the outlier decomposition.
 
+use cachet_tensor::kernels::matmul_t_tile;
 use half::f16;
 use rayon::prelude::*;
 
@@ -173,6 +174,12 @@ pub fn quantize_activations(
     }
 }
 
+/// Input rows from which [`int8_matmul`] runs the blocked gemm.
+const GEMM_MIN_ROWS: usize = 16;
+
+/// Output features per gemm tile of [`int8_matmul`].
+const GEMM_TILE_COLS: usize = 64;
+
 /// LLM.int8 matmul `x [rows, in] · Wᵀ + bias` like bnb's `MatMul8bitLt` forward in f32:
 /// int8×int8→i32, dequantized by `SCA·SCB/127²`, plus the outlier columns in floating point.
 pub fn int8_matmul(
@@ -196,40 +203,114 @@ pub fn int8_matmul(
     let sub_a: Vec<f32> = (0..rows)
         .flat_map(|r| act.outlier_cols.iter().map(move |&c| x[r * cols + c]))
         .collect();
-    // Parallel over output features (batch-1 decode has a single row).
-    let columns: Vec<Vec<f32>> = (0..out_f)
-        .into_par_iter()
+    // Row r, output o: the i32 accumulator (exact in f32 for the gemm path: |Σ| ≤ 127² · in,
+    // rounded only past 2^24, far below the quantization error), then dequantized as bnb does.
+    let finish = |r: usize, o: usize, acc: f32| -> f32 {
+        let mut v = acc * (act.sca[r] * weight.scb[o]) * MM_DEQUANT_SCALE;
+        if let Some(bias) = bias {
+            v += bias[o];
+        }
+        if n_out > 0 {
+            let mut extra = 0.0f32;
+            for (k, &a) in sub_a[r * n_out..(r + 1) * n_out].iter().enumerate() {
+                extra += a * sub_b[k * out_f + o];
+            }
+            v += extra;
+        }
+        v
+    };
+    if rows >= GEMM_MIN_ROWS {
+        // A prompt: tiles of output features through the blocked f32 gemm (i8 values are exact
+        // in f32), each tile converted once and met by every row.
+        let ca: Vec<f32> = act.ca.iter().map(|&v| f32::from(v)).collect();
+        let tiles: Vec<(usize, Vec<f32>)> = (0..out_f.div_ceil(GEMM_TILE_COLS))
+            .into_par_iter()
+            .map(|t| {
+                let (o0, o1) = (t * GEMM_TILE_COLS, ((t + 1) * GEMM_TILE_COLS).min(out_f));
+                let w: Vec<f32> = weight.cb[o0 * cols..o1 * cols]
+                    .iter()
+                    .map(|&v| f32::from(v))
+                    .collect();
+                let mut part = vec![0.0f32; rows * (o1 - o0)];
+                matmul_t_tile(&ca, rows, &w, o1 - o0, cols, &mut part);
+                for (r, row) in part.chunks_mut(o1 - o0).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = finish(r, o0 + j, *v);
+                    }
+                }
+                (o0, part)
+            })
+            .collect();
+        for (o0, part) in tiles {
+            let width = part.len() / rows;
+            for r in 0..rows {
+                out[r * out_f + o0..r * out_f + o0 + width]
+                    .copy_from_slice(&part[r * width..(r + 1) * width]);
+            }
+        }
+        return out;
+    }
+    // Few rows (decode): integer dot products, parallel over output features, written in place
+    // ([out, rows] order, transposed after when there are several rows).
+    let dot = |o: usize, r: usize| -> f32 {
+        let cb = &weight.cb[o * cols..(o + 1) * cols];
+        let ca = &act.ca[r * cols..(r + 1) * cols];
+        let acc: i32 = ca
+            .iter()
+            .zip(cb)
+            .map(|(&a, &b)| i32::from(a) * i32::from(b))
+            .sum();
+        finish(r, o, acc as f32)
+    };
+    if rows == 1 {
+        out.par_iter_mut()
+            .enumerate()
+            .with_min_len(16)
+            .for_each(|(o, y)| *y = dot(o, 0));
+        return out;
+    }
+    let mut by_out = vec![0.0f32; out_f * rows];
+    by_out
+        .par_chunks_mut(rows)
+        .enumerate()
         .with_min_len(16)
-        .map(|o| {
-            let cb = &weight.cb[o * cols..(o + 1) * cols];
-            (0..rows)
-                .map(|r| {
-                    let ca = &act.ca[r * cols..(r + 1) * cols];
-                    let acc: i32 = ca
-                        .iter()
-                        .zip(cb)
-                        .map(|(&a, &b)| i32::from(a) * i32::from(b))
-                        .sum();
-                    let mut v = acc as f32 * (act.sca[r] * weight.scb[o]) * MM_DEQUANT_SCALE;
-                    if let Some(bias) = bias {
-                        v += bias[o];
-                    }
-                    if n_out > 0 {
-                        let mut extra = 0.0f32;
-                        for (k, &a) in sub_a[r * n_out..(r + 1) * n_out].iter().enumerate() {
-                            extra += a * sub_b[k * out_f + o];
-                        }
-                        v += extra;
-                    }
-                    v
-                })
-                .collect()
-        })
-        .collect();
-    for (o, col) in columns.iter().enumerate() {
-        for (r, &v) in col.iter().enumerate() {
+        .for_each(|(o, ys)| {
+            for (r, y) in ys.iter_mut().enumerate() {
+                *y = dot(o, r);
+            }
+        });
+    for (o, ys) in by_out.chunks(rows).enumerate() {
+        for (r, &v) in ys.iter().enumerate() {
             out[r * out_f + o] = v;
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prompt_gemm_path_equals_row_by_row_integer_dots() {
+        let (rows, out_f, cols) = (GEMM_MIN_ROWS + 5, GEMM_TILE_COLS + 7, 96);
+        let mut s = 7u32;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 2001) as f32 / 500.0 - 2.0
+        };
+        let w: Vec<f32> = (0..out_f * cols).map(|_| next()).collect();
+        let x: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+        let bias: Vec<f32> = (0..out_f).map(|_| next()).collect();
+        let weight = Int8Weight::quantize("w", &w, out_f, cols).unwrap();
+        // Threshold 0 quantizes each row on its own, so single rows (the dot path) must give
+        // the batch's (the gemm path's) values exactly: every sum is far below 2^24.
+        let batch = int8_matmul(&x, rows, &weight, Some(&bias), 0.0);
+        for r in 0..rows {
+            let one = int8_matmul(&x[r * cols..(r + 1) * cols], 1, &weight, Some(&bias), 0.0);
+            assert_eq!(&batch[r * out_f..(r + 1) * out_f], &one[..], "row {r}");
+        }
+    }
 }

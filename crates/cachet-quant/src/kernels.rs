@@ -4,6 +4,7 @@
 //! 8-lane accumulator, or AVX2 / AVX-512 decoders) that never materialises the f32 weight;
 //! larger batches dequantize tiles of rows and reuse each tile for every input row.
 
+use cachet_tensor::kernels::matmul_t_tile;
 use rayon::prelude::*;
 
 use crate::blockwise::{Quantized4bit, dequantize_4bit_into};
@@ -11,6 +12,14 @@ use crate::simd::SimdLevel;
 
 /// Output rows per tile of the batched path.
 const TILE_ROWS: usize = 16;
+
+/// Input rows from which [`matmul_4bit_tiled`] multiplies each dequantized tile with the
+/// blocked gemm instead of dot products.
+const GEMM_MIN_ROWS: usize = 16;
+
+/// Output rows dequantized per task on the gemm path: the f32 tile (`GEMM_TILE_ROWS × in`)
+/// stays in L2 while every input row meets it.
+const GEMM_TILE_ROWS: usize = 64;
 
 /// Dot product (`x · w` rows of the batched path) with the kernels of the current
 /// [`SimdLevel`].
@@ -584,11 +593,15 @@ pub(crate) fn matmul_4bit_tiled(
     out: &mut [f32],
 ) {
     let (n, k) = (weight.shape[0], weight.shape[1]);
-    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TILE_ROWS))
+    // Many input rows: bigger tiles through the blocked gemm (a prompt reuses each dequantized
+    // weight hundreds of times); a few rows: small tiles of dot products.
+    let blocked = rows >= GEMM_MIN_ROWS;
+    let tile_rows = if blocked { GEMM_TILE_ROWS } else { TILE_ROWS };
+    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(tile_rows))
         .into_par_iter()
         .map(|t| {
-            let r0 = t * TILE_ROWS;
-            let r1 = (r0 + TILE_ROWS).min(n);
+            let r0 = t * tile_rows;
+            let r1 = (r0 + tile_rows).min(n);
             // Dequantize rows r0..r1 (from an even element, for the byte alignment).
             let start = r0 * k;
             let aligned = start & !1;
@@ -603,9 +616,13 @@ pub(crate) fn matmul_4bit_tiled(
             );
             let w = &w[start - aligned..];
             let mut part = vec![0.0f32; rows * (r1 - r0)];
-            for (r, xr) in x.chunks(k).enumerate() {
-                for (j, wr) in w.chunks(k).enumerate() {
-                    part[r * (r1 - r0) + j] = dot(xr, wr);
+            if blocked {
+                matmul_t_tile(x, rows, &w[..(r1 - r0) * k], r1 - r0, k, &mut part);
+            } else {
+                for (r, xr) in x.chunks(k).enumerate() {
+                    for (j, wr) in w.chunks(k).enumerate() {
+                        part[r * (r1 - r0) + j] = dot(xr, wr);
+                    }
                 }
             }
             (r0, part)
@@ -634,6 +651,35 @@ mod tests {
                 ((*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
             })
             .collect()
+    }
+
+    #[test]
+    fn tiled_4bit_matmul_equals_the_dequantized_product_with_dots_and_with_the_gemm() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        // An odd output width (a partial tile on both paths) and rows on both sides of the
+        // gemm threshold.
+        let (n, k) = (GEMM_TILE_ROWS + TILE_ROWS + 3, 128);
+        let w = values(&mut state, n * k, 2.0);
+        let q = quantize_4bit("w", &w, &[n, k], 64, QuantType::Nf4, false).unwrap();
+        let absmax = q.absmax.to_f32();
+        let dense = q.dequantize();
+        for rows in [2, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 37] {
+            let x = values(&mut state, rows * k, 1.0);
+            let mut out = vec![f32::NAN; rows * n];
+            matmul_4bit_tiled(&q, &absmax, &x, rows, &mut out);
+            for r in 0..rows {
+                for o in 0..n {
+                    let (xr, wr) = (&x[r * k..(r + 1) * k], &dense[o * k..(o + 1) * k]);
+                    let exact: f64 = xr.iter().zip(wr).map(|(a, b)| f64::from(a * b)).sum();
+                    let scale: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                    let got = f64::from(out[r * n + o]);
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * f64::from(scale.max(1e-6)),
+                        "rows {rows}, out {o}: {got} vs {exact}"
+                    );
+                }
+            }
+        }
     }
 
     fn simd_levels() -> Vec<SimdLevel> {

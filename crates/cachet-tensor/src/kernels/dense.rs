@@ -284,6 +284,27 @@ impl DenseMatrix {
     }
 }
 
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` on the calling thread with the blocked gemm: for callers
+/// that convert or dequantize a weight tile by tile and run the tiles in parallel themselves.
+///
+/// # Panics
+/// If the slices are not `m * k`, `n * k` and `m * n` long.
+pub fn matmul_t_tile(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    assert!(
+        x.len() == m * k && w.len() == n * k && out.len() == m * n,
+        "matmul_t_tile: x is not [m, k], w not [n, k] or out not [m, n]"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // SAFETY: the lengths were checked above; `out` has row stride n.
+    unsafe { gemm_f32(m, n, k, x, w, out, n, gemm::Parallelism::None) };
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`, `out` with row stride `out_rs`.
 ///
 /// # Safety

@@ -10,7 +10,7 @@
 
 pub use attention::{AttentionShape, causal_attention};
 pub use decode::{decode_attention, rms_norm, rotate_half};
-pub use dense::{DenseMatrix, WeightDType};
+pub use dense::{DenseMatrix, WeightDType, matmul_t_tile};
 pub use silu::{sigmoid, silu_mul};
 
 use dot::Level;
