@@ -12,7 +12,8 @@ use cachet_nn::{LinearOp, ModelError, Result, RmsNorm, tensor_to_host};
 use cachet_tensor::kernels::{decode_attention, rms_norm, rotate_half};
 use cachet_tensor::read_host_f32;
 
-use super::model::{DecoderLayer, ForwardContext, Llama, MaskNeed, Mlp};
+use super::context::{ForwardContext, MaskNeed};
+use super::model::{DecoderLayer, Llama, Mlp};
 
 /// The host operations of one layer, when all seven projections have one.
 struct HostLayer<'a> {

@@ -1,6 +1,7 @@
 //! Llama-family decoder: Llama, Mistral (sliding window) and Qwen2 (q/k/v bias).
 
 mod config;
+mod context;
 mod decode;
 mod gguf;
 mod model;
