@@ -133,6 +133,7 @@ fn agreement(got: &[Vec<u32>], want: &[Vec<u32>]) -> usize {
 fn dynamic_static_and_sliding_window_match_transformers_greedy() {
     let Some(mut models) = models() else { return };
     let mut checked = 0;
+    let mut checked_offloaded = 0;
     for case in goldens("greedy.json") {
         let name = case["cache_implementation"].as_str().unwrap();
         let implementation: CacheImplementation = name.parse().unwrap();
@@ -154,8 +155,25 @@ fn dynamic_static_and_sliding_window_match_transformers_greedy() {
         let got = models.run(&case, implementation);
         assert_eq!(got, expected(&case), "{}", describe(&case));
         checked += 1;
+        // transformers' offloaded caches give their base cache's tokens: so must cachet's
+        // (layers through the host tier and the upload worker, on every backend).
+        let offloaded = match name {
+            "dynamic" => Some(CacheImplementation::Offloaded),
+            "static" => Some(CacheImplementation::OffloadedStatic),
+            _ => None,
+        };
+        if let Some(offloaded) = offloaded {
+            let got = models.run(&case, offloaded);
+            assert_eq!(got, expected(&case), "{offloaded}: {}", describe(&case));
+            checked_offloaded += 1;
+        }
     }
     assert_eq!(checked, 3 * 2 * 3, "every model x prompt set x cache");
+    assert_eq!(
+        checked_offloaded,
+        3 * 2 * 2,
+        "every model x prompt set x base cache"
+    );
 }
 
 #[test]

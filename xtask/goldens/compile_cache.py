@@ -15,14 +15,18 @@ modules directly, with stub packages standing in for the parts it does not use (
 only use `transformers.PretrainedConfig` in `isinstance` checks, and we pass dicts).
 
 With `--hub-server URL` it also checks the fidelity of the loopback Hub test server: the official
-`huggingface_hub` client creates a repo, uploads a folder, lists the tree, downloads files and
+`huggingface_hub` client creates a repo, uploads a folder, uploads a file above the LFS threshold
+through the Git LFS flow (preupload answering "lfs", the LFS batch API, multipart parts of
+`LFS_PART_SIZE`, verify, a commit naming the object), lists the tree, downloads files and
 deletes a file and a folder (commits with `deletedFile` / `deletedFolder`) through the server,
-and the outcomes are written to `tests/fixtures/hub_fidelity.json`.
+and the outcomes are written to `tests/fixtures/hub_fidelity.json`. Xet storage is disabled
+(`HF_HUB_DISABLE_XET=1`): the loopback server speaks the LFS protocol only.
 
 Run from the workspace root: `cargo xtask goldens --only compile_cache` (which prepares its own
 venv from requirements-compile.txt with `--no-deps` and passes `--hub-server auto`), or by hand
 `python xtask/goldens/compile_cache.py [--hub-server URL|auto]`; `auto` starts the server with
-`cargo run -q -p cachet-compile --example loopback_hub` and stops it at the end.
+`cargo run -q -p cachet-compile --example loopback_hub -- --part-size LFS_PART_SIZE` and stops it
+at the end (a server given by URL must use the same part size).
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The LFS path of huggingface_hub, not Xet storage (read when huggingface_hub is imported).
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+# Parts of multipart LFS uploads on the loopback server; the LFS file below takes three.
+LFS_PART_SIZE = 5 << 20
+# Above the Hub's 10 MiB LFS threshold.
+LFS_FILE_SIZE = 12 << 20
 FIXTURES = ROOT / "crates" / "cachet-compile" / "tests" / "fixtures"
 
 
@@ -282,6 +292,25 @@ def hub_fidelity(url: str):
                 ).hexdigest()
                 == hashlib.sha256(payload).hexdigest(),
             )
+    # A file above the LFS threshold: preupload says "lfs", then the LFS batch API, parts, verify,
+    # and a commit naming the object by its SHA-256 (the server refuses it inline).
+    big = bytes((i * 31) % 251 for i in range(LFS_FILE_SIZE))
+    big_path = "neuronxcc-2.0/MODULE_0123456789abcdef0123/big.neff"
+    step("upload_lfs_file", lambda: bool(api.upload_file(path_or_fileobj=big, path_in_repo=big_path, repo_id=repo).oid))
+    step(
+        "lfs_tree",
+        lambda: [
+            [f.path, f.size, f.lfs.sha256 if f.lfs else None]
+            for f in api.list_repo_tree(repo, recursive=True)
+            if getattr(f, "path", None) == big_path
+        ],
+    )
+    step("lfs_sha256", lambda: hashlib.sha256(big).hexdigest())
+    with tempfile.TemporaryDirectory() as dl:
+        step(
+            "lfs_download_equal",
+            lambda: Path(hf_hub_download(repo, big_path, endpoint=url, token=token, cache_dir=dl)).read_bytes() == big,
+        )
     # Deletions in commits, as `huggingface_hub` sends them: `deletedFile` and `deletedFolder`.
     old = "neuronxcc-1.9/MODULE_old/old.neff"
     step("upload_file", lambda: bool(api.upload_file(path_or_fileobj=b"old", path_in_repo=old, repo_id=repo).oid))
@@ -323,7 +352,10 @@ def main():
             import subprocess
 
             server = subprocess.Popen(
-                ["cargo", "run", "-q", "-p", "cachet-compile", "--example", "loopback_hub"],
+                [
+                    "cargo", "run", "-q", "-p", "cachet-compile", "--example", "loopback_hub",
+                    "--", "--part-size", str(LFS_PART_SIZE),
+                ],
                 cwd=ROOT,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,

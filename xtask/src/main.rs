@@ -415,8 +415,9 @@ const PY_ENVS: [PyEnv; 3] = [
 const NOT_GENERATORS: [&str; 1] = ["fetch_model.py"];
 
 /// Generators whose outputs other generators read, run first in this order (llama.py's
-/// checkpoints feed bnb.py and kv.py; flux.py's and cogvideox.py's feed diffusion_cache.py).
-const FIRST: [&str; 3] = ["llama.py", "flux.py", "cogvideox.py"];
+/// checkpoints feed bnb.py and kv.py; flux.py's and cogvideox.py's feed diffusion_cache.py;
+/// digits_flux.py's trained model feeds diffusion_methods.py).
+const FIRST: [&str; 4] = ["llama.py", "flux.py", "cogvideox.py", "digits_flux.py"];
 
 impl PyEnv {
     /// Its venv: the flag, else its environment variable, else its default under the root.

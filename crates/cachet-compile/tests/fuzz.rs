@@ -2,7 +2,9 @@
 //! (`CacheEntry::deserialize`, optimum-neuron's JSON), the local cache manifest (through
 //! `LocalCache::lookup`, `status` and `cleanup`, which read it from disk), and what a Hub repo
 //! serves: tree listings (`HubCache::list_files` and `lookup` against the loopback Hub with the
-//! listing body replaced) and registry files (`lookup` reading fuzzed entries).
+//! listing body replaced), registry files (`lookup` reading fuzzed entries) and the answers of
+//! the upload flow (preupload and LFS batch answers replaced, through `HubCache::upload`); and
+//! what `wrap` reads back: the compiler's depfile and its dependency manifest.
 //!
 //! The property: a typed error (or a skipped file, where a lookup skips corrupt entries) or a
 //! value whose every method works — never a panic, never more than a small multiple of the input
@@ -19,7 +21,7 @@ use std::time::Duration;
 
 use cachet_compile::hub::{HubCache, HubOptions, LookupFilter};
 use cachet_compile::local::{CleanupOptions, LocalCache, MANIFEST_FILE, Manifest, cleanup, status};
-use cachet_compile::{CacheEntry, CacheLayout, EntryBuilder};
+use cachet_compile::{CacheEntry, CacheLayout, CompileCache, EntryBuilder, WrapCommand};
 use fuzz_support::{any_json, any_text, bounded, mutated_bytes, mutated_json};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -376,6 +378,180 @@ fn hub_registry_entries_mutated() {
         ],
         |text| check_remote_entry(&server, &hub, &text),
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upload flow's answers: preupload and LFS batch
+// ---------------------------------------------------------------------------------------------
+
+const UPLOAD_KEYS: &[&str] = &[
+    "files",
+    "path",
+    "uploadMode",
+    "shouldIgnore",
+    "objects",
+    "oid",
+    "size",
+    "actions",
+    "upload",
+    "verify",
+    "href",
+    "header",
+    "chunk_size",
+    "00001",
+    "error",
+    "code",
+    "message",
+    "transfer",
+];
+
+/// A server where every file goes to LFS, in parts of 8 bytes above that.
+fn upload_hub() -> (HubServer, HubCache, tempfile::TempDir) {
+    let server = HubServer::start();
+    server.add_repo("alice/upload", true);
+    server.set_lfs(1, Some(8));
+    let mut opts = options(&server);
+    opts.token = Some(support::hub_server::WRITE_TOKEN.into());
+    let hub = HubCache::new("alice/upload", opts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.bin"), b"0123456789abcdef0123").unwrap();
+    (server, hub, dir)
+}
+
+/// `upload` with the answer of `endpoint` replaced by `body`: a typed error or a commit whose
+/// file is the one uploaded.
+fn check_upload(
+    server: &HubServer,
+    hub: &HubCache,
+    dir: &Path,
+    endpoint: &str,
+    body: &str,
+) -> Result<(), TestCaseError> {
+    server.clear_faults();
+    server.fault(
+        Some("POST"),
+        endpoint,
+        FaultKind::Body(body.to_owned()),
+        u32::MAX,
+    );
+    let file = [("m/a.bin".to_owned(), dir.join("a.bin"))];
+    if bounded(body.len(), || hub.upload(&file, "fuzz"))?.is_ok() {
+        let stored = server.file("alice/upload", "m/a.bin");
+        prop_assert_eq!(
+            stored.map(|b| b.to_vec()),
+            Some(b"0123456789abcdef0123".to_vec())
+        );
+    }
+    server.clear_faults();
+    Ok(())
+}
+
+fn valid_preupload() -> serde_json::Value {
+    json!({"files": [{"path": "m/a.bin", "uploadMode": "lfs", "shouldIgnore": false, "oid": null}]})
+}
+
+fn valid_batch(server: &HubServer) -> serde_json::Value {
+    let oid = "9b7a4c2d2ec1b5d8a2a6d3c1e8a4f3b0c6a2f1e9d8c7b6a5f4e3d2c1b0a99887";
+    let url = server.url();
+    json!({"transfer": "multipart", "objects": [{"oid": oid, "size": 20, "authenticated": true,
+        "actions": {"upload": {"href": format!("{url}/lfs-upload/{oid}"),
+            "header": {"chunk_size": "8", "00001": format!("{url}/lfs-upload/{oid}/part/1"),
+                "00002": format!("{url}/lfs-upload/{oid}/part/2"),
+                "00003": format!("{url}/lfs-upload/{oid}/part/3")}},
+            "verify": {"href": format!("{url}/alice/upload.git/info/lfs/objects/verify"),
+                "header": {}}}}]})
+}
+
+#[test]
+fn hub_upload_answers_mutated() {
+    let (server, hub, dir) = upload_hub();
+    run(
+        prop_oneof![
+            mutated_json(valid_preupload(), UPLOAD_KEYS).prop_map(|b| ("/preupload/", b)),
+            mutated_json(valid_batch(&server), UPLOAD_KEYS).prop_map(|b| ("/objects/batch", b)),
+            any_json(UPLOAD_KEYS).prop_map(|v| ("/objects/batch", v.to_string())),
+        ],
+        |(endpoint, body)| check_upload(&server, &hub, dir.path(), endpoint, &body),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// wrap: the compiler's depfile and the dependency manifest
+// ---------------------------------------------------------------------------------------------
+
+/// `wrap` of a command that writes nothing new, with its depfile holding `depfile` and its
+/// dependency manifest `manifest`: a typed error or an outcome whose dependencies come from the
+/// depfile.
+fn check_wrap(dir: &Path, depfile: &[u8], manifest: &[u8]) -> Result<(), TestCaseError> {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = dir.join("out.o");
+    let dep = dir.join("out.d");
+    std::fs::write(&out, b"object").unwrap();
+    std::fs::write(&dep, depfile).unwrap();
+    let cmd = WrapCommand {
+        argv: vec!["true".into()],
+        outputs: vec![out],
+        depfile: Some(dep),
+        compiler_version: Some("fuzz".into()),
+        ..Default::default()
+    };
+    let layout = cmd.layout().unwrap();
+    let root = dir.join("cache");
+    let manifest_path = root
+        .join(layout.compiler_dir())
+        .join("wrap-deps")
+        .join(format!("{}.json", cmd.entry().unwrap().hash()));
+    std::fs::create_dir_all(manifest_path.parent().unwrap()).unwrap();
+    std::fs::write(&manifest_path, manifest).unwrap();
+    let cache = CompileCache::local_only(LocalCache::new(&root, layout));
+    let len = depfile.len() + manifest.len();
+    if let Ok(outcome) = bounded(len, || cmd.run(&cache))? {
+        let text = String::from_utf8_lossy(depfile);
+        for dependency in &outcome.dependencies {
+            prop_assert!(dependency.len() <= text.len(), "{dependency:?}");
+        }
+    }
+    Ok(())
+}
+
+const DEPFILE_PIECES: &[&str] = &[
+    "out.o",
+    ":",
+    " ",
+    "\\\n",
+    "\\ ",
+    "$$",
+    "#",
+    "\n",
+    "\r\n",
+    "a.c",
+    "inc/x.h",
+    "\\",
+    "\t",
+    "C:\\x.h",
+    "::",
+    "/etc/passwd",
+    "..",
+];
+
+proptest! {
+    #![proptest_config(fuzz_support::config())]
+
+    #[test]
+    fn wrap_depfile_and_manifest(
+        depfile in prop_oneof![
+            fuzz_support::any_bytes(),
+            prop::collection::vec(prop::sample::select(DEPFILE_PIECES), 0..40)
+                .prop_map(|p| p.concat().into_bytes()),
+        ],
+        manifest in prop_oneof![
+            fuzz_support::any_bytes(),
+            mutated_json(json!({"sets": [["a.c", "inc/x.h"], []]}), &["sets"])
+                .prop_map(String::into_bytes),
+        ],
+    ) {
+        check_wrap(&scratch("wrap"), &depfile, &manifest)?;
+    }
 }
 
 #[test]

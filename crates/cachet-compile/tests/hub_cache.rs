@@ -568,6 +568,86 @@ fn large_artifacts_round_trip() {
     let got = fs::read(m.dir.join("model.neff")).unwrap();
     assert_eq!(got.len(), size);
     assert!(got == pattern(size));
+    // The artifact went through the LFS upload flow: preupload, batch, PUT, verify, and a
+    // commit naming it by SHA-256; the small files went inline.
+    let neff = format!("{}/model.neff", layout().module_dir(&e.hash()));
+    assert!(server.is_lfs("alice/cache", &neff));
+    let flags = format!("{}/compile_flags.json", layout().module_dir(&e.hash()));
+    assert!(!server.is_lfs("alice/cache", &flags));
+    let log = server.log();
+    let position = |prefix: &str| {
+        log.iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {log:?}"))
+    };
+    let steps = [
+        position("POST /api/models/alice/cache/preupload/"),
+        position("POST /alice/cache.git/info/lfs/objects/batch"),
+        position("PUT /lfs-upload/"),
+        position("POST /alice/cache.git/info/lfs/objects/verify"),
+        position("POST /api/models/alice/cache/commit/"),
+    ];
+    assert!(steps.is_sorted(), "{log:?}");
+    let sha = server.state.lock().unwrap().repos["alice/cache"].files[&neff]
+        .sha256
+        .clone();
+    assert_eq!(server.state.lock().unwrap().lfs_verified, vec![sha]);
+}
+
+#[test]
+fn lfs_uploads_in_parts_skip_stored_objects_and_commit_nothing_on_failure() {
+    let server = HubServer::start();
+    server.add_repo("alice/cache", true);
+    // LFS from 64 KiB, parts of 100 KiB: a 250 KiB artifact goes up in 3 parts.
+    server.set_lfs(64 << 10, Some(100 << 10));
+    let hub = HubCache::new("alice/cache", options(&server, WRITE_TOKEN)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("model.neff");
+    fs::write(&big, pattern(250 << 10)).unwrap();
+    let small = dir.path().join("flags.json");
+    fs::write(&small, "[]").unwrap();
+    let files = |prefix: &str| {
+        vec![
+            (format!("{prefix}/model.neff"), big.clone()),
+            (format!("{prefix}/flags.json"), small.clone()),
+        ]
+    };
+    hub.upload(&files("a"), "first").unwrap();
+    assert!(server.is_lfs("alice/cache", "a/model.neff"));
+    assert!(!server.is_lfs("alice/cache", "a/flags.json"));
+    assert_eq!(
+        *server.file("alice/cache", "a/model.neff").unwrap(),
+        pattern(250 << 10)
+    );
+    let parts = |log: &[String]| log.iter().filter(|l| l.contains("/part/")).count();
+    assert_eq!(parts(&server.log()), 3);
+    // The same content again: the batch answers without actions, nothing is sent.
+    let before = server.log().len();
+    hub.upload(&files("b"), "same bytes").unwrap();
+    let log = server.log()[before..].to_vec();
+    assert!(log.iter().all(|l| !l.starts_with("PUT")), "{log:?}");
+    assert_eq!(
+        *server.file("alice/cache", "b/model.neff").unwrap(),
+        pattern(250 << 10)
+    );
+    // An upload that fails leaves the repo as it was: no commit names a missing object.
+    fs::write(&big, pattern(300 << 10)).unwrap();
+    server.fault(
+        Some("PUT"),
+        "/lfs-upload/",
+        FaultKind::Status(403),
+        u32::MAX,
+    );
+    let commits = server.commits("alice/cache");
+    let err = hub.upload(&files("c"), "fails").unwrap_err();
+    assert!(matches!(err, CompileCacheError::Forbidden { .. }), "{err}");
+    assert_eq!(server.commits("alice/cache"), commits);
+    assert!(
+        !server
+            .paths("alice/cache")
+            .iter()
+            .any(|p| p.starts_with("c/"))
+    );
 }
 
 #[test]

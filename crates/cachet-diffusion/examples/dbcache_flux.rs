@@ -46,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_warmup_steps: 4,
             ..Default::default()
         },
-        calibrator_config: Some(TaylorSeerCalibratorConfig::default()),
+        calibrator_config: Some(TaylorSeerCalibratorConfig::default().into()),
         adapter: Default::default(),
     };
     let (reference, reference_seconds, _) = run(CacheConfig::None)?;

@@ -95,6 +95,14 @@ pub enum DiffusionError {
         /// Regex error.
         reason: String,
     },
+    /// The method cannot work on this model (the reason says why).
+    #[error("{method} does not apply to this model: {reason}")]
+    NotApplicable {
+        /// The method.
+        method: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A config (JSON) could not be parsed.
     #[error("invalid {what} config: {reason}")]
     Config {
@@ -102,6 +110,14 @@ pub enum DiffusionError {
         what: &'static str,
         /// Parser message, naming the field.
         reason: String,
+    },
+    /// A class label outside a label-conditioned model's table.
+    #[error("label {label} is out of range: the model draws labels 0 to {}", labels.saturating_sub(1))]
+    LabelOutOfRange {
+        /// The label asked for.
+        label: usize,
+        /// Labels the model knows (the null label excluded).
+        labels: usize,
     },
     /// The cache was used inconsistently (batch size changed mid-inference, step missing...).
     #[error("{0}")]

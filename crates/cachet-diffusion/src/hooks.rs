@@ -11,13 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DiffusionError, Result};
 use crate::log::{Action, Decision, DecisionLog, StepInfo};
+use crate::methods::calibrator::CalibratorConfig;
 use crate::methods::dbcache::{BlockAdapter, DBCacheConfig, DbCache, UnitStats};
+use crate::methods::dbprune::{DBPruneConfig, DbPrune, PruneStats};
 use crate::methods::faster_cache::{FasterCacheAttention, FasterCacheConfig, FasterCacheDenoiser};
 use crate::methods::first_block::{FirstBlockCache, FirstBlockCacheConfig};
+use crate::methods::magcache::{MagCache, MagCacheCalibration, MagCacheConfig};
 use crate::methods::pab::{Pab, PyramidAttentionBroadcastConfig};
-use crate::methods::taylorseer::{
-    TaylorSeerCache, TaylorSeerCacheConfig, TaylorSeerCalibratorConfig,
-};
+use crate::methods::taylorseer::{TaylorSeerCache, TaylorSeerCacheConfig};
+use crate::methods::textkv::{self, TextKVCacheConfig};
 use crate::methods::{BlockMethod, GroupLayout, ModuleMethod};
 
 /// Which method to attach, with its configuration (JSON: `{"method": "dbcache", ...}`).
@@ -32,24 +34,41 @@ pub enum CacheConfig {
     FasterCache(FasterCacheConfig),
     /// FirstBlockCache (diffusers).
     FbCache(FirstBlockCacheConfig),
-    /// DBCache (cache-dit), optionally with the TaylorSeer calibrator.
+    /// DBCache (cache-dit), optionally with a calibrator (TaylorSeer, FoCa or DMD).
     DbCache {
         /// cache-dit's `cache_config`.
         #[serde(default)]
         cache_config: DBCacheConfig,
-        /// cache-dit's `calibrator_config` (TaylorSeer).
+        /// cache-dit's `calibrator_config`, by `calibrator_type`.
         #[serde(default)]
-        calibrator_config: Option<TaylorSeerCalibratorConfig>,
+        calibrator_config: Option<CalibratorConfig>,
         /// cache-dit's `BlockAdapter`.
         #[serde(default)]
         adapter: BlockAdapter,
     },
     /// TaylorSeer cache (diffusers' standalone hook).
     TaylorSeer(TaylorSeerCacheConfig),
+    /// MagCache (diffusers).
+    MagCache(MagCacheConfig),
+    /// TextKV (diffusers): refused on the DiTs here, where it would not be lossless.
+    TextKv(TextKVCacheConfig),
+    /// DBPrune, dynamic block pruning (cache-dit), optionally with a calibrator.
+    DbPrune {
+        /// cache-dit's `cache_config` (a `DBPruneConfig`).
+        #[serde(default)]
+        cache_config: DBPruneConfig,
+        /// cache-dit's `calibrator_config`, by `calibrator_type`.
+        #[serde(default)]
+        calibrator_config: Option<CalibratorConfig>,
+        /// cache-dit's `BlockAdapter`.
+        #[serde(default)]
+        adapter: BlockAdapter,
+    },
 }
 
 impl CacheConfig {
-    /// The method's short name (`none`, `pab`, `fastercache`, `fbcache`, `dbcache`, `taylorseer`).
+    /// The method's short name (`none`, `pab`, `fastercache`, `fbcache`, `dbcache`,
+    /// `taylorseer`, `magcache`, `textkv`, `dbprune`).
     pub fn method(&self) -> &'static str {
         match self {
             Self::None => "none",
@@ -58,11 +77,15 @@ impl CacheConfig {
             Self::FbCache(_) => "fbcache",
             Self::DbCache { .. } => "dbcache",
             Self::TaylorSeer(_) => "taylorseer",
+            Self::MagCache(_) => "magcache",
+            Self::TextKv(_) => "textkv",
+            Self::DbPrune { .. } => "dbprune",
         }
     }
 
     /// Default configuration of a method by name; `options` (a JSON object of the method's
-    /// fields, or for `dbcache` of `cache_config`/`calibrator_config`/`adapter`) overrides it.
+    /// fields, or for `dbcache`/`dbprune` of `cache_config`/`calibrator_config`/`adapter`)
+    /// overrides it.
     pub fn from_name(name: &str, options: Option<&str>) -> Result<Self> {
         let mut value = serde_json::json!({ "method": name });
         if let Some(options) = options {
@@ -147,6 +170,8 @@ pub struct CacheHooks {
     modules: ModuleHooks,
     blocks: Option<Box<dyn BlockMethod>>,
     db: Option<DbCache>,
+    mag: Option<MagCache>,
+    prune: Option<DbPrune>,
     denoiser: Option<FasterCacheDenoiser>,
 }
 
@@ -168,6 +193,8 @@ impl CacheHooks {
         let mut module_method: Option<Box<dyn ModuleMethod>> = None;
         let mut blocks: Option<Box<dyn BlockMethod>> = None;
         let mut db = None;
+        let mut mag = None;
+        let mut prune = None;
         let mut denoiser = None;
         match &config {
             CacheConfig::None => {}
@@ -194,6 +221,20 @@ impl CacheHooks {
             CacheConfig::TaylorSeer(c) => {
                 module_method = Some(Box::new(TaylorSeerCache::attach(c, &points)?))
             }
+            CacheConfig::MagCache(c) => mag = Some(MagCache::attach(c, layout.clone())?),
+            CacheConfig::TextKv(_) => return Err(textkv::not_applicable(&layout)),
+            CacheConfig::DbPrune {
+                cache_config,
+                calibrator_config,
+                adapter,
+            } => {
+                prune = Some(DbPrune::attach(
+                    cache_config,
+                    calibrator_config.as_ref(),
+                    adapter,
+                    &layout,
+                )?)
+            }
         }
         tracing::info!(method = config.method(), "cache hooks attached");
         Ok(Self {
@@ -206,6 +247,8 @@ impl CacheHooks {
             },
             blocks,
             db,
+            mag,
+            prune,
             denoiser,
         })
     }
@@ -253,6 +296,12 @@ impl CacheHooks {
         if let Some(d) = self.db.as_mut() {
             d.reset();
         }
+        if let Some(m) = self.mag.as_mut() {
+            m.reset();
+        }
+        if let Some(p) = self.prune.as_mut() {
+            p.reset();
+        }
         if let Some(d) = self.denoiser.as_mut() {
             d.reset();
         }
@@ -270,11 +319,27 @@ impl CacheHooks {
         self.db.as_ref().map(DbCache::stats).unwrap_or_default()
     }
 
+    /// Per-unit statistics of DBPrune (empty for other methods).
+    pub fn dbprune_stats(&self) -> Vec<PruneStats> {
+        self.prune.as_ref().map(DbPrune::stats).unwrap_or_default()
+    }
+
+    /// What MagCache's calibration (`calibrate: true`) recorded, per cache context: the
+    /// `mag_ratios` to pass to later runs. Empty for other methods and without calibration.
+    pub fn magcache_calibration(&self) -> Vec<MagCacheCalibration> {
+        self.mag
+            .as_ref()
+            .map(MagCache::calibration)
+            .unwrap_or_default()
+    }
+
     /// Bytes of tensors the method currently holds (residuals, cached outputs, forecasts).
     pub fn memory_bytes(&self) -> usize {
         self.modules.method.as_ref().map_or(0, |m| m.memory_bytes())
             + self.blocks.as_ref().map_or(0, |b| b.memory_bytes())
             + self.db.as_ref().map_or(0, |d| d.memory_bytes())
+            + self.mag.as_ref().map_or(0, |m| m.memory_bytes())
+            + self.prune.as_ref().map_or(0, |p| p.memory_bytes())
             + self
                 .denoiser
                 .as_ref()
@@ -324,6 +389,12 @@ impl DitHooks for CacheHooks {
     ) -> cachet_nn::Result<BlockStates> {
         if let Some(db) = self.db.as_mut() {
             return Ok(db.run_blocks(&mut self.modules, group, states, block)?);
+        }
+        if let Some(mag) = self.mag.as_mut() {
+            return Ok(mag.run_blocks(&mut self.modules, group, states, block)?);
+        }
+        if let Some(prune) = self.prune.as_mut() {
+            return Ok(prune.run_blocks(&mut self.modules, group, states, block)?);
         }
         if let Some(method) = self.blocks.as_mut() {
             return Ok(method.run_blocks(&mut self.modules, group, states, block)?);

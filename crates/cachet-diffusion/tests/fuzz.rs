@@ -173,6 +173,9 @@ const METHODS: &[&str] = &[
     "fbcache",
     "dbcache",
     "taylorseer",
+    "magcache",
+    "dbprune",
+    "textkv",
 ];
 
 const CACHE_KEYS: &[&str] = &[
@@ -216,13 +219,32 @@ const CACHE_KEYS: &[&str] = &[
     "cache_identifiers",
     "transformer_blocks",
     "single_transformer_blocks",
+    "calibrator_type",
+    "dmd_history",
+    "dmd_rank",
+    "dmd_ridge",
+    "dmd_svd_precision",
+    "calibrator_kwargs",
+    "mag_ratios",
+    "calibrate",
+    "max_skip_steps",
+    "retention_ratio",
+    "num_inference_steps",
+    "enable_dynamic_prune_threshold",
+    "max_dynamic_prune_threshold",
+    "dynamic_prune_threshold_relax_ratio",
+    "non_prune_block_ids",
+    "force_reduce_calibrator_vram",
 ];
 
 /// Every method's full default config (all fields spelled out), plus a DBCache with an adapter,
 /// a calibrator and a steps mask.
 fn valid_cache_configs() -> Vec<serde_json::Value> {
+    // MagCache's defaults lack the model's ratios and TextKV does not apply to Flux: both are
+    // refused on attach (typed errors); a MagCache with ratios is below.
     let mut out: Vec<serde_json::Value> = METHODS
         .iter()
+        .filter(|m| !matches!(**m, "magcache" | "textkv"))
         .map(|m| serde_json::to_value(CacheConfig::from_name(m, None).unwrap()).unwrap())
         .collect();
     out.push(json!({
@@ -234,6 +256,22 @@ fn valid_cache_configs() -> Vec<serde_json::Value> {
         "calibrator_config": {"taylorseer_order": 2, "calibrator_cache_type": "hidden_states"},
         "adapter": {"blocks": [["transformer_blocks"], ["single_transformer_blocks"]],
             "params_modifiers": [{"residual_diff_threshold": 0.2}, {"Fn_compute_blocks": 2}]}
+    }));
+    out.push(json!({
+        "method": "magcache", "mag_ratios": [1.0, 1.1, 0.9, 1.0], "num_inference_steps": 3,
+        "threshold": 0.2, "max_skip_steps": 1, "retention_ratio": 0.3
+    }));
+    out.push(json!({
+        "method": "dbcache",
+        "cache_config": {"Fn_compute_blocks": 1, "max_warmup_steps": 1, "residual_diff_threshold": 0.9},
+        "calibrator_config": {"calibrator_type": "dmd", "dmd_history": 4, "dmd_rank": 2}
+    }));
+    out.push(json!({
+        "method": "dbprune",
+        "cache_config": {"Fn_compute_blocks": 1, "max_warmup_steps": 1, "residual_diff_threshold": 0.5,
+            "enable_dynamic_prune_threshold": true, "non_prune_block_ids": [2],
+            "force_reduce_calibrator_vram": true},
+        "calibrator_config": {"calibrator_type": "foca"}
     }));
     out.push(json!({
         "method": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1,

@@ -151,7 +151,8 @@ pub struct ModelCacheInfo {
 }
 
 /// Builds the cache `implementation` with `config` for `model`; `max_len` is the longest
-/// sequence generation will reach (the default size of static caches).
+/// sequence generation will reach (the default size of static caches). A preallocating cache is
+/// told the model's layer count, so its memory bound covers all layers at the first allocation.
 pub fn build_cache(
     implementation: CacheImplementation,
     config: &CacheConfig,
@@ -160,32 +161,41 @@ pub fn build_cache(
     max_len: usize,
 ) -> Result<Box<dyn Cache>> {
     let host = || -> Result<Device> {
-        let spec = config.offload_device.as_deref().unwrap_or("cpu");
-        let spec: cachet_tensor::DeviceSpec = spec.parse()?;
-        Ok(spec.init()?)
+        let name = config.offload_device.as_deref().unwrap_or("cpu");
+        let spec: cachet_tensor::DeviceSpec = name.parse()?;
+        let device = spec.init()?;
+        if !cachet_tensor::is_host_device(&device) {
+            return Err(KvError::Config(format!(
+                "offload_device {name:?}: offloaded layers are kept in host memory; use \"cpu\""
+            )));
+        }
+        Ok(device)
     };
     Ok(match implementation {
         CacheImplementation::Dynamic => Box::new(DynamicCache::new()),
-        CacheImplementation::Static => {
-            Box::new(StaticCache::new(config.max_cache_len.unwrap_or(max_len))?)
-        }
+        CacheImplementation::Static => Box::new(
+            StaticCache::new(config.max_cache_len.unwrap_or(max_len))?
+                .with_num_layers(model.num_layers),
+        ),
         CacheImplementation::Offloaded => Box::new(OffloadedCache::new(compute, &host()?)),
-        CacheImplementation::OffloadedStatic => Box::new(OffloadedStaticCache::new(
-            config.max_cache_len.unwrap_or(max_len),
-            compute,
-            &host()?,
-        )?),
+        CacheImplementation::OffloadedStatic => Box::new(
+            OffloadedStaticCache::new(config.max_cache_len.unwrap_or(max_len), compute, &host()?)?
+                .with_num_layers(model.num_layers),
+        ),
         CacheImplementation::SlidingWindow => {
             let window = config.sliding_window.or(model.sliding_window).ok_or_else(|| {
                 KvError::Config("sliding_window cache needs a model with a sliding_window (e.g. Mistral) or cache_config.sliding_window (which then limits the model's attention to that window)".into())
             })?;
-            Box::new(SlidingWindowCache::new(window)?)
+            Box::new(SlidingWindowCache::new(window)?.with_num_layers(model.num_layers))
         }
-        CacheImplementation::Sink => Box::new(SinkCache::new(
-            config.window_length.unwrap_or(DEFAULT_SINK_WINDOW),
-            config.num_sink_tokens.unwrap_or(4),
-            model.rope_inv_freq.clone(),
-        )?),
+        CacheImplementation::Sink => Box::new(
+            SinkCache::new(
+                config.window_length.unwrap_or(DEFAULT_SINK_WINDOW),
+                config.num_sink_tokens.unwrap_or(4),
+                model.rope_inv_freq.clone(),
+            )?
+            .with_num_layers(model.num_layers),
+        ),
         CacheImplementation::Quantized => Box::new(QuantizedCache::new(
             QuantizedCacheConfig::from_cache_config(config)?,
         )?),

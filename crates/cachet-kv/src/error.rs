@@ -78,20 +78,23 @@ pub enum KvError {
     /// A cache config that is invalid for the chosen cache or model.
     #[error("invalid cache config: {0}")]
     Config(String),
-    /// A preallocated cache would not fit in this machine's memory (checked before allocating).
+    /// A preallocated cache would not fit in the memory it may take (this machine's physical
+    /// memory unless set lower), counting every layer it expects: checked before allocating.
     #[error(
-        "{cache} at layer {layer}: {tokens} tokens of keys and values need {bytes} bytes, more than this machine's {limit} bytes of memory; lower max_cache_len / the window"
+        "{cache} at layer {layer}: {layers} layers of {tokens} tokens of keys and values need {bytes} bytes in all, more than the {limit} bytes it may take (this machine's memory unless set lower); lower max_cache_len / the window"
     )]
     TooLarge {
         /// Cache type.
         cache: &'static str,
-        /// Layer index.
+        /// Layer being allocated when the bound was hit.
         layer: usize,
-        /// Tokens asked for.
+        /// Layers counted: those allocated, this one and those the cache still expects.
+        layers: usize,
+        /// Tokens per layer asked for.
         tokens: usize,
-        /// Bytes the keys and values would take (saturated at `u64::MAX`).
+        /// Bytes the keys and values of those layers would take (saturated at `u64::MAX`).
         bytes: u64,
-        /// The machine's physical memory.
+        /// The limit.
         limit: u64,
     },
     /// A [`crate::KvView`] whose parts disagree (its keys, values, layout and RoPE shift), or

@@ -12,7 +12,7 @@ use cachet_tensor::MemoryFootprint;
 
 use crate::cache::{Cache, KvView, MaskLayout};
 use crate::error::{KvError, Result};
-use crate::store::{LayerStore, check_layer_order, check_pair, check_positions};
+use crate::store::{Budget, LayerStore, check_layer_order, check_pair, check_positions};
 
 use crate::rope::rotate_by;
 
@@ -37,6 +37,7 @@ pub struct SinkCache {
     num_sink_tokens: usize,
     /// RoPE inverse frequencies, shared with the views that rotate the query by the shift.
     inv_freq: Arc<[f32]>,
+    budget: Budget,
     layers: Vec<SinkLayer>,
 }
 
@@ -58,8 +59,22 @@ impl SinkCache {
             window_length,
             num_sink_tokens,
             inv_freq: inv_freq.into(),
+            budget: Budget::default(),
             layers: Vec::new(),
         })
+    }
+
+    /// The number of layers the cache will hold: the first allocation then checks all of them
+    /// together against the memory limit (a [`KvError::TooLarge`] before anything is allocated).
+    pub fn with_num_layers(mut self, num_layers: usize) -> Self {
+        self.budget.layers = num_layers;
+        self
+    }
+
+    /// Bytes the whole cache may take (default: this machine's physical memory).
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.budget.limit = Some(bytes);
+        self
     }
 
     fn ring(&self) -> usize {
@@ -109,8 +124,16 @@ impl Cache for SinkCache {
                     "the first input ({new} tokens) is longer than the sink cache window ({window}); crop the prompt to its last {window} tokens"
                 )));
             }
-            let mut store =
-                LayerStore::try_with_capacity("sink cache", layer, &keys, &values, window)?;
+            let allocated = self.memory_bytes();
+            let mut store = LayerStore::try_with_capacity(
+                "sink cache",
+                &self.budget,
+                layer,
+                allocated,
+                &keys,
+                &values,
+                window,
+            )?;
             store.write_at(0, keys.clone(), values.clone());
             self.layers.push(SinkLayer {
                 store,

@@ -10,7 +10,7 @@ use cachet_tensor::MemoryFootprint;
 
 use crate::cache::{Cache, MaskLayout};
 use crate::error::{KvError, Result};
-use crate::store::{LayerStore, check_layer_order, check_pair, check_positions};
+use crate::store::{Budget, LayerStore, check_layer_order, check_pair, check_positions};
 
 #[derive(Debug, Clone)]
 struct WindowLayer {
@@ -24,6 +24,7 @@ struct WindowLayer {
 #[derive(Debug, Clone)]
 pub struct SlidingWindowCache {
     window: usize,
+    budget: Budget,
     layers: Vec<WindowLayer>,
 }
 
@@ -62,8 +63,22 @@ impl SlidingWindowCache {
         }
         Ok(Self {
             window: sliding_window,
+            budget: Budget::default(),
             layers: Vec::new(),
         })
+    }
+
+    /// The number of layers the cache will hold: the first allocation then checks all of them
+    /// together against the memory limit (a [`KvError::TooLarge`] before anything is allocated).
+    pub fn with_num_layers(mut self, num_layers: usize) -> Self {
+        self.budget.layers = num_layers;
+        self
+    }
+
+    /// Bytes the whole cache may take (default: this machine's physical memory).
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.budget.limit = Some(bytes);
+        self
     }
 
     /// The attention window.
@@ -84,10 +99,13 @@ impl Cache for SlidingWindowCache {
         let window = self.window;
         if layer == self.layers.len() {
             check_pair(layer, &keys, &values)?;
+            let allocated = self.memory_bytes();
             self.layers.push(WindowLayer {
                 store: LayerStore::try_with_capacity(
                     "sliding_window cache",
+                    &self.budget,
                     layer,
+                    allocated,
                     &keys,
                     &values,
                     window,

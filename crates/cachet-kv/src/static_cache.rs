@@ -3,13 +3,14 @@
 
 use crate::cache::{Cache, MaskLayout};
 use crate::error::{KvError, Result};
-use crate::store::Layers;
+use crate::store::{Budget, Layers};
 use burn::tensor::Tensor;
 
 /// A fixed-capacity cache, allocated once (on the first update of each layer).
 #[derive(Debug, Clone)]
 pub struct StaticCache {
     max_cache_len: usize,
+    budget: Budget,
     layers: Layers,
 }
 
@@ -23,8 +24,22 @@ impl StaticCache {
         }
         Ok(Self {
             max_cache_len,
+            budget: Budget::default(),
             layers: Layers::default(),
         })
+    }
+
+    /// The number of layers the cache will hold: the first allocation then checks all of them
+    /// together against the memory limit (a [`KvError::TooLarge`] before anything is allocated).
+    pub fn with_num_layers(mut self, num_layers: usize) -> Self {
+        self.budget.layers = num_layers;
+        self
+    }
+
+    /// Bytes the whole cache may take (default: this machine's physical memory).
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.budget.limit = Some(bytes);
+        self
     }
 
     /// Capacity per layer.
@@ -51,7 +66,7 @@ impl Cache for StaticCache {
         values: Tensor<4>,
         cache_position: &[usize],
     ) -> Result<(Tensor<4>, Tensor<4>, MaskLayout)> {
-        let capacity = Some(self.max_cache_len);
+        let capacity = Some((self.max_cache_len, &self.budget));
         self.layers.append(
             "static cache",
             capacity,

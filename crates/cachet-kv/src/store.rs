@@ -15,6 +15,66 @@ use crate::error::{KvError, Result};
 /// Tokens a growing store adds at a time once it holds a block (below that it doubles).
 pub const GROWTH_BLOCK: usize = 256;
 
+/// The memory bound of a preallocating cache, applied to the whole cache rather than to each
+/// layer alone (layers that each fit can still exhaust the machine together): when a layer is
+/// first allocated, the layers already allocated plus this one and every layer still expected
+/// must fit under the limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Budget {
+    /// Layers the cache expects (the model's decoder layers); 0 when unknown (then each layer
+    /// is checked with those already allocated).
+    pub layers: usize,
+    /// Bytes the cache may take; `None`: this machine's physical memory.
+    pub limit: Option<u64>,
+}
+
+impl Budget {
+    /// The limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+            .unwrap_or_else(|| cachet_tensor::host_memory_bytes().unwrap_or(u64::MAX / 2))
+    }
+
+    /// Refuses allocating `layer` (`tokens` slots taking `per_layer` bytes) when it, the bytes
+    /// already `allocated` and the layers still expected after it would exceed the limit.
+    pub fn check(
+        &self,
+        cache: &'static str,
+        layer: usize,
+        tokens: usize,
+        per_layer: u64,
+        allocated: u64,
+    ) -> Result<()> {
+        let layers = self.layers.saturating_sub(layer).max(1);
+        let bytes = per_layer
+            .saturating_mul(layers as u64)
+            .saturating_add(allocated);
+        let limit = self.limit();
+        if bytes > limit {
+            return Err(KvError::TooLarge {
+                cache,
+                layer,
+                layers: layer + layers,
+                tokens,
+                bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of one layer of `tokens` tokens for keys `[b, h, _, dk]` and values of width `dv`
+/// (saturated at `u64::MAX`).
+pub(crate) fn layer_bytes(keys: &Tensor<4>, values: &Tensor<4>, tokens: usize) -> u64 {
+    let [b, h, _, dk] = keys.dims();
+    let dv = values.dims()[3];
+    [b, h, tokens, dk + dv, keys.dtype().size()]
+        .into_iter()
+        .try_fold(1u64, |acc, x| acc.checked_mul(x as u64))
+        .unwrap_or(u64::MAX)
+}
+
 /// Keys and values of one layer with their fill level.
 #[derive(Debug, Clone)]
 pub(crate) struct LayerStore {
@@ -37,33 +97,20 @@ impl LayerStore {
         }
     }
 
-    /// [`LayerStore::with_capacity`] for a capacity from a user's config: the keys and values
-    /// must fit in this machine's memory, checked before anything is allocated.
+    /// [`LayerStore::with_capacity`] for a capacity from a user's config: checked by `budget`
+    /// against the whole cache (the layers already `allocated`, this one and those still to
+    /// come) before anything is allocated.
     pub fn try_with_capacity(
         cache: &'static str,
+        budget: &Budget,
         layer: usize,
+        allocated: usize,
         keys: &Tensor<4>,
         values: &Tensor<4>,
         capacity: usize,
     ) -> Result<Self> {
-        let [b, h, _, dk] = keys.dims();
-        let dv = values.dims()[3];
-        let bytes = (b as u64)
-            .checked_mul(h as u64)
-            .and_then(|x| x.checked_mul(capacity as u64))
-            .and_then(|x| x.checked_mul((dk + dv) as u64))
-            .and_then(|x| x.checked_mul(keys.dtype().size() as u64))
-            .unwrap_or(u64::MAX);
-        let limit = cachet_tensor::host_memory_bytes().unwrap_or(u64::MAX / 2);
-        if bytes > limit {
-            return Err(KvError::TooLarge {
-                cache,
-                layer,
-                tokens: capacity,
-                bytes,
-                limit,
-            });
-        }
+        let per_layer = layer_bytes(keys, values, capacity);
+        budget.check(cache, layer, capacity, per_layer, allocated as u64)?;
         Ok(Self::with_capacity(keys, values, capacity))
     }
 
@@ -270,7 +317,7 @@ impl Layers {
     pub fn append(
         &mut self,
         cache: &'static str,
-        capacity: Option<usize>,
+        capacity: Option<(usize, &Budget)>,
         layer: usize,
         keys: Tensor<4>,
         values: Tensor<4>,
@@ -280,17 +327,24 @@ impl Layers {
         let new = keys.dims()[2];
         if layer == self.0.len() {
             check_pair(layer, &keys, &values)?;
-            self.0.push(match capacity {
-                Some(capacity) => {
-                    LayerStore::try_with_capacity(cache, layer, &keys, &values, capacity)?
-                }
+            let store = match capacity {
+                Some((capacity, budget)) => LayerStore::try_with_capacity(
+                    cache,
+                    budget,
+                    layer,
+                    self.memory_bytes(),
+                    &keys,
+                    &values,
+                    capacity,
+                )?,
                 None => LayerStore::with_capacity(&keys, &values, new.max(16)),
-            });
+            };
+            self.0.push(store);
         }
         let store = &mut self.0[layer];
         store.check(layer, &keys, &values)?;
         check_positions(layer, store.len(), cache_position, new)?;
-        if let Some(capacity) = capacity
+        if let Some((capacity, _)) = capacity
             && store.len() + new > capacity
         {
             return Err(KvError::Full {

@@ -392,3 +392,121 @@ fn preallocated_caches_larger_than_memory_are_errors_before_allocating() {
         assert_eq!(cache.seq_length(0), 0);
     }
 }
+
+/// Static, sliding-window and sink caches of 64 tokens per layer, each limited to `limit` bytes
+/// in all, told to expect `layers` layers (0: not told).
+fn bounded_caches(limit: u64, layers: usize) -> Vec<Box<dyn Cache>> {
+    let with = |layers: usize| layers > 0;
+    let mut caches: Vec<Box<dyn Cache>> = Vec::new();
+    let static_cache = StaticCache::new(64).unwrap().with_memory_limit(limit);
+    let sliding = SlidingWindowCache::new(64)
+        .unwrap()
+        .with_memory_limit(limit);
+    let sink = SinkCache::new(64, 2, vec![1.0, 0.1])
+        .unwrap()
+        .with_memory_limit(limit);
+    if with(layers) {
+        caches.push(Box::new(static_cache.with_num_layers(layers)));
+        caches.push(Box::new(sliding.with_num_layers(layers)));
+        caches.push(Box::new(sink.with_num_layers(layers)));
+    } else {
+        caches.push(Box::new(static_cache));
+        caches.push(Box::new(sliding));
+        caches.push(Box::new(sink));
+    }
+    caches
+}
+
+#[test]
+fn the_memory_bound_covers_every_layer_of_a_preallocated_cache_together() {
+    let device = Device::flex();
+    // One layer: 1 row x 2 heads x 64 slots x (4 + 4) dims x 4 bytes = 4096 bytes.
+    let layer_bytes = 4096u64;
+    let limit = layer_bytes + layer_bytes / 2;
+    let a = kv(1, 1, &device);
+    // Told the layer count, the cache refuses at its first allocation, before allocating.
+    for mut cache in bounded_caches(limit, 3) {
+        let name = cache.name();
+        let err = cache.update(0, a.clone(), a.clone(), &[0]).unwrap_err();
+        match err {
+            KvError::TooLarge {
+                layer,
+                layers,
+                tokens,
+                bytes,
+                limit: l,
+                ..
+            } => {
+                assert_eq!((layer, layers, tokens), (0, 3, 64), "{name}");
+                assert_eq!((bytes, l), (3 * layer_bytes, limit), "{name}");
+            }
+            other => panic!("{name}: {other}"),
+        }
+        assert_eq!(cache.memory_bytes(), 0, "{name}: nothing allocated");
+        let text = cache.update(0, a.clone(), a.clone(), &[0]).unwrap_err();
+        assert!(text.to_string().contains("12288 bytes"), "{name}: {text}");
+    }
+    // Not told, each layer is checked with those already allocated: the second is refused.
+    for mut cache in bounded_caches(limit, 0) {
+        let name = cache.name();
+        cache.update(0, a.clone(), a.clone(), &[0]).unwrap();
+        let err = cache.update(1, a.clone(), a.clone(), &[0]).unwrap_err();
+        assert!(
+            matches!(err, KvError::TooLarge { layer: 1, bytes, .. } if bytes == 2 * layer_bytes),
+            "{name}: {err}"
+        );
+        assert_eq!(cache.memory_bytes() as u64, layer_bytes, "{name}");
+    }
+    // Under the limit, every layer is allocated.
+    for mut cache in bounded_caches(3 * layer_bytes, 3) {
+        for layer in 0..3 {
+            cache.update(layer, a.clone(), a.clone(), &[0]).unwrap();
+        }
+        assert_eq!(
+            cache.memory_bytes() as u64,
+            3 * layer_bytes,
+            "{}",
+            cache.name()
+        );
+    }
+}
+
+#[test]
+fn build_cache_bounds_all_of_the_models_layers_by_this_machines_memory() {
+    let Some(host) = cachet_tensor::host_memory_bytes() else {
+        return;
+    };
+    let device = Device::flex();
+    // Each layer takes a third of the machine's memory; four of them cannot fit.
+    let per_token = (2 * 4 + 2 * 4) * 4; // 2 heads x (4 + 4) dims x 4 bytes
+    let tokens = (host / 3 / per_token) as usize;
+    let model = cachet_kv::ModelCacheInfo {
+        num_layers: 4,
+        sliding_window: None,
+        rope_inv_freq: vec![1.0, 0.1],
+    };
+    for (implementation, config) in [
+        (
+            CacheImplementation::Static,
+            format!(r#"{{"max_cache_len": {tokens}}}"#),
+        ),
+        (
+            CacheImplementation::SlidingWindow,
+            format!(r#"{{"sliding_window": {tokens}}}"#),
+        ),
+        (
+            CacheImplementation::Sink,
+            format!(r#"{{"window_length": {tokens}}}"#),
+        ),
+    ] {
+        let config = CacheConfig::from_json(&config).unwrap();
+        let mut cache = build_cache(implementation, &config, &model, &device, 16).unwrap();
+        let a = kv(1, 1, &device);
+        let err = cache.update(0, a.clone(), a, &[0]).unwrap_err();
+        assert!(
+            matches!(err, KvError::TooLarge { layers: 4, .. }),
+            "{implementation}: {err}"
+        );
+        assert_eq!(cache.memory_bytes(), 0);
+    }
+}

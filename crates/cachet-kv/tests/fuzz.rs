@@ -176,8 +176,14 @@ fn check(
     match capacity(implementation, &config, model, max_len) {
         None => exercise(cache.as_mut(), batch, &device),
         Some(tokens) if tokens <= SMALL => exercise(cache.as_mut(), batch, &device),
-        Some(tokens) if (tokens as u64).saturating_mul(per_token) > host => {
-            // More than this machine holds: the first update refuses it, fast.
+        Some(tokens)
+            if (tokens as u64)
+                .saturating_mul(per_token)
+                .saturating_mul(model.num_layers.max(1) as u64)
+                > host =>
+        {
+            // More than this machine holds, all layers together: the first update refuses it,
+            // fast, even where one layer alone would fit.
             let (out, peak, took) = fuzz_support::measured(|| {
                 let k = kv(batch, 1, &device);
                 cache.update(0, k.clone(), k, &[0])

@@ -204,9 +204,9 @@ fn check_generation(text: &str) -> Result<(), TestCaseError> {
     else {
         return Ok(());
     };
-    // Runs whose caches would legitimately take gigabytes are not worth a case (and several
-    // layers of them together can exhaust the machine): run what is small, and what is so big
-    // that one layer alone exceeds this machine's memory (it must be refused), skip the rest.
+    // Runs whose caches would legitimately take gigabytes are not worth a case: run what is
+    // small, and what is bigger than this machine's memory in all (it must be refused before
+    // anything is allocated, even when each layer alone would fit), skip the rest.
     let rows = 2usize.saturating_mul(config.num_beams);
     if rows > 16 && rows <= 1 << 16 {
         return Ok(());
@@ -222,11 +222,12 @@ fn check_generation(text: &str) -> Result<(), TestCaseError> {
         Some("sink") => Some(cache_config.window_length.unwrap_or(256)),
         _ => None,
     };
-    // Keys and values of one layer of the tiny model: 2 kv heads x 32 x 2 x 4 bytes per row.
-    let layer_bytes =
-        |tokens: usize| (tokens as u64).saturating_mul((rows as u64).saturating_mul(512));
+    // Keys and values of the tiny model's 4 layers: 2 kv heads x 32 x 2 x 4 bytes per row.
+    let cache_bytes =
+        |tokens: usize| (tokens as u64).saturating_mul((rows as u64).saturating_mul(4 * 512));
     let host = cachet_tensor::host_memory_bytes().unwrap_or(u64::MAX / 2);
-    if reserved.is_some_and(|t| t > 4096 && layer_bytes(t) <= host) {
+    let too_large = config.use_cache && reserved.is_some_and(|t| cache_bytes(t) > host);
+    if reserved.is_some_and(|t| t > 4096) && !too_large {
         return Ok(());
     }
     // Beam search does not stream: keep its runs short. Greedy and sampling stop through the
@@ -247,6 +248,9 @@ fn check_generation(text: &str) -> Result<(), TestCaseError> {
         peak < 256 << 20,
         "generation with {config:?} held {peak} bytes"
     );
+    if too_large {
+        prop_assert!(out.is_err(), "a cache beyond memory ran: {config:?}");
+    }
     if let Ok(out) = out {
         prop_assert_eq!(
             out.sequences.len(),
@@ -527,6 +531,27 @@ fn regression_cache_budget_estimate_does_not_overflow() {
     fails_fast("max_new_tokens 2^60 with a cache budget", FAST, || {
         cachet_models::generate(tiny(), &[vec![1, 2, 3]], &config, None)
     });
+}
+
+/// A long `generation_config_mutated` run was killed for memory: the static cache checked each
+/// layer against the machine's memory, so four layers of just over a third of it each passed
+/// together. The bound covers all of the model's layers now, before the first allocation.
+#[test]
+fn regression_cache_layers_together_beyond_memory_are_refused() {
+    let Some(host) = cachet_tensor::host_memory_bytes() else {
+        return;
+    };
+    // One layer of the tiny model takes 512 bytes per token of a single prompt.
+    let tokens = host / 3 / 512;
+    let text = format!(
+        r#"{{"max_new_tokens": 2, "cache_implementation": "static",
+            "cache_config": {{"max_cache_len": {tokens}}}}}"#
+    );
+    let config: GenerationConfig = serde_json::from_str(&text).unwrap();
+    let err = fails_fast("4 layers of a third of memory", FAST, || {
+        cachet_models::generate(tiny(), &[vec![1, 2, 3]], &config, None)
+    });
+    assert!(err.contains("4 layers"), "{err}");
 }
 
 /// `llama_config_mutated`: text after the JSON document was ignored (`{...} x` read as a

@@ -263,7 +263,8 @@ fn read_stored(checkpoint: &Checkpoint, name: &str) -> Option<Vec<u8>> {
     if info.dtype == StoredDType::BOOL {
         return None;
     }
-    let mut file = std::fs::File::open(checkpoint.file_of(name)?).ok()?;
+    // Only a mapped file can be read again; an in-memory checkpoint's label is no path.
+    let mut file = std::fs::File::open(checkpoint.path_of(name)?).ok()?;
     let mut prefix = [0u8; 8];
     file.read_exact(&mut prefix).ok()?;
     let start = 8 + u64::from_le_bytes(prefix) + info.data_offsets.0 as u64;
@@ -446,7 +447,34 @@ pub fn read_float(checkpoint: &Checkpoint, name: &str) -> Result<(Vec<f32>, Vec<
 
 #[cfg(test)]
 mod tests {
-    use super::python_float_repr;
+    use super::{python_float_repr, read_float};
+    use cachet_tensor::safetensors::Checkpoint;
+
+    /// A safetensors file holding one F32 tensor `w`.
+    fn one_tensor(values: &[f32]) -> Vec<u8> {
+        let header = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[{}],"data_offsets":[0,{}]}}}}"#,
+            values.len(),
+            values.len() * 4
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        bytes
+    }
+
+    #[test]
+    fn an_in_memory_checkpoint_is_read_from_memory_not_from_a_file_named_like_its_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, one_tensor(&[9.0, 9.0])).unwrap();
+        let label = path.to_str().unwrap();
+        let in_memory = Checkpoint::from_bytes(label, one_tensor(&[1.0, 2.0])).unwrap();
+        assert_eq!(read_float(&in_memory, "w").unwrap().0, vec![1.0, 2.0]);
+        // The file itself is still read through its own path.
+        let on_disk = Checkpoint::open(&path).unwrap();
+        assert_eq!(read_float(&on_disk, "w").unwrap().0, vec![9.0, 9.0]);
+    }
 
     #[test]
     fn float_repr_matches_python() {

@@ -156,6 +156,11 @@ enum CompileCacheCommand {
         /// Compiler version (default: checksum of the compiler binary).
         #[arg(long)]
         compiler_version: Option<String>,
+        /// The Make-syntax depfile the command writes (default: found from gcc-style `-MD`,
+        /// `-MMD`, `-MF`, `-Wp,-MD,FILE`); the files it lists, such as `#include`d headers,
+        /// are part of the key.
+        #[arg(long)]
+        depfile: Option<PathBuf>,
         /// Also use the Hub cache (download hits, upload compiles to a writable repo).
         #[arg(long)]
         hub: bool,
@@ -594,6 +599,7 @@ pub fn run(args: CompileCacheArgs) -> Result<()> {
             inputs,
             env,
             compiler_version,
+            depfile,
             hub,
             command,
         } => {
@@ -603,6 +609,7 @@ pub fn run(args: CompileCacheArgs) -> Result<()> {
                 inputs,
                 env,
                 compiler_version,
+                depfile,
             };
             let local = LocalCache::new(&root, wrap.layout()?);
             let cache = if hub {
@@ -611,10 +618,16 @@ pub fn run(args: CompileCacheArgs) -> Result<()> {
                 CompileCache::local_only(local)
             };
             let outcome = wrap.run(&cache)?;
-            let source = outcome.module.source;
+            let source = outcome.source;
+            let module = outcome.module.as_ref().map(|m| &m.dir);
             print(
                 json_out,
-                json!({"hash": outcome.entry.hash(), "source": source, "module": outcome.module.dir}),
+                json!({
+                    "hash": outcome.entry.hash(),
+                    "source": source,
+                    "module": module,
+                    "dependencies": outcome.dependencies,
+                }),
                 || {
                     eprintln!(
                         "cachet compile-cache: {source:?} ({})",

@@ -1,56 +1,64 @@
-//! `cachet denoise`: a flow-matching denoising loop on a DiT (the embedded tiny Flux by default)
-//! with a diffusion cache attached; prints the cache summary, optionally compares with the
-//! uncached loop (speedup, PSNR) and writes the steps-mask plot and the final latents as images.
+//! `cachet denoise`: a flow-matching denoising loop on a DiT (by default the embedded Flux trained
+//! on handwritten digits, drawing the digit `--label`) with a diffusion cache attached; prints the
+//! cache summary, optionally compares with the uncached loop (speedup, PSNR, and for the digits
+//! model SSIM and the classifier's verdict) and writes the steps-mask plot and the images.
 
 use std::path::{Path, PathBuf};
 
+use crate::denoise_png::{FloatImage, digits_png, flux_image, latents_png, video_frame_image};
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Distribution, Tensor};
 use cachet::diffusion::models::{CogVideoX, FluxTransformer, embedded};
 use cachet::diffusion::{
-    CacheConfig, CacheHooks, CogVideoXCond, Denoise, FlowMatchEuler, FluxCond, Guidance,
-    TensorFormat, denoise, latent_psnr, steps_mask_png, summary,
+    CacheConfig, CacheHooks, CogVideoXCond, Denoise, DigitsFlux, FlowMatchEuler, FluxCond,
+    GrayImage, Guidance, TensorFormat, denoise, latent_psnr, psnr, ssim, steps_mask_png, summary,
 };
 use cachet::nn::Pretrained;
 use cachet::tensor::{DeviceSpec, Precision, human_bytes};
-use cachet_plot::{Canvas, Rgb, WHITE};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `cachet denoise`.
 #[derive(clap::Args, Debug)]
 pub struct DenoiseArgs {
-    /// diffusers model directory (FluxTransformer2DModel or CogVideoXTransformer3DModel); the
-    /// embedded tiny Flux when omitted.
+    /// diffusers model directory (FluxTransformer2DModel or CogVideoXTransformer3DModel, or a
+    /// digits model folder with digits.json); the embedded digits model when omitted.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Cache method: none, pab, fastercache, fbcache, dbcache or taylorseer.
+    /// Digit to draw (0-9), for the digits model.
+    #[arg(long)]
+    label: Option<usize>,
+    /// Denoising steps [default: the digits model's 28, else 20].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Cache method: none, pab, fastercache, fbcache, dbcache, taylorseer, magcache, dbprune or
+    /// textkv (refused on Flux and CogVideoX, where it would not be lossless).
     #[arg(long, default_value = "dbcache")]
     cache: String,
-    /// Method options as JSON with the Python field names (for dbcache: {"cache_config": {...},
-    /// "calibrator_config": {...}, "adapter": {...}}).
+    /// Method options as JSON with the Python field names (for dbcache and dbprune:
+    /// {"cache_config": {...}, "calibrator_config": {"calibrator_type": "taylorseer" | "foca" |
+    /// "dmd", ...}, "adapter": {...}}; magcache without "mag_ratios" calibrates them first).
     #[arg(long)]
     cache_config: Option<String>,
-    /// Classifier-free guidance scale (runs an unconditional branch).
+    /// Classifier-free guidance scale (runs an unconditional branch) [default: the digits
+    /// model's 4.5, else none].
     #[arg(long)]
     cfg: Option<f64>,
     /// Run the CFG branches as two model calls instead of one batch.
     #[arg(long)]
     separate_cfg: bool,
-    /// Latent height (Flux: before 2x2 packing).
-    #[arg(long, default_value_t = 32)]
-    height: usize,
-    /// Latent width.
-    #[arg(long, default_value_t = 32)]
-    width: usize,
+    /// Latent height (Flux: before 2x2 packing) [default: 32; the digits model's is fixed].
+    #[arg(long)]
+    height: Option<usize>,
+    /// Latent width [default: 32; the digits model's is fixed].
+    #[arg(long)]
+    width: Option<usize>,
     /// Latent frames (CogVideoX).
     #[arg(long, default_value_t = 2)]
     frames: usize,
-    /// Text tokens of the (random, seeded) stand-in text conditioning.
-    #[arg(long, default_value_t = 16)]
-    text_tokens: usize,
+    /// Text tokens of the (random, seeded) stand-in text conditioning of a text model [default:
+    /// 16].
+    #[arg(long)]
+    text_tokens: Option<usize>,
     /// Seed of the noise and the conditioning.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -66,8 +74,9 @@ pub struct DenoiseArgs {
     /// Write the steps-mask plot (computed vs cached per step and block list) to this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Write the final latents as an image: cached | uncached | difference (runs the uncached
-    /// loop too, as --reference does).
+    /// Write the result as a PNG: cached, uncached and their difference (the digits model's
+    /// images, or the final latents of other models); runs the uncached loop too, as
+    /// --reference does.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Print one JSON object instead of text.
@@ -77,14 +86,22 @@ pub struct DenoiseArgs {
 
 /// The model being denoised.
 enum Model {
+    Digits(Box<DigitsFlux>),
     Flux(FluxTransformer),
     CogVideoX(CogVideoX),
 }
 
 fn load_model(path: Option<&Path>, device: &Device, precision: Precision) -> Result<Model> {
     let Some(dir) = path else {
-        return Ok(Model::Flux(embedded::tiny_flux(device, precision)?));
+        return Ok(Model::Digits(Box::new(embedded::digits_flux(
+            device, precision,
+        )?)));
     };
+    if DigitsFlux::is_digits_dir(dir) {
+        return Ok(Model::Digits(Box::new(DigitsFlux::from_dir(
+            dir, device, precision,
+        )?)));
+    }
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("cannot read {}", config_path.display()))?;
@@ -171,35 +188,75 @@ impl<M: Denoise> Job<'_, M> {
 /// allocation abort: 2^26 (a 4k×4k latent, or 64 frames of 1k×1k).
 const MAX_LATENT_POSITIONS: usize = 1 << 26;
 
+/// Latent side of a text model when `--height`/`--width` are not given.
+const DEFAULT_LATENT: usize = 32;
+/// Stand-in text tokens when `--text-tokens` is not given.
+const DEFAULT_TEXT_TOKENS: usize = 16;
+/// Steps when `--steps` is not given and the model sets no default.
+const DEFAULT_STEPS: usize = 20;
+
 /// Sizes from the command line: positive, and a latent this machine can hold.
 fn check_sizes(args: &DenoiseArgs) -> Result<()> {
+    let (height, width) = (
+        args.height.unwrap_or(DEFAULT_LATENT),
+        args.width.unwrap_or(DEFAULT_LATENT),
+    );
+    let text_tokens = args.text_tokens.unwrap_or(DEFAULT_TEXT_TOKENS);
     for (flag, value) in [
-        ("--height", args.height),
-        ("--width", args.width),
+        ("--height", height),
+        ("--width", width),
         ("--frames", args.frames),
-        ("--text-tokens", args.text_tokens),
+        ("--text-tokens", text_tokens),
     ] {
         if value == 0 {
             bail!("{flag} must be at least 1");
         }
     }
-    let positions = args
-        .height
-        .checked_mul(args.width)
+    if args.steps == Some(0) {
+        bail!("--steps must be at least 1");
+    }
+    let positions = height
+        .checked_mul(width)
         .and_then(|x| x.checked_mul(args.frames));
     if positions.is_none_or(|p| p > MAX_LATENT_POSITIONS) {
         bail!(
-            "--height {} × --width {} × --frames {} is more than {MAX_LATENT_POSITIONS} latent positions",
-            args.height,
-            args.width,
+            "--height {height} × --width {width} × --frames {} is more than \
+             {MAX_LATENT_POSITIONS} latent positions",
             args.frames
         );
     }
-    if args.text_tokens > MAX_LATENT_POSITIONS {
-        bail!(
-            "--text-tokens {} is more than {MAX_LATENT_POSITIONS}",
-            args.text_tokens
-        );
+    if text_tokens > MAX_LATENT_POSITIONS {
+        bail!("--text-tokens {text_tokens} is more than {MAX_LATENT_POSITIONS}");
+    }
+    Ok(())
+}
+
+/// Flags that only a text model reads, refused for the digits model (its size and
+/// conditioning are fixed), and `--label`, refused for the others.
+fn check_model_flags(args: &DenoiseArgs, model: &Model) -> Result<()> {
+    match model {
+        Model::Digits(digits) => {
+            let side = digits.latent_size();
+            for (flag, value) in [("--height", args.height), ("--width", args.width)] {
+                if value.is_some_and(|v| v != side) {
+                    bail!(
+                        "{flag}: the digits model draws {0}x{0} images, an {side}x{side} latent",
+                        digits.spec.image_size
+                    );
+                }
+            }
+            if args.text_tokens.is_some() {
+                bail!("--text-tokens: the digits model is conditioned on --label, not on text");
+            }
+        }
+        Model::Flux(_) | Model::CogVideoX(_) => {
+            if args.label.is_some() {
+                bail!(
+                    "--label: this model has no label table (only a digits model folder, with \
+                     digits.json, or the embedded default)"
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -211,31 +268,54 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     let precision: Precision = args.dtype.parse()?;
     check_sizes(&args)?;
     let model = load_model(args.model.as_deref(), &device, precision)?;
+    check_model_flags(&args, &model)?;
     let mut config = CacheConfig::from_name(&args.cache, args.cache_config.as_deref())?;
-    let guidance = args.cfg.map(|scale| Guidance {
-        scale,
-        separate: args.separate_cfg,
-    });
+    let guidance = |default: Option<f64>| {
+        args.cfg.or(default).map(|scale| Guidance {
+            scale,
+            separate: args.separate_cfg,
+        })
+    };
+    let (height, width) = (
+        args.height.unwrap_or(DEFAULT_LATENT),
+        args.width.unwrap_or(DEFAULT_LATENT),
+    );
+    let text_tokens = args.text_tokens.unwrap_or(DEFAULT_TEXT_TOKENS);
     device.seed(args.seed);
     match &model {
+        Model::Digits(digits) => {
+            let label = args.label.unwrap_or(DEFAULT_LABEL);
+            let cond = digits.cond(Some(label), &device)?;
+            let uncond = digits.cond(None, &device)?;
+            let steps = args.steps.unwrap_or(digits.spec.num_inference_steps);
+            let job = Job {
+                model: &digits.model,
+                scheduler: digits.scheduler(steps)?,
+                noise: digits.noise(args.seed, &device),
+                cond,
+                uncond: Some(uncond),
+                guidance: guidance(Some(digits.spec.guidance_scale)),
+                quiet: args.json,
+            };
+            report(&args, &job, config, View::Digits { digits, label })
+        }
         Model::Flux(flux) => {
-            if !args.height.is_multiple_of(2) || !args.width.is_multiple_of(2) {
+            if !height.is_multiple_of(2) || !width.is_multiple_of(2) {
                 bail!("--height and --width must be even for Flux (2x2 latent packing)");
             }
-            let tokens = (args.height / 2) * (args.width / 2);
+            let guidance = guidance(None);
+            let tokens = (height / 2) * (width / 2);
             let channels = flux.config.in_channels;
             let noise = Tensor::random(
                 [1, tokens, channels],
                 Distribution::Normal(0.0, 1.0),
                 &device,
             );
-            let cond =
-                FluxCond::random(flux, 1, args.text_tokens, args.height, args.width, &device);
-            let uncond = guidance.map(|_| {
-                FluxCond::random(flux, 1, args.text_tokens, args.height, args.width, &device)
-            });
-            let scheduler =
-                FlowMatchEuler::new(args.steps, 1.0, Some(FlowMatchEuler::flux_mu(tokens)))?;
+            let cond = FluxCond::random(flux, 1, text_tokens, height, width, &device);
+            let uncond =
+                guidance.map(|_| FluxCond::random(flux, 1, text_tokens, height, width, &device));
+            let steps = args.steps.unwrap_or(DEFAULT_STEPS);
+            let scheduler = FlowMatchEuler::new(steps, 1.0, Some(FlowMatchEuler::flux_mu(tokens)))?;
             let job = Job {
                 model: flux,
                 scheduler,
@@ -245,15 +325,10 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
                 guidance,
                 quiet: args.json,
             };
-            report(&args, &job, config, |latents, dims| {
-                flux_image(
-                    latents,
-                    dims,
-                    args.height,
-                    args.width,
-                    flux.config.in_channels,
-                )
-            })
+            let image = move |latents: &[f32], dims: [usize; 3]| {
+                flux_image(latents, dims, height, width, channels)
+            };
+            report(&args, &job, config, View::Latents(&image))
         }
         Model::CogVideoX(cog) => {
             if let CacheConfig::FasterCache(fc) = &mut config {
@@ -265,12 +340,13 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
                     fc.tensor_format = TensorFormat::Bfchw;
                 }
             }
+            let guidance = guidance(None);
             let c = &cog.config;
-            let (f, ch, h, w) = (args.frames, c.in_channels, args.height, args.width);
+            let (f, ch, h, w) = (args.frames, c.in_channels, height, width);
             let noise = Tensor::random([1, f, ch * h * w], Distribution::Normal(0.0, 1.0), &device);
             let text = |device: &Device| {
                 Tensor::random(
-                    [1, args.text_tokens, c.text_embed_dim],
+                    [1, text_tokens, c.text_embed_dim],
                     Distribution::Normal(0.0, 1.0),
                     device,
                 )
@@ -283,7 +359,7 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
                 encoder_hidden_states: text(&device),
                 shape: [f, ch, h, w],
             });
-            let scheduler = FlowMatchEuler::new(args.steps, 3.0, None)?;
+            let scheduler = FlowMatchEuler::new(args.steps.unwrap_or(DEFAULT_STEPS), 3.0, None)?;
             let job = Job {
                 model: cog,
                 scheduler,
@@ -293,20 +369,52 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
                 guidance,
                 quiet: args.json,
             };
-            report(&args, &job, config, |latents, _| {
-                video_frame_image(latents, ch, h, w)
-            })
+            let image = move |latents: &[f32], _: [usize; 3]| video_frame_image(latents, ch, h, w);
+            report(&args, &job, config, View::Latents(&image))
         }
     }
+}
+
+/// The digit drawn when `--label` is not given.
+const DEFAULT_LABEL: usize = 7;
+
+/// How a run's result is shown and judged.
+enum View<'a> {
+    /// The digits model: decoded images, SSIM and the classifier.
+    Digits {
+        digits: &'a DigitsFlux,
+        label: usize,
+    },
+    /// Any other model: its final latents as an RGB view.
+    Latents(&'a dyn Fn(&[f32], [usize; 3]) -> FloatImage),
 }
 
 fn report<M: Denoise>(
     args: &DenoiseArgs,
     job: &Job<'_, M>,
     config: CacheConfig,
-    image: impl Fn(&[f32], [usize; 3]) -> FloatImage,
+    view: View<'_>,
 ) -> Result<()> {
     let method = config.method();
+    let mut config = config;
+    if let CacheConfig::MagCache(c) = &mut config {
+        // num_inference_steps follows --steps unless given; missing ratios are measured first.
+        let keep = args
+            .cache_config
+            .as_deref()
+            .unwrap_or_default()
+            .contains("num_inference_steps");
+        let (model, noise, uncond) = (job.model, job.noise.clone(), job.uncond.as_ref());
+        c.prepare(
+            keep,
+            model,
+            &job.scheduler,
+            noise,
+            &job.cond,
+            uncond,
+            job.guidance,
+        )?;
+    }
     let with_reference = args.reference || args.out.is_some();
     if with_reference {
         // One untimed step first, so neither timed loop pays for first-use allocations.
@@ -340,27 +448,30 @@ fn report<M: Denoise>(
     let quality = reference
         .as_ref()
         .map(|r| latent_psnr(&r.latents, &cached.latents));
+    let judged = match &view {
+        View::Digits { digits, label } => Some(judge(digits, *label, &cached, reference.as_ref())?),
+        View::Latents(_) => None,
+    };
     if let Some(path) = &args.plot {
         let title = format!("{method}: computed vs cached per step");
         std::fs::write(path, steps_mask_png(cached.hooks.log(), &title))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.out {
-        let mut panels = vec![(method.to_string(), image(&cached.latents, cached.dims))];
-        if let Some(r) = &reference {
-            panels.push(("uncached".to_string(), image(&r.latents, r.dims)));
-            let diff: Vec<f32> = r
-                .latents
-                .iter()
-                .zip(&cached.latents)
-                .map(|(a, b)| (a - b).abs())
-                .collect();
-            panels.push(("|difference|".to_string(), image(&diff, r.dims)));
-        }
-        std::fs::write(path, panels_png(&panels))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let png = match (&judged, &view) {
+            (Some(j), _) => digits_png(method, j),
+            (None, View::Latents(image)) => latents_png(
+                method,
+                *image,
+                (&cached.latents, cached.dims),
+                reference.as_ref().map(|r| (r.latents.as_slice(), r.dims)),
+            ),
+            (None, View::Digits { .. }) => bail!("the digits were not decoded"),
+        };
+        std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let memory = cached.hooks.memory_bytes();
+    let calibration = cached.hooks.magcache_calibration();
     if args.json {
         let mut value = serde_json::json!({
             "method": method,
@@ -372,37 +483,42 @@ fn report<M: Denoise>(
             "cache_memory_bytes": memory,
             "summary": stats,
         });
+        if !calibration.is_empty() {
+            value["magcache_calibration"] = serde_json::to_value(&calibration)?;
+        }
         if let (Some(r), Some((psnr, max_abs))) = (&reference, quality) {
             value["reference_seconds"] = r.seconds.into();
             value["speedup"] = (r.seconds / cached.seconds).into();
-            value["psnr_db"] = if psnr.is_finite() {
-                psnr.into()
-            } else {
-                serde_json::Value::Null
-            };
+            value["psnr_db"] = finite_or_null(psnr);
             value["max_abs_error"] = max_abs.into();
+        }
+        if let Some(j) = &judged {
+            value["label"] = j.label.into();
+            value["predicted"] = j.predicted.into();
+            if let Some(u) = &j.uncached {
+                value["reference_predicted"] = u.predicted.into();
+                value["image_psnr_db"] = finite_or_null(u.psnr);
+                value["image_ssim"] = u.ssim.into();
+            }
         }
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     println!("{stats}");
+    calibration.iter().for_each(|c| println!("{c}"));
     if cached_steps.is_empty() && method != "none" {
         let p50 = stats
             .contexts
             .iter()
             .find_map(|c| c.diffs.as_ref())
             .map(|d| d.p50);
-        let hint = match method {
-            "dbcache" => r#"'{"cache_config": {"residual_diff_threshold": 0.8}}'"#,
-            "fbcache" => r#"'{"threshold": 0.8}'"#,
-            _ => "(see the method's options in the README)",
-        };
-        println!(
-            "note: no step was cached{}. The embedded model has random weights, whose features \
-             change more between steps than a trained model's; try --cache-config {hint}",
-            p50.map(|p| format!(" (median residual diff {p:.3})"))
-                .unwrap_or_default()
-        );
+        if let Some(p50) = p50 {
+            println!(
+                "note: no step was cached: the median residual diff is {p50:.3}, above the \
+                 threshold; a threshold above it caches steps (see the method's options in the \
+                 README)"
+            );
+        }
     }
     println!(
         "{method}: {steps} steps in {:.2} s ({} model calls), {} steps with cached work, cache holds {}",
@@ -413,93 +529,78 @@ fn report<M: Denoise>(
     );
     if let (Some(r), Some((psnr, max_abs))) = (&reference, quality) {
         println!(
-            "uncached: {:.2} s; speedup {:.2}x, PSNR {psnr:.2} dB, max |error| {max_abs:.4}",
+            "uncached: {:.2} s; speedup {:.2}x, latent PSNR {psnr:.2} dB, max |error| {max_abs:.4}",
             r.seconds,
             r.seconds / cached.seconds
         );
     }
+    if let Some(j) = &judged {
+        print!(
+            "digit {}: the classifier reads the {method} image as {}",
+            j.label, j.predicted
+        );
+        match &j.uncached {
+            Some(u) => println!(
+                ", the uncached one as {}; image PSNR {:.2} dB, SSIM {:.4}",
+                u.predicted, u.psnr, u.ssim
+            ),
+            None => println!(),
+        }
+    }
     Ok(())
 }
 
-/// Flux latents `[1, (h/2)(w/2), 4C]` unpacked (`_unpack_latents`) to an RGB view of channels 0–2.
-fn flux_image(latents: &[f32], _dims: [usize; 3], h: usize, w: usize, packed: usize) -> FloatImage {
-    // A DiT with fewer than 4 packed channels still has channel 0: show it in every colour.
-    let c = (packed / 4).max(1);
-    let stride = packed / c;
-    let at = |ch: usize, y: usize, x: usize| {
-        let token = (y / 2) * (w / 2) + x / 2;
-        let sub = (y % 2) * 2 + x % 2;
-        latents[token * packed + ch * stride + sub.min(stride - 1)]
+fn finite_or_null(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        x.into()
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+/// The digits model's verdict on a run: the images, what the classifier reads, and against
+/// the uncached run PSNR and SSIM of the images.
+pub(crate) struct Judged {
+    pub(crate) label: usize,
+    pub(crate) image: GrayImage,
+    pub(crate) predicted: usize,
+    pub(crate) uncached: Option<Uncached>,
+}
+
+pub(crate) struct Uncached {
+    pub(crate) image: GrayImage,
+    pub(crate) predicted: usize,
+    pub(crate) psnr: f64,
+    pub(crate) ssim: f64,
+}
+
+/// Images in [-1, 1]: a range of 2.
+pub(crate) const DATA_RANGE: f64 = 2.0;
+
+fn judge(
+    digits: &DigitsFlux,
+    label: usize,
+    cached: &Run,
+    reference: Option<&Run>,
+) -> Result<Judged> {
+    let image = digits.decode(&cached.latents)?;
+    let predicted = digits.classifier.predict(&image)?;
+    let uncached = match reference {
+        Some(r) => {
+            let reference = digits.decode(&r.latents)?;
+            Some(Uncached {
+                predicted: digits.classifier.predict(&reference)?,
+                psnr: psnr(&reference, &image, DATA_RANGE)?,
+                ssim: ssim(&reference, &image, DATA_RANGE)?,
+                image: reference,
+            })
+        }
+        None => None,
     };
-    let mut pixels = Vec::with_capacity(h * w);
-    for y in 0..h {
-        for x in 0..w {
-            pixels.push([at(0, y, x), at(1.min(c - 1), y, x), at(2.min(c - 1), y, x)]);
-        }
-    }
-    (w, h, pixels)
-}
-
-/// The first frame of CogVideoX latents `[1, F, C·H·W]`, channels 0–2.
-fn video_frame_image(latents: &[f32], c: usize, h: usize, w: usize) -> FloatImage {
-    let at = |ch: usize, y: usize, x: usize| latents[(ch.min(c - 1) * h + y) * w + x];
-    let pixels = (0..h)
-        .flat_map(|y| (0..w).map(move |x| (y, x)))
-        .map(|(y, x)| [at(0, y, x), at(1, y, x), at(2, y, x)])
-        .collect();
-    (w, h, pixels)
-}
-
-/// Side-by-side panels, each channel min-max normalised, upscaled to at least 192 px.
-/// An RGB image as floats: width, height, pixels row by row.
-type FloatImage = (usize, usize, Vec<[f32; 3]>);
-
-fn panels_png(panels: &[(String, FloatImage)]) -> Vec<u8> {
-    let zoom = panels
-        .first()
-        .map_or(1, |(_, (w, h, _))| (192 / (*w).max(*h).max(1)).max(1));
-    let (gap, top) = (8, 28);
-    let width: usize = panels
-        .iter()
-        .map(|(_, (w, _, _))| w * zoom + gap)
-        .sum::<usize>()
-        + gap;
-    let height = panels
-        .iter()
-        .map(|(_, (_, h, _))| h * zoom)
-        .max()
-        .unwrap_or(0)
-        + top
-        + gap;
-    let mut canvas = Canvas::new(width, height, WHITE);
-    let mut x0 = gap;
-    for (title, (w, h, pixels)) in panels {
-        canvas.text(x0 as i64, 8, title, 2, [30, 30, 30]);
-        let mut lo = [f32::INFINITY; 3];
-        let mut hi = [f32::NEG_INFINITY; 3];
-        for p in pixels {
-            for k in 0..3 {
-                lo[k] = lo[k].min(p[k]);
-                hi[k] = hi[k].max(p[k]);
-            }
-        }
-        for y in 0..*h {
-            for x in 0..*w {
-                let p = pixels[y * w + x];
-                let color: Rgb = std::array::from_fn(|k| {
-                    let span = (hi[k] - lo[k]).max(1e-12);
-                    (((p[k] - lo[k]) / span) * 255.0).round() as u8
-                });
-                canvas.fill_rect(
-                    (x0 + x * zoom) as i64,
-                    (top + y * zoom) as i64,
-                    zoom as i64,
-                    zoom as i64,
-                    color,
-                );
-            }
-        }
-        x0 += w * zoom + gap;
-    }
-    canvas.to_png()
+    Ok(Judged {
+        label,
+        image,
+        predicted,
+        uncached,
+    })
 }

@@ -3,6 +3,7 @@
 #[cfg(feature = "compile")]
 mod compile_cmd;
 mod denoise_cmd;
+mod denoise_png;
 mod generate_cmd;
 mod kv_memory_cmd;
 mod perplexity_cmd;

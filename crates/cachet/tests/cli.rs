@@ -395,7 +395,7 @@ fn denoise_reports_cached_steps_speedup_and_quality_with_plots() {
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("steps.png");
     let image = dir.path().join("latent.png");
-    let config = r#"{"cache_config": {"Fn_compute_blocks": 2, "residual_diff_threshold": 0.95, "max_warmup_steps": 3}}"#;
+    let config = r#"{"cache_config": {"Fn_compute_blocks": 2, "residual_diff_threshold": 0.3, "max_warmup_steps": 3}}"#;
     let output = cachet(&[
         "denoise",
         "--json",
@@ -417,7 +417,7 @@ fn denoise_reports_cached_steps_speedup_and_quality_with_plots() {
     let cached = json["cached_steps"].as_u64().unwrap();
     let computed = json["computed_steps"].as_u64().unwrap();
     assert_eq!(cached + computed, 10);
-    // Warm-up steps 0..3 always compute; with a 0.95 threshold on the embedded model some of
+    // Warm-up steps 0..3 always compute; with a 0.3 threshold on the embedded model some of
     // the rest are cached, so the result differs from the uncached loop but stays close.
     assert!(cached >= 1 && computed >= 3, "{json}");
     assert!(json["seconds"].as_f64().unwrap() > 0.0);
@@ -429,6 +429,64 @@ fn denoise_reports_cached_steps_speedup_and_quality_with_plots() {
         let bytes = std::fs::read(png).unwrap();
         assert_eq!(&bytes[1..4], b"PNG", "{}", png.display());
     }
+}
+
+#[test]
+fn denoise_draws_the_digit_asked_for_with_the_default_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("three.png");
+    let output = cachet(&[
+        "denoise",
+        "--json",
+        "--label",
+        "3",
+        "--out",
+        image.to_str().unwrap(),
+    ]);
+    let json = stdout_json(&output);
+    assert_eq!(json["method"], "dbcache");
+    assert_eq!(json["steps"], 28);
+    assert_eq!(json["label"], 3);
+    // The embedded digits model draws a 3, cached and uncached, and cache-dit's defaults cache
+    // some of the steps after the 8 warm-up steps without changing what the image shows.
+    assert_eq!(json["predicted"], 3, "{json}");
+    assert_eq!(json["reference_predicted"], 3, "{json}");
+    assert!(json["cached_steps"].as_u64().unwrap() >= 1, "{json}");
+    assert!(json["image_ssim"].as_f64().unwrap() > 0.9, "{json}");
+    assert!(json["image_psnr_db"].as_f64().unwrap() > 25.0, "{json}");
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+}
+
+#[test]
+fn denoise_label_and_size_flags_are_checked_against_the_model() {
+    let flux = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/flux");
+    assert_each_fails_with(&[
+        (
+            &["denoise", "--steps", "2", "--label", "12"],
+            "label 12 is out of range: the model draws labels 0 to 9",
+        ),
+        (
+            &["denoise", "--steps", "2", "--height", "12"],
+            "the digits model draws 16x16 images",
+        ),
+        (
+            &["denoise", "--steps", "2", "--text-tokens", "4"],
+            "conditioned on --label",
+        ),
+        (
+            &[
+                "denoise",
+                "--steps",
+                "2",
+                "--model",
+                flux.to_str().unwrap(),
+                "--label",
+                "1",
+            ],
+            "no label table",
+        ),
+    ]);
 }
 
 #[test]
@@ -466,9 +524,9 @@ fn denoise_bad_cache_options_fail_clearly() {
                 "--cache",
                 "dbcache",
                 "--cache-config",
-                r#"{"cache_config": {"Fn_compute_blocks": 10, "Bn_compute_blocks": 4}}"#,
+                r#"{"cache_config": {"Fn_compute_blocks": 12, "Bn_compute_blocks": 8}}"#,
             ],
-            "exceed the 12 blocks",
+            "exceed the 18 blocks",
         ),
         (
             &[

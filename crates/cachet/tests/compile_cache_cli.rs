@@ -70,6 +70,65 @@ fn hash_matches_optimum_neuron_goldens() {
     }
 }
 
+/// The README's `wrap` example, run as written (in a folder with a `kernel.c` that includes a
+/// header): compiled, then served from the cache, then compiled again after the header changes.
+#[test]
+fn the_readme_wrap_example_works_and_keys_on_included_headers() {
+    let readme = include_str!("../../../README.md");
+    let line = readme
+        .lines()
+        .find(|l| l.contains("compile-cache wrap"))
+        .expect("the README shows wrap");
+    let example: Vec<&str> = line
+        .split('#')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip_while(|w| *w != "compile-cache")
+        .collect();
+    assert!(example.contains(&"--"), "{line}");
+    let compiler = example[example.iter().position(|w| *w == "--").unwrap() + 1];
+    let installed = Command::new(compiler)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("{compiler} is not installed: the README's wrap example was not run");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::write(
+        dir.path().join("kernel.c"),
+        "#include \"kernel.h\"\nint kernel(void) { return SCALE * 2; }\n",
+    )
+    .unwrap();
+    let header = dir.path().join("kernel.h");
+    std::fs::write(&header, "#define SCALE 3\n").unwrap();
+    let run = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachet"));
+        cmd.current_dir(dir.path())
+            .args(&example[..1])
+            .args(["--cache-dir", cache.to_str().unwrap(), "--json"])
+            .args(&example[1..])
+            .env_remove("CUSTOM_CACHE_REPO")
+            .env("CACHET_DEFAULT_CACHE_REPO", "");
+        json_ok(&cmd.output().unwrap())
+    };
+    let first = run();
+    assert_eq!(first["source"], "compiled", "{first}");
+    assert!(dir.path().join("kernel.o").is_file());
+    assert_eq!(
+        first["dependencies"],
+        serde_json::json!(["kernel.c", "kernel.h"])
+    );
+    std::fs::remove_file(dir.path().join("kernel.o")).unwrap();
+    assert_eq!(run()["source"], "local");
+    assert!(dir.path().join("kernel.o").is_file());
+    std::fs::write(&header, "#define SCALE 4\n").unwrap();
+    assert_eq!(run()["source"], "compiled", "an edited header must not hit");
+}
+
 #[test]
 fn wrap_status_and_cleanup() {
     let dir = tempfile::tempdir().unwrap();

@@ -144,7 +144,7 @@ pub(super) fn map_err(repo: &str, what: &str, e: HFError) -> CompileCacheError {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

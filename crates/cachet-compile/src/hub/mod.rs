@@ -1,4 +1,5 @@
-//! The Hugging Face Hub cache: a model repo laid out like optimum-neuron's, through `hf-hub`.
+//! The Hugging Face Hub cache: a model repo laid out like optimum-neuron's, through `hf-hub`
+//! (uploads through the Hub's commit API with Git LFS for large files, [`lfs`]).
 //!
 //! Lookups go local → Hub → compile ([`crate::CompileCache::get_or_compile`]); a Hub hit is downloaded
 //! into a staging folder, verified (cachet manifest, else listed sizes and LFS SHA-256) and only
@@ -6,6 +7,7 @@
 //! Everything from a repo is untrusted: paths are checked before anything touches the disk.
 
 mod client;
+mod lfs;
 mod progress;
 mod prune;
 mod registry;
@@ -32,6 +34,8 @@ pub use transfer::{MAX_MODULE_BYTES, MAX_TEXT_BYTES};
 /// A Hub cache repo.
 pub struct HubCache {
     client: HFClientSync,
+    /// Uploads (preupload, LFS, NDJSON commits), which hf-hub cannot do without Xet storage.
+    api: lfs::CommitApi,
     repo: HFRepositorySync<RepoTypeModel>,
     repo_id: String,
     options: HubOptions,
@@ -72,10 +76,12 @@ impl HubCache {
     pub fn new(repo_id: &str, options: HubOptions) -> Result<Self> {
         check_repo_id(repo_id)?;
         let client = client(&options)?;
+        let api = lfs::CommitApi::new(&options)?;
         let (owner, name) = hf_hub::split_id(repo_id);
         let repo = client.model(owner, name);
         Ok(Self {
             client,
+            api,
             repo,
             repo_id: repo_id.to_owned(),
             options,

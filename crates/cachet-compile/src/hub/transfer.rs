@@ -221,7 +221,8 @@ impl HubCache {
             .map_err(|e| map_err(&self.repo_id, path, e))
     }
 
-    /// Commits `files` (`(path in repo, local file)`), retrying conflicts with backoff.
+    /// Commits `files` (`(path in repo, local file)`), large ones through Git LFS as the Hub
+    /// asks, retrying conflicts with backoff.
     pub fn upload(&self, files: &[(String, PathBuf)], message: &str) -> Result<u32> {
         for (path, _) in files {
             safe_relative(path, "an upload")?;
@@ -238,13 +239,7 @@ impl HubCache {
         )
         .entered();
         let bar = self.bar(total, "upload");
-        let make = || {
-            files
-                .iter()
-                .map(|(path, local)| CommitOperation::add_file(path.clone(), local.clone()))
-                .collect()
-        };
-        let result = self.commit(make, message, bar.as_ref());
+        let result = self.commit_files(files, message, bar.as_ref());
         if let Some(bar) = &bar {
             bar.finish_and_clear();
         }

@@ -2,8 +2,12 @@
 //!
 //! It implements what `hf-hub` and Python's `huggingface_hub` use for a compile cache: whoami,
 //! repo create/info, tree listing (git blob ids, LFS sums), file resolve (HEAD/GET, one byte
-//! range), preupload + NDJSON commit (inline base64 files, deletions), bearer tokens with
-//! read/write roles, and the 401/403/404/409/416 answers of the Hub. Faults (status codes, stalls, dropped connections, replaced bodies) can be
+//! range), preupload + NDJSON commit (inline base64 files, LFS files, deletions), the Git LFS
+//! upload flow (preupload answers `lfs` from a size threshold; the batch endpoint answers
+//! `basic` or, above a part size, `multipart` actions with a `verify` action; the upload URLs
+//! store objects after checking their SHA-256; a commit may name only uploaded objects and may not
+//! inline a file that belongs in LFS), bearer tokens with read/write roles, and the
+//! 401/403/404/409/416 answers of the Hub. Faults (status codes, stalls, dropped connections, replaced bodies) can be
 //! injected per path. Its fidelity is checked by `xtask/goldens/compile_cache.py`, which drives
 //! the official Python client through it (`examples/loopback_hub.rs` serves it standalone).
 
@@ -36,15 +40,23 @@ pub struct TokenInfo {
 pub struct Blob {
     pub bytes: Vec<u8>,
     pub sha256: String,
+    /// Stored in LFS (listed with `lfs` metadata).
+    pub lfs: bool,
     /// What the tree listing's `oid` is on the Hub: the git blob id of the bytes, or for a file
     /// in LFS of its pointer file ([`Blob::lfs_pointer`]).
     pub git_oid: String,
 }
 
 impl Blob {
+    /// A file put in place directly: in LFS from [`LFS_THRESHOLD`] bytes, as the Hub stores it.
     fn new(bytes: Vec<u8>) -> Arc<Self> {
+        let lfs = bytes.len() >= LFS_THRESHOLD;
+        Self::stored(bytes, lfs)
+    }
+
+    fn stored(bytes: Vec<u8>, lfs: bool) -> Arc<Self> {
         let sha256 = sha256_hex(&bytes);
-        let git_oid = if bytes.len() >= LFS_THRESHOLD {
+        let git_oid = if lfs {
             git_blob_id(lfs_pointer(&sha256, bytes.len()).as_bytes())
         } else {
             git_blob_id(&bytes)
@@ -52,6 +64,7 @@ impl Blob {
         Arc::new(Self {
             bytes,
             sha256,
+            lfs,
             git_oid,
         })
     }
@@ -103,9 +116,34 @@ pub struct Fault {
     pub times: u32,
 }
 
+/// How the server sorts uploads into LFS.
+#[derive(Debug, Clone, Copy)]
+pub struct LfsPolicy {
+    /// Files at least this large are `lfs` in the preupload answer, and refused inline.
+    pub threshold: usize,
+    /// Objects larger than this are uploaded in parts of this size (`multipart`).
+    pub part_size: Option<usize>,
+}
+
+impl Default for LfsPolicy {
+    fn default() -> Self {
+        Self {
+            threshold: LFS_THRESHOLD,
+            part_size: None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct State {
     pub repos: HashMap<String, Repo>,
+    pub lfs: LfsPolicy,
+    /// LFS objects uploaded, by SHA-256.
+    pub lfs_objects: HashMap<String, Arc<Blob>>,
+    /// Parts of multipart uploads in progress, by SHA-256 and part number.
+    pub lfs_parts: HashMap<(String, usize), Vec<u8>>,
+    /// SHA-256 of the objects whose `verify` action was called.
+    pub lfs_verified: Vec<String>,
     pub tokens: HashMap<String, TokenInfo>,
     pub faults: Vec<Fault>,
     /// `METHOD path` of every request, in order.
@@ -212,6 +250,23 @@ impl HubServer {
             .get(repo)
             .map(|r| r.files.keys().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Sets the size from which uploads go to LFS and the part size of multipart uploads.
+    pub fn set_lfs(&self, threshold: usize, part_size: Option<usize>) {
+        self.state.lock().unwrap().lfs = LfsPolicy {
+            threshold,
+            part_size,
+        };
+    }
+
+    /// Whether `path` in `repo` is stored in LFS.
+    pub fn is_lfs(&self, repo: &str, path: &str) -> bool {
+        let s = self.state.lock().unwrap();
+        s.repos
+            .get(repo)
+            .and_then(|r| r.files.get(path))
+            .is_some_and(|b| b.lfs)
     }
 
     /// How many commits `repo` has received.
@@ -436,6 +491,7 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         409 => "Conflict",
+        422 => "Unprocessable Entity",
         _ => "Status",
     }
 }
@@ -605,10 +661,16 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
                     .cloned()
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|f| json!({"path": f["path"], "uploadMode": "regular", "shouldIgnore": false, "oid": null}))
+                    .map(|f| {
+                        let size = f["size"].as_u64().unwrap_or(0) as usize;
+                        let mode = if size > 0 && size >= s.lfs.threshold { "lfs" } else { "regular" };
+                        json!({"path": f["path"], "uploadMode": mode, "shouldIgnore": false, "oid": null})
+                    })
                     .collect();
                 return Response::json(200, json!({"files": files, "commitOid": repo.commit}));
             }
+            let threshold = s.lfs.threshold;
+            let lfs_objects = s.lfs_objects.clone();
             let repo = s.repos.get_mut(&id).unwrap();
             let mut summary = String::new();
             // A commit applies all its operations or none, like the Hub's.
@@ -635,7 +697,37 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
                         if bad_path {
                             return Response::error(400, "BadRequest", "invalid path");
                         }
-                        files.insert(path, Blob::new(bytes));
+                        if bytes.len() >= threshold {
+                            return Response::error(
+                                400,
+                                "BadRequest",
+                                &format!(
+                                    "{path} is {} bytes: files of {} bytes or more must be uploaded with LFS",
+                                    bytes.len(),
+                                    threshold
+                                ),
+                            );
+                        }
+                        files.insert(path, Blob::stored(bytes, false));
+                    }
+                    // A file uploaded to LFS before, named by its SHA-256.
+                    Some("lfsFile") => {
+                        let oid = v["value"]["oid"].as_str().unwrap_or("");
+                        let Some(blob) = lfs_objects.get(oid) else {
+                            return Response::error(
+                                400,
+                                "BadRequest",
+                                &format!("LFS object {oid} of {path} was never uploaded"),
+                            );
+                        };
+                        let size = v["value"]["size"].as_u64();
+                        if bad_path
+                            || v["value"]["algo"] != "sha256"
+                            || size.is_some_and(|n| n as usize != blob.bytes.len())
+                        {
+                            return Response::error(400, "BadRequest", "invalid lfsFile entry");
+                        }
+                        files.insert(path, blob.clone());
                     }
                     // `huggingface_hub`'s CommitOperationDelete of a file (hf-hub sends one per
                     // file); deleting a missing file fails the whole commit with a 404.
@@ -679,6 +771,112 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
                 json!({"commitUrl": format!("http://{base}/{id}/commit/{}", repo.commit), "commitOid": repo.commit,
                        "commitMessage": summary, "pullRequestUrl": null, "success": true}),
             )
+        }
+        (
+            "POST",
+            [
+                org,
+                repo_git,
+                "info",
+                "lfs",
+                "objects",
+                op @ ("batch" | "verify"),
+            ],
+        ) => {
+            let Some(name) = repo_git.strip_suffix(".git") else {
+                return Response::error(404, "NotFound", "not a git endpoint");
+            };
+            let id = format!("{org}/{name}");
+            let Some(repo) = s.repos.get(&id) else {
+                return not_found_repo(&who);
+            };
+            if !can_read(repo, &id, &who) {
+                return not_found_repo(&who);
+            }
+            let Some(t) = &who else {
+                return Response::error(401, "Unauthorized", "authentication required");
+            };
+            if !t.write || !id.starts_with(&format!("{}/", t.user)) {
+                return Response::error(
+                    403,
+                    "Forbidden",
+                    "You don't have write access to this repo",
+                );
+            }
+            let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
+                return Response::error(400, "BadRequest", "invalid JSON");
+            };
+            if *op == "verify" {
+                let oid = body["oid"].as_str().unwrap_or("");
+                let size = body["size"].as_u64();
+                return match s.lfs_objects.get(oid) {
+                    Some(blob) if size == Some(blob.bytes.len() as u64) => {
+                        s.lfs_verified.push(oid.to_owned());
+                        Response::json(200, json!({"success": true}))
+                    }
+                    _ => Response::error(404, "NotFound", &format!("LFS object {oid} not found")),
+                };
+            }
+            lfs_batch(&s, base, &id, &body)
+        }
+        ("PUT", ["lfs-upload", oid]) => {
+            if sha256_hex(&req.body) != *oid {
+                return Response::error(
+                    400,
+                    "BadRequest",
+                    "the body does not hash to the object id",
+                );
+            }
+            s.lfs_objects
+                .insert((*oid).to_owned(), Blob::stored(req.body.clone(), true));
+            Response::json(200, json!({}))
+        }
+        ("PUT", ["lfs-upload", oid, "part", number]) => {
+            let Ok(number) = number.parse::<usize>() else {
+                return Response::error(400, "BadRequest", "bad part number");
+            };
+            let etag = format!("\"{}\"", &sha256_hex(&req.body)[..32]);
+            s.lfs_parts
+                .insert(((*oid).to_owned(), number), req.body.clone());
+            let mut r = Response::json(200, json!({}));
+            r.headers.push(("ETag".into(), etag));
+            r
+        }
+        // Completion of a multipart upload: the parts in order, each with the ETag it got.
+        ("POST", ["lfs-upload", oid]) => {
+            let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
+                return Response::error(400, "BadRequest", "invalid JSON");
+            };
+            let parts = body["parts"].as_array().cloned().unwrap_or_default();
+            let mut bytes = Vec::new();
+            for (i, part) in parts.iter().enumerate() {
+                let key = ((*oid).to_owned(), i + 1);
+                let Some(data) = s.lfs_parts.get(&key) else {
+                    return Response::error(400, "BadRequest", &format!("part {} missing", i + 1));
+                };
+                let etag = format!("\"{}\"", &sha256_hex(data)[..32]);
+                if part["partNumber"].as_u64() != Some(i as u64 + 1)
+                    || part["etag"] != etag.as_str()
+                {
+                    return Response::error(
+                        400,
+                        "BadRequest",
+                        &format!("part {} does not match", i + 1),
+                    );
+                }
+                bytes.extend_from_slice(data);
+            }
+            if body["oid"] != *oid || sha256_hex(&bytes) != *oid {
+                return Response::error(
+                    400,
+                    "BadRequest",
+                    "the parts do not hash to the object id",
+                );
+            }
+            s.lfs_parts.retain(|(o, _), _| o != oid);
+            s.lfs_objects
+                .insert((*oid).to_owned(), Blob::stored(bytes, true));
+            Response::json(200, json!({}))
         }
         ("GET" | "HEAD", [org, name, "resolve", _rev, path @ ..]) => {
             if let Some(range) = req.headers.get("range") {
@@ -758,6 +956,71 @@ fn route(req: &Request, base: SocketAddr, state: &Mutex<State>) -> Response {
     }
 }
 
+/// The LFS batch API's answer to an upload request: per object, nothing when it is stored
+/// already, an error when its id or size is invalid, else an upload action (whole, or in parts
+/// above the part size, with the completion URL) and a verify action.
+fn lfs_batch(s: &State, base: SocketAddr, id: &str, body: &Value) -> Response {
+    if body["operation"] != "upload" {
+        return Response::error(422, "Unprocessable", "only uploads are supported");
+    }
+    let offered = |t: &str| {
+        body["transfers"]
+            .as_array()
+            .is_some_and(|ts| ts.iter().any(|x| x == t))
+    };
+    if !offered("basic") {
+        return Response::error(422, "Unprocessable", "no supported transfer (basic)");
+    }
+    let Some(objects) = body["objects"].as_array() else {
+        return Response::error(422, "Unprocessable", "objects missing");
+    };
+    let mut multipart = false;
+    let mut answers = Vec::new();
+    for object in objects {
+        let oid = object["oid"].as_str().unwrap_or("");
+        let size = object["size"].as_u64();
+        let valid = oid.len() == 64 && oid.bytes().all(|b| b.is_ascii_hexdigit());
+        let Some(size) = size.filter(|_| valid) else {
+            answers.push(
+                json!({"oid": oid, "size": object["size"].as_u64().unwrap_or(0),
+                "error": {"code": 422, "message": "invalid object id or size"}}),
+            );
+            continue;
+        };
+        if s.lfs_objects
+            .get(oid)
+            .is_some_and(|b| b.bytes.len() as u64 == size)
+        {
+            answers.push(json!({"oid": oid, "size": size, "authenticated": true}));
+            continue;
+        }
+        let upload = format!("http://{base}/lfs-upload/{oid}");
+        let mut header = serde_json::Map::new();
+        if let Some(part) = s
+            .lfs
+            .part_size
+            .filter(|&p| size as usize > p && offered("multipart"))
+        {
+            multipart = true;
+            header.insert("chunk_size".into(), json!(part.to_string()));
+            for n in 1..=(size as usize).div_ceil(part) {
+                header.insert(format!("{n:05}"), json!(format!("{upload}/part/{n}")));
+            }
+        }
+        answers.push(json!({"oid": oid, "size": size, "authenticated": true, "actions": {
+            "upload": {"href": upload, "header": header},
+            "verify": {"href": format!("http://{base}/{id}.git/info/lfs/objects/verify"), "header": {}},
+        }}));
+    }
+    let transfer = if multipart { "multipart" } else { "basic" };
+    let mut r = Response::json(
+        200,
+        json!({"transfer": transfer, "objects": answers, "hash_algo": "sha256"}),
+    );
+    r.headers[0].1 = "application/vnd.git-lfs+json".into();
+    r
+}
+
 fn tree(repo: &Repo, prefix: &str, recursive: bool) -> Response {
     let under = |p: &str| prefix.is_empty() || p.starts_with(&format!("{prefix}/"));
     if !prefix.is_empty() && !repo.files.keys().any(|p| under(p)) {
@@ -793,7 +1056,7 @@ fn tree(repo: &Repo, prefix: &str, recursive: bool) -> Response {
         if recursive || parts.len() == 1 {
             let mut entry =
                 json!({"type": "file", "oid": &blob.git_oid, "size": bytes.len(), "path": path});
-            if bytes.len() >= LFS_THRESHOLD {
+            if blob.lfs {
                 let sha = &blob.sha256;
                 let pointer = lfs_pointer(sha, bytes.len()).len();
                 entry["lfs"] =

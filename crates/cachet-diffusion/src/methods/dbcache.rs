@@ -1,6 +1,7 @@
 //! DBCache (cache-dit's Dual Block Cache): the first `Fn` blocks always run; their residual
 //! decides, against `residual_diff_threshold`, whether the middle blocks run or their last
-//! residual (or a TaylorSeer forecast of it) is reused; the last `Bn` blocks always run.
+//! residual (or a calibrator's forecast of it: TaylorSeer, FoCa, DMD) is reused; the last `Bn`
+//! blocks always run.
 //! Warm-up, interval, cached-step limits, CFG-separate counting and the steps computation mask
 //! follow cache-dit 1.5.3's `CachedContext`/`CachedContextManager` step by step.
 //!
@@ -11,7 +12,7 @@ use crate::models::{BlockFn, BlockGroup, BlockStates, ForwardPattern};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::taylorseer::{TaylorSeerCalibrator, TaylorSeerCalibratorConfig};
+use super::calibrator::{Calibrator, CalibratorConfig};
 use super::{BlockMethod, GroupLayout, relative_l1};
 use crate::error::{DiffusionError, Result, check_non_negative};
 use crate::hooks::ModuleHooks;
@@ -186,7 +187,7 @@ struct Buffers {
 struct Context {
     name: String,
     config: DBCacheConfig,
-    calibrator_config: Option<TaylorSeerCalibratorConfig>,
+    calibrator_config: Option<CalibratorConfig>,
     executed_steps: i64,
     transformer_executed_steps: i64,
     cached_steps: [Vec<i64>; 2],
@@ -195,27 +196,27 @@ struct Context {
     continuous_cached_steps: [i64; 2],
     buffers: [Buffers; 2],
     /// (hidden, encoder) calibrators per branch.
-    calibrators: [(Option<TaylorSeerCalibrator>, Option<TaylorSeerCalibrator>); 2],
+    calibrators: [(Option<Calibrator>, Option<Calibrator>); 2],
 }
 
 impl Context {
     fn new(
         name: String,
         config: DBCacheConfig,
-        calibrator_config: Option<TaylorSeerCalibratorConfig>,
+        calibrator_config: Option<CalibratorConfig>,
     ) -> Self {
         let make = |enabled: bool| {
             calibrator_config
                 .as_ref()
                 .filter(|_| enabled)
-                .map(|c| TaylorSeerCalibrator::new(c.taylorseer_order))
+                .map(CalibratorConfig::build)
         };
         let hidden = calibrator_config
             .as_ref()
-            .is_some_and(|c| c.enable_calibrator);
+            .is_some_and(CalibratorConfig::enable_calibrator);
         let encoder = calibrator_config
             .as_ref()
-            .is_some_and(|c| c.enable_encoder_calibrator);
+            .is_some_and(CalibratorConfig::enable_encoder_calibrator);
         let separate = config.separate_cfg();
         let calibrators = [
             (make(hidden), make(encoder)),
@@ -263,13 +264,13 @@ impl Context {
     fn calibrator_enabled(&self) -> bool {
         self.calibrator_config
             .as_ref()
-            .is_some_and(|c| c.enable_calibrator)
+            .is_some_and(CalibratorConfig::enable_calibrator)
     }
 
     fn encoder_calibrator_enabled(&self) -> bool {
         self.calibrator_config
             .as_ref()
-            .is_some_and(|c| c.enable_encoder_calibrator)
+            .is_some_and(CalibratorConfig::enable_encoder_calibrator)
     }
 
     fn cache_residual(&self) -> bool {
@@ -455,11 +456,13 @@ impl Context {
     }
 
     /// cache-dit's `apply_cache`: adds (or substitutes) the cached Bn residual / states.
-    fn apply_cache(&self, states: BlockStates) -> Result<BlockStates> {
+    fn apply_cache(&mut self, states: BlockStates) -> Result<BlockStates> {
         let b = self.branch();
-        let (h, e) = &self.calibrators[b];
+        let (cache_residual, encoder_cache_residual) =
+            (self.cache_residual(), self.encoder_cache_residual());
+        let (h, e) = &mut self.calibrators[b];
         let prev = match h {
-            Some(c) => Some(c.approximate("Bn")?),
+            Some(c) => c.approximate("Bn")?,
             None => self.buffers[b].bn.clone(),
         }
         .ok_or_else(|| {
@@ -468,7 +471,7 @@ impl Context {
                 self.name
             ))
         })?;
-        let hidden = if self.cache_residual() {
+        let hidden = if cache_residual {
             prev + states.hidden
         } else {
             prev
@@ -476,11 +479,11 @@ impl Context {
         let encoder = match states.encoder {
             Some(enc) => {
                 let prev = match e {
-                    Some(c) => c.approximate("Bn_encoder").ok(),
+                    Some(c) => c.approximate("Bn_encoder")?,
                     None => self.buffers[b].bn_encoder.clone(),
                 };
                 Some(match prev {
-                    Some(p) if self.encoder_cache_residual() => p + enc,
+                    Some(p) if encoder_cache_residual => p + enc,
                     Some(p) => p,
                     None => enc,
                 })
@@ -502,7 +505,7 @@ impl Context {
             .iter()
             .flat_map(|(h, e)| [h, e])
             .flatten()
-            .map(TaylorSeerCalibrator::memory_bytes)
+            .map(Calibrator::memory_bytes)
             .sum();
         buffers + calibrators
     }
@@ -524,7 +527,7 @@ struct Unit {
     fn_blocks: usize,
     bn_blocks: usize,
     base_config: DBCacheConfig,
-    calibrator: Option<TaylorSeerCalibratorConfig>,
+    calibrator: Option<CalibratorConfig>,
     context: Context,
     run: UnitRun,
 }
@@ -618,10 +621,43 @@ fn modified(base: &DBCacheConfig, modifier: Option<&serde_json::Value>) -> Resul
     })
 }
 
+/// Checks the adapter's `forward_pattern` (one per listed block list) against the model.
+pub(crate) fn check_patterns(
+    adapter: &BlockAdapter,
+    unit_lists: &[Vec<String>],
+    layout: &GroupLayout,
+) -> Result<()> {
+    let Some(patterns) = &adapter.forward_pattern else {
+        return Ok(());
+    };
+    let listed: Vec<&String> = unit_lists.iter().flatten().collect();
+    if patterns.len() != listed.len() {
+        return Err(DiffusionError::InvalidOption {
+            field: "forward_pattern",
+            reason: format!(
+                "{} patterns for {} block lists",
+                patterns.len(),
+                listed.len()
+            ),
+        });
+    }
+    for (name, pattern) in listed.iter().zip(patterns) {
+        if let Some((_, actual)) = layout.get(name)
+            && actual != *pattern
+        {
+            return Err(DiffusionError::InvalidOption {
+                field: "forward_pattern",
+                reason: format!("{name} follows {actual:?}, not {pattern:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl DbCache {
     pub(crate) fn attach(
         config: &DBCacheConfig,
-        calibrator: Option<&TaylorSeerCalibratorConfig>,
+        calibrator: Option<&CalibratorConfig>,
         adapter: &BlockAdapter,
         layout: &GroupLayout,
     ) -> Result<Self> {
@@ -638,29 +674,7 @@ impl DbCache {
                 reason: "no block list to cache".into(),
             });
         }
-        let listed: Vec<&String> = unit_lists.iter().flatten().collect();
-        if let Some(patterns) = &adapter.forward_pattern {
-            if patterns.len() != listed.len() {
-                return Err(DiffusionError::InvalidOption {
-                    field: "forward_pattern",
-                    reason: format!(
-                        "{} patterns for {} block lists",
-                        patterns.len(),
-                        listed.len()
-                    ),
-                });
-            }
-            for (name, pattern) in listed.iter().zip(patterns) {
-                if let Some((_, actual)) = layout.get(name)
-                    && actual != *pattern
-                {
-                    return Err(DiffusionError::InvalidOption {
-                        field: "forward_pattern",
-                        reason: format!("{name} follows {actual:?}, not {pattern:?}"),
-                    });
-                }
-            }
-        }
+        check_patterns(adapter, &unit_lists, layout)?;
         let mut units = Vec::new();
         for (u, names) in unit_lists.iter().enumerate() {
             let mut groups = Vec::new();

@@ -1,11 +1,19 @@
 //! The caching methods. Module-level ones (PAB, FasterCache's attention part, TaylorSeer) wrap
-//! named attention layers; block-level ones (FirstBlockCache, DBCache) drive block lists.
+//! named attention layers; block-level ones (FirstBlockCache, MagCache, DBCache, DBPrune) drive
+//! block lists; DBCache's and DBPrune's calibrators (TaylorSeer, FoCa, DMD) forecast residuals.
 
+pub(crate) mod calibrator;
 pub(crate) mod dbcache;
+pub(crate) mod dbprune;
+pub(crate) mod dmd;
+mod dmd_fit;
 pub(crate) mod faster_cache;
 pub(crate) mod first_block;
+pub(crate) mod foca;
+pub(crate) mod magcache;
 pub(crate) mod pab;
 pub(crate) mod taylorseer;
+pub(crate) mod textkv;
 
 use crate::models::{BlockFn, BlockGroup, BlockStates, ForwardPattern, HookPoint, ModuleFn};
 use burn::tensor::Tensor;

@@ -34,6 +34,8 @@ impl Storage {
 pub(super) struct Shard {
     /// Name used in messages (the path as given, or the caller's label).
     pub(super) label: String,
+    /// The mapped file (`None` for bytes in memory).
+    path: Option<PathBuf>,
     storage: Storage,
     /// Offset of the data section within the file (8 + header length).
     data_start: usize,
@@ -103,6 +105,7 @@ impl Checkpoint {
         let header = parse_header(label, storage.bytes())?;
         let shard = Shard {
             label: label.to_owned(),
+            path: None,
             storage,
             data_start: header.data_start,
         };
@@ -139,6 +142,13 @@ impl Checkpoint {
         self.tensors
             .get(name)
             .map(|(shard, _)| self.shards[*shard].label.as_str())
+    }
+
+    /// The file a tensor is mapped from, to read it with ordinary file I/O; `None` when absent
+    /// or when its bytes are in memory ([`Checkpoint::from_bytes`], whose label is no path).
+    pub fn path_of(&self, name: &str) -> Option<&Path> {
+        let (shard, _) = self.tensors.get(name)?;
+        self.shards[*shard].path.as_deref()
     }
 
     /// Free-form metadata: every file's `__metadata__` merged (first file wins on conflicts),
@@ -452,6 +462,7 @@ pub(super) fn open_shard(path: &Path) -> Result<(Shard, Header)> {
     let header = parse_header(&label, &map)?;
     let shard = Shard {
         label,
+        path: Some(path.to_path_buf()),
         storage: Storage::Mapped(map),
         data_start: header.data_start,
     };
