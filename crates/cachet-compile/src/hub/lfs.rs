@@ -540,8 +540,8 @@ impl HubCache {
     }
 
     fn malformed(&self, what: &str, answer: &Value) -> CompileCacheError {
-        let mut shown = answer.to_string();
-        shown.truncate(300);
+        // At most 300 characters of the answer (a byte cut could split a character).
+        let shown: String = answer.to_string().chars().take(300).collect();
         CompileCacheError::Hub {
             what: format!("{what} in {}", self.repo_id),
             detail: format!("malformed answer: {shown}"),
@@ -571,8 +571,9 @@ fn check(repo: &str, what: &str, response: Response) -> Result<Response> {
             .map(str::to_owned)
     };
     let message = header("x-error-message");
-    let mut body = String::new();
-    let _ = response.take(4096).read_to_string(&mut body);
+    let mut raw = Vec::new();
+    let _ = response.take(4096).read_to_end(&mut raw);
+    let body = String::from_utf8_lossy(&raw).into_owned();
     let detail = message.unwrap_or_else(|| {
         serde_json::from_str::<Value>(&body)
             .ok()
