@@ -221,7 +221,7 @@ fn bad_input_fails_with_a_message_naming_the_problem() {
                 "--cache-config",
                 r#"{"max_cache_len": 1125899906842624}"#,
             ],
-            "more than this machine's",
+            "bytes it may take (this machine's memory",
         ),
         (
             &[
@@ -231,7 +231,7 @@ fn bad_input_fails_with_a_message_naming_the_problem() {
                 "--cache-config",
                 r#"{"sliding_window": 1125899906842624}"#,
             ],
-            "more than this machine's",
+            "bytes it may take (this machine's memory",
         ),
         (
             &["denoise", "--steps", "2", "--height", "0"],

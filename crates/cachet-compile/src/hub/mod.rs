@@ -1,5 +1,5 @@
 //! The Hugging Face Hub cache: a model repo laid out like optimum-neuron's, through `hf-hub`
-//! (uploads through the Hub's commit API with Git LFS for large files, [`lfs`]).
+//! (uploads through the Hub's commit API, with Git LFS for large files).
 //!
 //! Lookups go local → Hub → compile ([`crate::CompileCache::get_or_compile`]); a Hub hit is downloaded
 //! into a staging folder, verified (cachet manifest, else listed sizes and LFS SHA-256) and only
