@@ -169,22 +169,24 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn dot_bf16_avx512(w: &[bf16], x: &[f32]) -> f32 {
-        let n = w.len().min(x.len());
-        let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
+    /// Σ widen(w)·x over 16-bit weights in 512-bit steps; `widen` turns 16 weights at a pointer
+    /// into f32 lanes, `scalar` one weight of the tail.
+    ///
+    /// # Safety
+    /// The caller has AVX-512F, `wp` and `xp` hold `n` values.
+    #[inline(always)]
+    unsafe fn dot_half_512(
+        wp: *const u16,
+        xp: *const f32,
+        n: usize,
+        widen: impl Fn(*const u16) -> __m512,
+        scalar: impl Fn(usize) -> f32,
+    ) -> f32 {
         let mut i = 0;
-        // bf16 → f32 is the 16 bits moved to the top of the word.
-        let widen = |p: *const u16| -> __m512 {
-            // SAFETY: the caller passes a pointer with 16 readable u16.
-            unsafe {
-                let h = _mm256_loadu_si256(p as *const __m256i);
-                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-            }
-        };
-        // SAFETY: every load reads indices below n; the tail is scalar.
+        // SAFETY: the caller has the features; every load reads indices below n; the tail is
+        // scalar.
         unsafe {
+            let mut acc = [_mm512_setzero_ps(); 4];
             while i + 64 <= n {
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let o = i + 16 * a;
@@ -199,111 +201,115 @@ mod x86 {
             let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             let mut sum = _mm512_reduce_add_ps(s);
             while i < n {
-                sum += f32::from_bits((*wp.add(i) as u32) << 16) * *xp.add(i);
+                sum += scalar(i) * *xp.add(i);
                 i += 1;
             }
             sum
+        }
+    }
+
+    /// [`dot_half_512`] in 256-bit steps (`widen` turns 8 weights into f32 lanes).
+    ///
+    /// # Safety
+    /// The caller has AVX2 and FMA (and what `widen` uses), `wp` and `xp` hold `n` values.
+    #[inline(always)]
+    unsafe fn dot_half_256(
+        wp: *const u16,
+        xp: *const f32,
+        n: usize,
+        widen: impl Fn(*const u16) -> __m256,
+        scalar: impl Fn(usize) -> f32,
+    ) -> f32 {
+        let mut i = 0;
+        // SAFETY: the caller has the features; every load reads indices below n; the tail is
+        // scalar.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            while i + 32 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * a;
+                    *acc = _mm256_fmadd_ps(widen(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *acc);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(widen(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+                i += 8;
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut sum = hsum256(s);
+            while i < n {
+                sum += scalar(i) * *xp.add(i);
+                i += 1;
+            }
+            sum
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dot_bf16_avx512(w: &[bf16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        // bf16 → f32 is the 16 bits moved to the top of the word.
+        // SAFETY: AVX-512F is enabled here; `dot_half_512` passes pointers with 16 readable u16.
+        unsafe {
+            dot_half_512(
+                w.as_ptr() as *const u16,
+                x.as_ptr(),
+                n,
+                |p| {
+                    let h = _mm256_loadu_si256(p as *const __m256i);
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                },
+                |i| w[i].to_f32(),
+            )
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot_bf16_avx2(w: &[bf16], x: &[f32]) -> f32 {
         let n = w.len().min(x.len());
-        let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        let widen = |p: *const u16| -> __m256 {
-            // SAFETY: the caller passes a pointer with 8 readable u16.
-            unsafe {
-                let h = _mm_loadu_si128(p as *const __m128i);
-                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-            }
-        };
-        // SAFETY: every load reads indices below n; the tail is scalar.
+        // SAFETY: AVX2 and FMA are enabled here; `dot_half_256` passes pointers with 8 readable u16.
         unsafe {
-            while i + 32 <= n {
-                for (a, acc) in acc.iter_mut().enumerate() {
-                    let o = i + 8 * a;
-                    *acc = _mm256_fmadd_ps(widen(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *acc);
-                }
-                i += 32;
-            }
-            while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps(widen(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
-                i += 8;
-            }
-            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            let mut sum = hsum256(s);
-            while i < n {
-                sum += f32::from_bits((*wp.add(i) as u32) << 16) * *xp.add(i);
-                i += 1;
-            }
-            sum
+            dot_half_256(
+                w.as_ptr() as *const u16,
+                x.as_ptr(),
+                n,
+                |p| {
+                    let h = _mm_loadu_si128(p as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                },
+                |i| w[i].to_f32(),
+            )
         }
     }
+
     #[target_feature(enable = "avx512f")]
     pub(super) fn dot_f16_avx512(w: &[f16], x: &[f32]) -> f32 {
         let n = w.len().min(x.len());
-        let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        // SAFETY: the caller passes a pointer with 16 readable u16.
-        let widen = |p: *const u16| -> __m512 {
-            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-        };
-        // SAFETY: every load reads indices below n; the tail is scalar.
+        // SAFETY: AVX-512F (which converts halves) is enabled here; 16 readable u16 per call.
         unsafe {
-            while i + 64 <= n {
-                for (a, acc) in acc.iter_mut().enumerate() {
-                    let o = i + 16 * a;
-                    *acc = _mm512_fmadd_ps(widen(wp.add(o)), _mm512_loadu_ps(xp.add(o)), *acc);
-                }
-                i += 64;
-            }
-            while i + 16 <= n {
-                acc[0] = _mm512_fmadd_ps(widen(wp.add(i)), _mm512_loadu_ps(xp.add(i)), acc[0]);
-                i += 16;
-            }
-            let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-            let mut sum = _mm512_reduce_add_ps(s);
-            while i < n {
-                sum += w[i].to_f32() * *xp.add(i);
-                i += 1;
-            }
-            sum
+            dot_half_512(
+                w.as_ptr() as *const u16,
+                x.as_ptr(),
+                n,
+                |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                |i| w[i].to_f32(),
+            )
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot_f16_f16c(w: &[f16], x: &[f32]) -> f32 {
         let n = w.len().min(x.len());
-        let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        // SAFETY: the caller passes a pointer with 8 readable u16.
-        let widen = |p: *const u16| -> __m256 {
-            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-        };
-        // SAFETY: every load reads indices below n; the tail is scalar.
+        // SAFETY: AVX2, FMA and F16C are enabled here; 8 readable u16 per call.
         unsafe {
-            while i + 32 <= n {
-                for (a, acc) in acc.iter_mut().enumerate() {
-                    let o = i + 8 * a;
-                    *acc = _mm256_fmadd_ps(widen(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *acc);
-                }
-                i += 32;
-            }
-            while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps(widen(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
-                i += 8;
-            }
-            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            let mut sum = hsum256(s);
-            while i < n {
-                sum += w[i].to_f32() * *xp.add(i);
-                i += 1;
-            }
-            sum
+            dot_half_256(
+                w.as_ptr() as *const u16,
+                x.as_ptr(),
+                n,
+                |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                |i| w[i].to_f32(),
+            )
         }
     }
 }
