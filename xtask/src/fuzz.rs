@@ -9,6 +9,10 @@
 //! A failure stops the run; proptest prints the minimal input and keeps its seed under
 //! `target/proptest-regressions/`. Properties are the tests named `*arbitrary*` or `*mutated*`;
 //! the summary counts their cases.
+//!
+//! Each finished round appends a line to `tests/fuzz-ledger.csv` (date, commit, crate, cases
+//! per property, seconds), which is committed, so the hours each target has been fuzzed add up
+//! across machines; `cargo xtask fuzz --ledger` prints the totals.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -45,6 +49,99 @@ pub struct FuzzArgs {
     /// Cargo profile to build with (`dev` reuses the `cargo test` build).
     #[arg(long, default_value = "fuzz")]
     profile: String,
+    /// Print the hours and cases each target has been fuzzed (from the ledger) and exit.
+    #[arg(long)]
+    ledger: bool,
+}
+
+/// The committed record of finished fuzz rounds.
+const LEDGER: &str = "tests/fuzz-ledger.csv";
+const LEDGER_HEADER: &str = "utc,commit,crate,cases_per_property,properties,seconds";
+
+/// Appends one finished round to the ledger.
+fn record_round(
+    root: &Path,
+    krate: &str,
+    cases: u32,
+    properties: usize,
+    seconds: f64,
+) -> Result<()> {
+    use std::io::Write as _;
+    let path = root.join(LEDGER);
+    let fresh = !path.exists();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("could not open {}", path.display()))?;
+    if fresh {
+        writeln!(file, "{LEDGER_HEADER}")?;
+    }
+    let commit = Command::new("git")
+        .current_dir(root)
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let utc = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    writeln!(
+        file,
+        "{utc},{commit},{krate},{cases},{properties},{seconds:.1}"
+    )?;
+    Ok(())
+}
+
+/// Totals per crate from the ledger: (rounds, cases per property, seconds).
+fn ledger_totals(root: &Path) -> Result<BTreeMap<String, (u64, u64, f64)>> {
+    let path = root.join(LEDGER);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("could not read {}", path.display())),
+    };
+    let mut totals: BTreeMap<String, (u64, u64, f64)> = BTreeMap::new();
+    for (n, line) in text.lines().enumerate().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let parsed = (f.len() == 6)
+            .then(|| Some((f[3].parse::<u64>().ok()?, f[5].parse::<f64>().ok()?)))
+            .flatten();
+        let Some((cases, seconds)) = parsed else {
+            bail!(
+                "{}:{}: malformed ledger line {line:?}",
+                path.display(),
+                n + 1
+            );
+        };
+        let t = totals.entry(f[2].to_owned()).or_default();
+        t.0 += 1;
+        t.1 += cases;
+        t.2 += seconds;
+    }
+    Ok(totals)
+}
+
+fn print_ledger(root: &Path) -> Result<()> {
+    let totals = ledger_totals(root)?;
+    println!("fuzzing recorded in {LEDGER}:");
+    println!(
+        "  {:<18} {:>7} {:>20} {:>8}",
+        "crate", "rounds", "cases per property", "hours"
+    );
+    for krate in CRATES {
+        let (rounds, cases, seconds) = totals.get(krate).copied().unwrap_or_default();
+        println!(
+            "  {krate:<18} {rounds:>7} {cases:>20} {:>8.2}",
+            seconds / 3600.0
+        );
+    }
+    Ok(())
 }
 
 fn fuzz_command(root: &Path, krate: &str, profile: &str) -> Command {
@@ -79,6 +176,9 @@ fn properties(root: &Path, krate: &str, profile: &str) -> Result<Vec<String>> {
 
 /// Runs the fuzz targets; see the module docs.
 pub fn fuzz(root: &Path, args: FuzzArgs) -> Result<()> {
+    if args.ledger {
+        return print_ledger(root);
+    }
     let crates: Vec<String> = if args.crates.is_empty() {
         CRATES.iter().map(|c| c.to_string()).collect()
     } else {
@@ -123,6 +223,7 @@ pub fn fuzz(root: &Path, args: FuzzArgs) -> Result<()> {
                 fmt_duration(start.elapsed()),
                 display(&cmd)
             );
+            let round = Instant::now();
             run(&mut cmd).with_context(|| {
                 format!(
                     "fuzzing {krate} failed: the minimal input is printed above (its seed is kept \
@@ -130,6 +231,13 @@ pub fn fuzz(root: &Path, args: FuzzArgs) -> Result<()> {
                      named regression test with the fix"
                 )
             })?;
+            record_round(
+                root,
+                krate,
+                args.cases,
+                targets[krate].len(),
+                round.elapsed().as_secs_f64(),
+            )?;
             for prop in &targets[krate] {
                 *totals.entry((krate.clone(), prop.clone())).or_default() += u64::from(args.cases);
             }
@@ -145,5 +253,5 @@ pub fn fuzz(root: &Path, args: FuzzArgs) -> Result<()> {
         sum += cases;
     }
     println!("  {:<18} {:<34} {sum:>10}", "total", "");
-    Ok(())
+    print_ledger(root)
 }

@@ -1,16 +1,17 @@
-//! The decode step on the host: one new token per row through every layer with the residual
+//! The forward on the host: decode steps and prompts through every layer with the residual
 //! stream in host memory. Norms, RoPE, the projections, the MLP and (for a cache read in place)
 //! attention run as host kernels; only the KV cache update goes through the cache's tensors.
-//! This removes the ≈30 small tensor ops per layer of the general path, which cost as much as
-//! the weights' memory traffic on a small model.
+//! This removes the ≈30 tensor ops per layer of the general path, which cost as much as the
+//! weights' memory traffic on a small model in a decode step, and which run on one thread, with
+//! a copy each, in a prompt.
 
 use std::sync::Arc;
 
 use burn::tensor::{DType, Tensor, TensorData};
 use cachet_kv::{Cache, KvView, MaskLayout};
 use cachet_nn::{LinearOp, ModelError, Result, RmsNorm, tensor_to_host};
-use cachet_tensor::kernels::{decode_attention, rms_norm, rotate_half};
-use cachet_tensor::read_host_f32;
+use cachet_tensor::kernels::{causal_attention_strided, decode_attention, rms_norm, rotate_half};
+use cachet_tensor::{HostStrided, read_host_f32};
 
 use super::context::{ForwardContext, MaskNeed};
 use super::model::{DecoderLayer, Llama, Mlp};
@@ -70,11 +71,10 @@ fn norm_readable(norm: &RmsNorm) -> bool {
 }
 
 impl Llama {
-    /// Whether [`Llama::decode_host`] applies to this forward: one f32 token per row on the
-    /// host backend, positions following the cache (no padding mask), every projection with a
-    /// host path.
-    pub(super) fn decode_host_applies(&self, seq: usize, ctx: &ForwardContext) -> bool {
-        seq == 1 && ctx.fused_attention && ctx.attention_mask.is_none() && self.host_decodable()
+    /// Whether [`Llama::forward_host`] applies to this forward: f32 on the host backend,
+    /// positions following the cache (no padding mask), every projection with a host path.
+    pub(super) fn forward_host_applies(&self, ctx: &ForwardContext) -> bool {
+        ctx.fused_attention && ctx.attention_mask.is_none() && self.host_decodable()
     }
 
     /// Whether the weights allow the host decode step: f32 activations, every projection with
@@ -88,16 +88,17 @@ impl Llama {
             })
     }
 
-    /// Runs every layer for the `[batch, hidden]` host embeddings `x`; returns the final hidden
-    /// states `[batch, hidden]` before the final norm. Call only where
-    /// [`Llama::decode_host_applies`].
-    pub(super) fn decode_host(
+    /// Runs every layer for the `[batch, seq, hidden]` host embeddings `x`; returns the final
+    /// hidden states `[batch, seq, hidden]` before the final norm. Call only where
+    /// [`Llama::forward_host_applies`].
+    pub(super) fn forward_host(
         &self,
         mut x: Vec<f32>,
-        batch: usize,
+        (batch, seq): (usize, usize),
         ctx: &ForwardContext,
         mut cache: Option<&mut dyn Cache>,
     ) -> Result<Vec<f32>> {
+        let rows = batch * seq;
         let (cos, _) = tensor_to_host(ctx.cos.clone())?;
         let (sin, _) = tensor_to_host(ctx.sin.clone())?;
         for layer in &self.layers {
@@ -105,58 +106,80 @@ impl Llama {
                 .ok_or_else(|| ModelError::Input("a projection has no host path".into()))?;
             let cache = cache.as_mut().map(|c| &mut **c as &mut dyn Cache);
             let h = norm_host(&layer.input_layernorm, &x)?;
-            let attn = self.attention_host(&ops, &h, batch, ctx, (&cos, &sin), cache)?;
-            let o = host(ops.o, &attn, batch)?;
+            let attn = self.attention_host(&ops, &h, (batch, seq), ctx, (&cos, &sin), cache)?;
+            let o = host(ops.o, &attn, rows)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = norm_host(&layer.post_attention_layernorm, &x)?;
-            let m = Mlp::host_values(ops.gate, ops.up, ops.down, &h, batch, DType::F32)?
+            let m = Mlp::host_values(ops.gate, ops.up, ops.down, &h, rows, DType::F32)?
                 .ok_or_else(|| ModelError::Input("an MLP projection lost its host path".into()))?;
             x.iter_mut().zip(&m).for_each(|(x, m)| *x += m);
         }
         Ok(x)
     }
 
-    /// Self-attention of one layer for normed activations `h` `[batch, hidden]`, before the
-    /// output projection: `[batch, heads * head_dim]`.
+    /// Self-attention of one layer for normed activations `h` `[batch, seq, hidden]`, before
+    /// the output projection: `[batch, seq, heads * head_dim]`.
     fn attention_host(
         &self,
         ops: &HostLayer<'_>,
         h: &[f32],
-        batch: usize,
+        (batch, seq): (usize, usize),
         ctx: &ForwardContext,
         (cos, sin): (&[f32], &[f32]),
         cache: Option<&mut dyn Cache>,
     ) -> Result<Vec<f32>> {
         let attn = &ops.layer.self_attn;
         let (heads, kv_heads, dim) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
-        let mut q = host(ops.q, h, batch)?;
-        let mut k = host(ops.k, h, batch)?;
-        let v = host(ops.v, h, batch)?;
+        let rows = batch * seq;
+        let mut q = host(ops.q, h, rows)?;
+        let mut k = host(ops.k, h, rows)?;
+        let v = host(ops.v, h, rows)?;
         rotate_half(&mut q, dim, cos, sin);
         rotate_half(&mut k, dim, cos, sin);
         let device = self.device();
-        // One token per row: [batch, 1, heads, dim] and [batch, heads, 1, dim] share a layout.
+        // Token-first `[batch, seq, h, width]` values as the `[batch, h, seq, width]` tensor the
+        // cache and the tensor attention take (the same layout when seq is 1).
         let tensor = |values: Vec<f32>, h: usize| {
-            let width = values.len() / (batch * h);
-            Tensor::<4>::from_data(TensorData::new(values, [batch, h, 1, width]), &device)
+            let width = values.len() / (rows * h);
+            let values = if seq == 1 {
+                values
+            } else {
+                heads_first(&values, (batch, seq, h, width))
+            };
+            Tensor::<4>::from_data(TensorData::new(values, [batch, h, seq, width]), &device)
         };
         let (kt, vt) = (tensor(k, kv_heads), tensor(v, kv_heads));
         let view = match cache {
             Some(cache) => cache
                 .update_view(attn.layer, kt, vt, &ctx.cache_position)
                 .map_err(ModelError::cache)?,
-            None => KvView::dense(kt, vt, MaskLayout::contiguous(ctx.cache_position[0], 1)),
+            None => KvView::dense(kt, vt, MaskLayout::contiguous(ctx.cache_position[0], seq)),
         };
         let view = view.for_attention().map_err(ModelError::cache)?;
-        if view.is_plain() && ctx.mask_need(&view.layout, attn.sliding_window) == MaskNeed::Nothing
-        {
+        if view.is_plain() {
             let scale = 1.0 / (dim as f32).sqrt();
-            let out = read_host_f32(&view.keys, |keys| {
-                read_host_f32(&view.values, |values| {
-                    decode_attention(&q, heads, keys, values, scale)
+            let read = |f: &dyn Fn(HostStrided<'_, 4>, HostStrided<'_, 4>) -> Option<Vec<f32>>| {
+                read_host_f32(&view.keys, |keys| {
+                    read_host_f32(&view.values, |values| f(keys, values))
                 })
-            });
-            if let Some(Some(Some(out))) = out {
+                .flatten()
+                .flatten()
+            };
+            let out = if seq == 1 {
+                (ctx.mask_need(&view.layout, attn.sliding_window) == MaskNeed::Nothing)
+                    .then(|| read(&|keys, values| decode_attention(&q, heads, keys, values, scale)))
+                    .flatten()
+            } else {
+                // A prompt over contiguous positions: the tiled causal kernel, keys and values
+                // read where the cache keeps them.
+                ctx.causal_window(&view.layout, attn.sliding_window)
+                    .and_then(|window| {
+                        read(&|keys, values| {
+                            causal_attention_strided(&q, heads, keys, values, window, scale).ok()
+                        })
+                    })
+            };
+            if let Some(out) = out {
                 return Ok(out);
             }
         }
@@ -164,6 +187,24 @@ impl Llama {
         let out = attn.attend(tensor(q, heads), view, ctx)?;
         Ok(tensor_to_host(out)?.0)
     }
+}
+
+/// `[batch, seq, heads, width]` values reordered to `[batch, heads, seq, width]`.
+fn heads_first(
+    values: &[f32],
+    (batch, seq, heads, width): (usize, usize, usize, usize),
+) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for b in 0..batch {
+        for s in 0..seq {
+            for h in 0..heads {
+                let src = ((b * seq + s) * heads + h) * width;
+                let dst = ((b * heads + h) * seq + s) * width;
+                out[dst..dst + width].copy_from_slice(&values[src..src + width]);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -176,8 +217,9 @@ mod tests {
     use crate::Llama;
     use crate::embedded;
 
-    /// Logits of a prompt then `steps` single-token steps through a cache of `kind`.
-    fn run(model: &Llama, kind: CacheImplementation, steps: usize) -> Vec<Vec<f32>> {
+    /// Logits of a `prompt`-token prompt then `steps` single-token steps through a cache of
+    /// `kind`.
+    fn run(model: &Llama, kind: CacheImplementation, prompt: usize, steps: usize) -> Vec<Vec<f32>> {
         let device = model.device();
         let config = CacheConfig {
             sliding_window: Some(6),
@@ -186,14 +228,24 @@ mod tests {
             residual_length: Some(2),
             ..CacheConfig::default()
         };
-        let mut cache = build_cache(kind, &config, &model.cache_info(), &device, 64).unwrap();
+        let mut cache = build_cache(
+            kind,
+            &config,
+            &model.cache_info(),
+            &device,
+            prompt + steps + 8,
+        )
+        .unwrap();
         let ids = |v: Vec<i64>, n: usize| {
             Tensor::<2, Int>::from_data(TensorData::new(v, [2, n]), &device)
         };
         let mut out = Vec::new();
         let mut logits = model
             .forward_keep(
-                ids(vec![5, 9, 14, 3, 7, 2, 8, 1], 4),
+                ids(
+                    (0..2 * prompt as i64).map(|i| (i * 37 + 5) % 200).collect(),
+                    prompt,
+                ),
                 None,
                 None,
                 Some(&mut *cache),
@@ -213,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn the_host_decode_step_equals_the_tensor_path_for_every_plain_cache() {
+    fn the_host_forward_equals_the_tensor_path_for_every_cache() {
         let device = cpu_device().unwrap();
         let checkpoint = embedded::checkpoint().unwrap();
         let config = embedded::config().unwrap();
@@ -234,17 +286,26 @@ mod tests {
             CacheImplementation::Sink,
             CacheImplementation::Quantized,
         ] {
-            let (a, b) = (run(&fast, kind, 6), run(&general, kind, 6));
-            for (step, (a, b)) in a.iter().zip(&b).enumerate() {
-                let worst = a
-                    .iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0, f32::max);
-                assert!(
-                    worst < 1e-4,
-                    "{kind:?} step {step}: logits differ by {worst}"
-                );
+            // Short prompts and one longer than a key tile and the windows (a sink cache takes
+            // no prompt longer than its window).
+            let prompts: &[usize] = if kind == CacheImplementation::Sink {
+                &[4]
+            } else {
+                &[4, 70]
+            };
+            for &prompt in prompts {
+                let (a, b) = (run(&fast, kind, prompt, 6), run(&general, kind, prompt, 6));
+                for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+                    let worst = a
+                        .iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0.0, f32::max);
+                    assert!(
+                        worst < 1e-4,
+                        "{kind:?} prompt {prompt} step {step}: logits differ by {worst}"
+                    );
+                }
             }
         }
     }

@@ -521,12 +521,12 @@ impl Llama {
         let mut x = self
             .embed_tokens
             .forward(input_ids, self.dtype, &self.device)?;
-        if self.decode_host_applies(seq, &ctx) {
+        if self.forward_host_applies(&ctx) {
             let hidden = x.dims()[2];
             let (h, _) = tensor_to_host(x)?;
             let cache = cache.as_mut().map(|c| &mut **c as &mut dyn Cache);
-            let h = self.decode_host(h, batch, &ctx, cache)?;
-            x = Tensor::from_data(TensorData::new(h, [batch, 1, hidden]), &self.device);
+            let h = self.forward_host(h, (batch, seq), &ctx, cache)?;
+            x = Tensor::from_data(TensorData::new(h, [batch, seq, hidden]), &self.device);
         } else {
             for layer in &self.layers {
                 let cache = cache.as_mut().map(|c| &mut **c as &mut dyn Cache);

@@ -239,9 +239,32 @@ impl DenseMatrix {
         let (n, k) = (self.rows, self.cols);
         match &self.storage {
             Storage::F32(w) => {
-                // SAFETY: `x` is [m, k], `w` is [n, k] read as its transpose [k, n] through
-                // strides (column stride k, row stride 1), `out` is [m, n]; all in bounds.
-                unsafe { gemm_f32(m, n, k, x, w, out, n, gemm::Parallelism::Rayon(0)) };
+                // One block of output columns per thread, each a single-threaded gemm: the
+                // gemm crate's own threading leaves a core idle on some prompt shapes (a
+                // 2048-row prompt ran at half the two-core rate).
+                let threads = rayon::current_num_threads().max(1);
+                let block = n.div_ceil(threads).next_multiple_of(16).min(n);
+                let out_ptr = SendPtr(out.as_mut_ptr());
+                (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+                    let c0 = b * block;
+                    let width = block.min(n - c0);
+                    // SAFETY: `x` is [m, k]; rows c0..c0 + width of `w` are [width, k], read
+                    // as their transpose through strides; each block writes its own columns
+                    // c0..c0 + width of the [m, n] output (row stride n), which no other block
+                    // touches.
+                    unsafe {
+                        gemm_f32(
+                            m,
+                            width,
+                            k,
+                            x,
+                            &w[c0 * k..(c0 + width) * k],
+                            out_ptr.at(c0),
+                            n,
+                            gemm::Parallelism::None,
+                        )
+                    };
+                });
             }
             Storage::Bf16(_) | Storage::F16(_) => {
                 // Convert tiles of weight rows to f32 and multiply each into its output columns.
@@ -256,7 +279,7 @@ impl DenseMatrix {
                             self.row_into(r0 + i, row);
                         }
                         let mut part = vec![0.0f32; m * (r1 - r0)];
-                        // SAFETY: as above, with the tile [r1 - r0, k] and a [m, r1 - r0] output.
+                        // SAFETY: the tile is [r1 - r0, k] and `part` its [m, r1 - r0] output.
                         unsafe {
                             gemm_f32(
                                 m,
@@ -264,7 +287,7 @@ impl DenseMatrix {
                                 k,
                                 x,
                                 &w,
-                                &mut part,
+                                part.as_mut_ptr(),
                                 r1 - r0,
                                 gemm::Parallelism::None,
                             )
@@ -302,13 +325,30 @@ pub fn matmul_t_tile(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out: &m
         return;
     }
     // SAFETY: the lengths were checked above; `out` has row stride n.
-    unsafe { gemm_f32(m, n, k, x, w, out, n, gemm::Parallelism::None) };
+    unsafe { gemm_f32(m, n, k, x, w, out.as_mut_ptr(), n, gemm::Parallelism::None) };
+}
+
+/// An output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: the tasks holding it write disjoint elements (see the users).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer `offset` elements on.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
 }
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`, `out` with row stride `out_rs`.
 ///
 /// # Safety
-/// `x` holds `m * k`, `w` `n * k` and `out` `m * out_rs` values, `out_rs >= n`.
+/// `x` holds `m * k` and `w` `n * k` values; `out` points at `m` rows of `n` writable values,
+/// `out_rs` apart, that nothing else reads or writes during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_f32(
     m: usize,
@@ -316,18 +356,18 @@ unsafe fn gemm_f32(
     k: usize,
     x: &[f32],
     w: &[f32],
-    out: &mut [f32],
+    out: *mut f32,
     out_rs: usize,
     parallelism: gemm::Parallelism,
 ) {
-    debug_assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * out_rs);
+    debug_assert!(x.len() >= m * k && w.len() >= n * k && out_rs >= n);
     // SAFETY: the caller guarantees the extents; gemm reads and writes only inside them.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
             out_rs as isize,
             false,

@@ -8,7 +8,7 @@
 //! so no transposed copy is ever made. [`causal_attention`] is the tiled causal attention of a
 //! prompt, and [`silu_mul`] SwiGLU's elementwise part.
 
-pub use attention::{AttentionShape, causal_attention};
+pub use attention::{AttentionShape, causal_attention, causal_attention_strided};
 pub use decode::{decode_attention, rms_norm, rotate_half};
 pub use dense::{DenseMatrix, WeightDType, matmul_t_tile};
 pub use silu::{sigmoid, silu_mul};

@@ -8,6 +8,11 @@
 
 use rayon::prelude::*;
 
+use crate::HostStrided;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Query rows per task.
 const QUERY_BLOCK: usize = 32;
 /// Keys per tile (one score row of a tile fits a few vector registers).
@@ -123,6 +128,158 @@ pub fn causal_attention(
     scale: f32,
 ) -> Result<Vec<f32>, AttentionShapeError> {
     shape.check(q.len(), k.len(), v.len())?;
+    let contiguous = |data, width| Heads {
+        data,
+        base: 0,
+        batch_stride: shape.kv_heads * shape.kv_len * width,
+        head_stride: shape.kv_len * width,
+        row_stride: width,
+    };
+    Ok(run(
+        q,
+        QueryLayout::HeadsFirst,
+        contiguous(k, shape.head_dim),
+        contiguous(v, shape.v_dim),
+        shape,
+        window,
+        scale,
+    ))
+}
+
+/// [`causal_attention`] for queries laid out token-first, `[batch, q_len, heads * head_dim]`
+/// (as a projection leaves them), over keys and values read in place from strided
+/// `[batch, kv_heads, kv_len, dim]` views (a KV cache's buffers). Returns `[batch, q_len, heads *
+/// v_dim]`, ready for the output projection.
+pub fn causal_attention_strided<'a>(
+    q: &[f32],
+    heads: usize,
+    keys: HostStrided<'a, 4>,
+    values: HostStrided<'a, 4>,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Vec<f32>, AttentionShapeError> {
+    let [batch, kv_heads, kv_len, head_dim] = keys.shape;
+    let [vb, vh, vl, v_dim] = values.shape;
+    if (vb, vh, vl) != (batch, kv_heads, kv_len) {
+        return fail(format!(
+            "keys {:?} and values {:?} disagree",
+            keys.shape, values.shape
+        ));
+    }
+    let per_token = batch * heads * head_dim;
+    if per_token == 0 || !q.len().is_multiple_of(per_token) {
+        return fail(format!(
+            "{} query values are not [batch {batch}, q_len, {heads} heads x {head_dim}]",
+            q.len()
+        ));
+    }
+    let shape = AttentionShape {
+        batch,
+        heads,
+        kv_heads,
+        q_len: q.len() / per_token,
+        kv_len,
+        head_dim,
+        v_dim,
+    };
+    shape.check(
+        q.len(),
+        batch * kv_heads * kv_len * head_dim,
+        batch * kv_heads * kv_len * v_dim,
+    )?;
+    let heads_of = |view: HostStrided<'a, 4>, what: &str| {
+        let [bs, hs, rs, cs] = view.strides;
+        let width = view.shape[3];
+        if cs != 1 && width > 1 {
+            return fail(format!(
+                "{what} rows are not contiguous (strides {:?})",
+                view.strides
+            ));
+        }
+        // The last element any head reads must lie inside the storage.
+        let last = (batch - 1) * bs + (kv_heads - 1) * hs + kv_len.saturating_sub(1) * rs + width;
+        if kv_len > 0
+            && view
+                .offset
+                .checked_add(last)
+                .is_none_or(|end| end > view.storage.len())
+        {
+            return fail(format!("{what} view reaches past its storage"));
+        }
+        Ok(Heads {
+            data: view.storage,
+            base: view.offset,
+            batch_stride: bs,
+            head_stride: hs,
+            row_stride: rs,
+        })
+    };
+    let (k, v) = (heads_of(keys, "key")?, heads_of(values, "value")?);
+    Ok(run(q, QueryLayout::TokensFirst, k, v, shape, window, scale))
+}
+
+fn fail<T>(message: String) -> Result<T, AttentionShapeError> {
+    Err(AttentionShapeError(message))
+}
+
+/// How queries (and the output) are laid out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum QueryLayout {
+    /// `[batch, heads, q_len, dim]`.
+    HeadsFirst,
+    /// `[batch, q_len, heads, dim]`.
+    TokensFirst,
+}
+
+impl QueryLayout {
+    /// Index of row `(b, h, i)` of width `width` in a `[batch, heads, len]` set of rows.
+    fn row(
+        self,
+        (b, h, i): (usize, usize, usize),
+        heads: usize,
+        len: usize,
+        width: usize,
+    ) -> usize {
+        match self {
+            Self::HeadsFirst => ((b * heads + h) * len + i) * width,
+            Self::TokensFirst => ((b * len + i) * heads + h) * width,
+        }
+    }
+}
+
+/// Keys or values of every (batch, kv head): rows `row_stride` apart, head `(b, g)` starting
+/// at `base + b * batch_stride + g * head_stride` (bounds checked by the callers).
+#[derive(Clone, Copy)]
+struct Heads<'a> {
+    data: &'a [f32],
+    base: usize,
+    batch_stride: usize,
+    head_stride: usize,
+    row_stride: usize,
+}
+
+impl<'a> Heads<'a> {
+    /// The rows of head `(b, g)`, `len` rows of `width` values.
+    fn head(&self, b: usize, g: usize, len: usize, width: usize) -> &'a [f32] {
+        let start = self.base + b * self.batch_stride + g * self.head_stride;
+        let span = if len == 0 {
+            0
+        } else {
+            (len - 1) * self.row_stride + width
+        };
+        &self.data[start..start + span]
+    }
+}
+
+fn run(
+    q: &[f32],
+    layout: QueryLayout,
+    k: Heads<'_>,
+    v: Heads<'_>,
+    shape: AttentionShape,
+    window: Option<usize>,
+    scale: f32,
+) -> Vec<f32> {
     let AttentionShape {
         batch,
         heads,
@@ -136,7 +293,7 @@ pub fn causal_attention(
     let blocks = q_len.div_ceil(QUERY_BLOCK);
     let mut out = vec![0.0f32; batch * heads * q_len * dv];
     if out.is_empty() {
-        return Ok(out);
+        return out;
     }
     // One task per (batch, kv head, query block); its output rows are scattered over the rep
     // query heads, so tasks return their rows and the copy into place follows.
@@ -149,17 +306,17 @@ pub fn causal_attention(
         .map(|&(b, g, qb)| {
             let i0 = qb * QUERY_BLOCK;
             let i1 = (i0 + QUERY_BLOCK).min(q_len);
-            let k_head = &k[(b * kv_heads + g) * kv_len * d..][..kv_len * d];
-            let v_head = &v[(b * kv_heads + g) * kv_len * dv..][..kv_len * dv];
             let queries: Vec<&[f32]> = (0..rep)
                 .flat_map(|r| {
                     let h = g * rep + r;
-                    (i0..i1).map(move |i| &q[((b * heads + h) * q_len + i) * d..][..d])
+                    (i0..i1).map(move |i| &q[layout.row((b, h, i), heads, q_len, d)..][..d])
                 })
                 .collect();
             let task = Task {
-                k: k_head,
-                v: v_head,
+                k: k.head(b, g, kv_len, d),
+                v: v.head(b, g, kv_len, dv),
+                k_rs: k.row_stride,
+                v_rs: v.row_stride,
                 d,
                 dv,
                 kv_len,
@@ -177,17 +334,22 @@ pub fn causal_attention(
         let rows = (i0 + QUERY_BLOCK).min(q_len) - i0;
         for r in 0..rep {
             let h = g * rep + r;
-            let dst = &mut out[((b * heads + h) * q_len + i0) * dv..][..rows * dv];
-            dst.copy_from_slice(&part[r * rows * dv..][..rows * dv]);
+            for i in 0..rows {
+                let dst = layout.row((b, h, i0 + i), heads, q_len, dv);
+                out[dst..dst + dv].copy_from_slice(&part[(r * rows + i) * dv..][..dv]);
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 /// One (batch, kv head, query block) of work.
 struct Task<'a> {
+    /// Rows of one kv head, `k_rs` / `v_rs` apart.
     k: &'a [f32],
     v: &'a [f32],
+    k_rs: usize,
+    v_rs: usize,
     d: usize,
     dv: usize,
     kv_len: usize,
@@ -210,12 +372,6 @@ impl Task<'_> {
             super::Level::Avx2 => unsafe { self.run_avx2(queries) },
             super::Level::Portable => self.run_body(queries),
         }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,fma")]
-    fn run_avx512(&self, queries: &[&[f32]]) -> Vec<f32> {
-        self.run_body(queries)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -244,10 +400,8 @@ impl Task<'_> {
         while tile_start < hi {
             let tile_end = (tile_start + KEY_TILE).min(self.kv_len);
             let width = tile_end - tile_start;
-            for (j, key) in self.k[tile_start * d..tile_end * d]
-                .chunks_exact(d)
-                .enumerate()
-            {
+            for j in 0..width {
+                let key = &self.k[(tile_start + j) * self.k_rs..][..d];
                 for (c, &x) in key.iter().enumerate() {
                     kt[c * KEY_TILE + j] = x;
                 }
@@ -309,7 +463,7 @@ impl Task<'_> {
                     }
                     if w == VALUE_CHUNK {
                         for (j, &p) in scores[..width].iter().enumerate() {
-                            let start = (tile_start + j) * dv + c0;
+                            let start = (tile_start + j) * self.v_rs + c0;
                             let value: &[f32; VALUE_CHUNK] = self.v[start..start + VALUE_CHUNK]
                                 .try_into()
                                 .unwrap_or(&[0.0; VALUE_CHUNK]);
@@ -319,7 +473,7 @@ impl Task<'_> {
                         }
                     } else {
                         for (j, &p) in scores[..width].iter().enumerate() {
-                            let value = &self.v[(tile_start + j) * dv + c0..][..w];
+                            let value = &self.v[(tile_start + j) * self.v_rs + c0..][..w];
                             for (a, &vv) in acc.iter_mut().zip(value) {
                                 *a = p.mul_add(vv, *a);
                             }
@@ -445,6 +599,9 @@ mod tests {
             (1, 3, 3, 130, 130, 32, 32, Some(50)),
             (2, 4, 2, 33, 90, 8, 16, Some(7)),
             (1, 2, 1, 1, 65, 8, 8, Some(64)),
+            (1, 9, 3, 200, 260, 64, 80, None),
+            (1, 2, 1, 150, 150, 64, 128, Some(70)),
+            (1, 5, 5, 7, 300, 24, 40, Some(100)),
         ];
         for (batch, heads, kv_heads, q_len, kv_len, head_dim, v_dim, window) in cases {
             let shape = AttentionShape {
@@ -468,6 +625,72 @@ mod tests {
                     "{shape:?} {window:?} [{i}]: {g} vs {w}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn strided_views_and_token_first_queries_give_the_same_attention() {
+        // Keys and values inside a cache buffer of capacity 96 (rows of a head 1 apart, heads
+        // `cap * d` apart), queries and output token-first.
+        let (batch, heads, kv_heads, q_len, kv_len, d, dv, cap) = (2, 6, 2, 37, 70, 16, 24, 96);
+        let shape = AttentionShape {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim: d,
+            v_dim: dv,
+        };
+        let q = values(batch * heads * q_len * d, 11);
+        let k = values(batch * kv_heads * kv_len * d, 12);
+        let v = values(batch * kv_heads * kv_len * dv, 13);
+        for window in [None, Some(20)] {
+            let want = causal_attention(&q, &k, &v, shape, window, 0.3).unwrap();
+            let pad = |x: &[f32], w: usize| {
+                let mut buf = vec![f32::NAN; 3 + batch * kv_heads * cap * w];
+                for (head, rows) in x.chunks(kv_len * w).enumerate() {
+                    buf[3 + head * cap * w..][..kv_len * w].copy_from_slice(rows);
+                }
+                buf
+            };
+            let (kb, vb) = (pad(&k, d), pad(&v, dv));
+            let view = |buf, w| HostStrided::<'_, 4> {
+                storage: buf,
+                offset: 3,
+                strides: [kv_heads * cap * w, cap * w, w, 1],
+                shape: [batch, kv_heads, kv_len, w],
+            };
+            let (kb, vb): (&[f32], &[f32]) = (&kb, &vb);
+            let mut qt = vec![0.0; q.len()];
+            for b in 0..batch {
+                for h in 0..heads {
+                    for i in 0..q_len {
+                        let src = ((b * heads + h) * q_len + i) * d;
+                        let dst = ((b * q_len + i) * heads + h) * d;
+                        qt[dst..dst + d].copy_from_slice(&q[src..src + d]);
+                    }
+                }
+            }
+            let got = causal_attention_strided(&qt, heads, view(kb, d), view(vb, dv), window, 0.3)
+                .unwrap();
+            for b in 0..batch {
+                for h in 0..heads {
+                    for i in 0..q_len {
+                        let w = &want[((b * heads + h) * q_len + i) * dv..][..dv];
+                        let g = &got[((b * q_len + i) * heads + h) * dv..][..dv];
+                        assert_eq!(w, g, "{window:?} b{b} h{h} i{i}");
+                    }
+                }
+            }
+            // A view reaching past its storage is refused, not read.
+            let short = HostStrided {
+                storage: &kb[..3 + (batch * kv_heads - 1) * cap * d + kv_len * d - 1],
+                ..view(kb, d)
+            };
+            assert!(
+                causal_attention_strided(&qt, heads, short, view(vb, dv), window, 0.3).is_err()
+            );
         }
     }
 
