@@ -1,9 +1,11 @@
 //! Host kernels of a decode step (one query per row): RMS norm, rotate-half RoPE, and
-//! attention of the new queries over a KV cache read in place. Each computes in f32 the same
-//! operations, in the same order per element, as the tensor path they replace.
+//! attention of the new queries over a KV cache read in place. Each computes in f32 what the
+//! tensor path they replace computes (attention as flash decoding does: softmax partials per
+//! chunk of keys, combined at the end).
 
 use rayon::prelude::*;
 
+use super::attention::exp_nonpositive;
 use super::dot::{Level, dot_f32};
 use crate::HostStrided;
 
@@ -81,38 +83,134 @@ pub fn decode_attention(
     }
     let rep = heads / kv_heads;
     let level = Level::detect();
+    let chunks = kv_len.div_ceil(KEY_CHUNK);
+    // One task per (batch row, kv head, chunk of keys): the query heads sharing the kv head
+    // read each key and value once (a cache larger than the L2 cache would otherwise stream
+    // from memory once per query head), and long caches split over the pool by keys.
+    let task = |t: usize| -> Vec<Partial> {
+        let (bg, c) = (t / chunks, t % chunks);
+        let (b, g) = (bg / kv_heads, bg % kv_heads);
+        let job = ChunkJob {
+            keys: &keys,
+            values: &values,
+            b,
+            g,
+            span: c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(kv_len),
+            scale,
+        };
+        (0..rep)
+            .map(|r| job.run(level, &q[(b * heads + g * rep + r) * dim..][..dim]))
+            .collect()
+    };
+    let tasks = batch * kv_heads * chunks;
+    // A short cache is less work than waking the pool's other threads.
+    let parts: Vec<Vec<Partial>> = if batch * heads * kv_len * (dim + v_dim) < PARALLEL_MIN_MACS {
+        (0..tasks).map(task).collect()
+    } else {
+        (0..tasks).into_par_iter().map(task).collect()
+    };
+    // Combine the chunks of each head: rescale to the largest maximum, then normalise.
     let mut out = vec![0.0f32; batch * heads * v_dim];
-    let head = |(bh, o): (usize, &mut [f32])| {
-        let (b, h) = (bh / heads, bh % heads);
-        let g = h / rep;
-        let qh = &q[bh * dim..(bh + 1) * dim];
-        fn row<'a>(v: &HostStrided<'a, 4>, b: usize, g: usize, j: usize) -> &'a [f32] {
-            let start = v.offset + b * v.strides[0] + g * v.strides[1] + j * v.strides[2];
-            &v.storage[start..start + v.shape[3]]
+    for (bg, head_parts) in parts.chunks(chunks).enumerate() {
+        let (b, g) = (bg / kv_heads, bg % kv_heads);
+        for r in 0..rep {
+            let h = g * rep + r;
+            let o = &mut out[(b * heads + h) * v_dim..][..v_dim];
+            let max = head_parts
+                .iter()
+                .map(|p| p[r].max)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for part in head_parts {
+                let p = &part[r];
+                let w = exp_nonpositive(p.max - max);
+                sum += p.sum * w;
+                for (o, x) in o.iter_mut().zip(&p.out) {
+                    *o += w * x;
+                }
+            }
+            let inv = 1.0 / sum;
+            for x in o.iter_mut() {
+                *x *= inv;
+            }
         }
-        let mut scores: Vec<f32> = (0..kv_len)
-            .map(|j| dot_f32(level, row(&keys, b, g, j), qh) * scale)
+    }
+    Some(out)
+}
+
+/// One query head's attention over a chunk of one kv head's keys.
+struct ChunkJob<'v, 'a> {
+    keys: &'v HostStrided<'a, 4>,
+    values: &'v HostStrided<'a, 4>,
+    b: usize,
+    g: usize,
+    span: std::ops::Range<usize>,
+    scale: f32,
+}
+
+impl ChunkJob<'_, '_> {
+    fn row<'a>(&self, v: &HostStrided<'a, 4>, j: usize) -> &'a [f32] {
+        let start = v.offset + self.b * v.strides[0] + self.g * v.strides[1] + j * v.strides[2];
+        &v.storage[start..start + v.shape[3]]
+    }
+
+    fn run(&self, level: Level, q: &[f32]) -> Partial {
+        match level {
+            // SAFETY: the level was detected on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { self.run_avx512(level, q) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { self.run_avx2(level, q) },
+            Level::Portable => self.body(level, q),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    fn run_avx512(&self, level: Level, q: &[f32]) -> Partial {
+        self.body(level, q)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn run_avx2(&self, level: Level, q: &[f32]) -> Partial {
+        self.body(level, q)
+    }
+
+    /// Scores, their softmax partial and the weighted values (compiled per SIMD level, so the
+    /// exponential and the value loop vectorise with FMA).
+    #[inline(always)]
+    fn body(&self, level: Level, q: &[f32]) -> Partial {
+        let mut scores: Vec<f32> = self
+            .span
+            .clone()
+            .map(|j| dot_f32(level, self.row(self.keys, j), q) * self.scale)
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
         for s in &mut scores {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s = exp_nonpositive(*s - max);
         }
-        for (j, p) in scores.iter().enumerate() {
-            let p = p / sum;
-            for (o, v) in o.iter_mut().zip(row(&values, b, g, j)) {
+        let sum = scores.iter().sum::<f32>();
+        let mut out = vec![0.0f32; self.values.shape[3]];
+        for (j, p) in self.span.clone().zip(&scores) {
+            for (o, v) in out.iter_mut().zip(self.row(self.values, j)) {
                 *o += p * v;
             }
         }
-    };
-    // A short cache is less work than waking the pool's other threads.
-    if batch * heads * kv_len * (dim + v_dim) < PARALLEL_MIN_MACS {
-        out.chunks_mut(v_dim.max(1)).enumerate().for_each(head);
-    } else {
-        out.par_chunks_mut(v_dim.max(1)).enumerate().for_each(head);
+        Partial { max, sum, out }
     }
-    Some(out)
+}
+
+/// Keys per task of [`decode_attention`] (and per softmax partial).
+const KEY_CHUNK: usize = 512;
+
+/// One chunk's share of a head's attention: its score maximum, the sum of `e^(s - max)` and the
+/// unnormalised weighted values.
+struct Partial {
+    max: f32,
+    sum: f32,
+    out: Vec<f32>,
 }
 
 #[cfg(test)]
@@ -156,41 +254,44 @@ mod tests {
     #[test]
     fn decode_attention_matches_a_naive_grouped_query_attention_on_a_cache_view() {
         let device = crate::cpu_device().unwrap();
-        let (batch, heads, kv_heads, cap, len, dim) = (2, 6, 2, 40, 33, 64);
-        let k_all = test_values(batch * kv_heads * cap * dim, 1);
-        let v_all = test_values(batch * kv_heads * cap * dim, 2);
-        let q = test_values(batch * heads * dim, 3);
-        let tensor = |v: Vec<f32>| {
-            crate::Tensor::<4>::from_data(
-                crate::TensorData::new(v, [batch, kv_heads, cap, dim]),
-                &device,
-            )
-            .slice([0..batch, 0..kv_heads, 0..len, 0..dim])
-        };
-        let (kt, vt) = (tensor(k_all), tensor(v_all));
-        let compact = |t: &crate::Tensor<4>| {
-            t.clone()
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap()
-        };
-        let scale = 1.0 / (dim as f32).sqrt();
-        let expected = naive_attention(
-            &q,
-            &compact(&kt),
-            &compact(&vt),
-            [batch, heads, kv_heads, len, dim],
-            scale,
-        );
-        let got = crate::read_host_f32(&kt, |k| {
-            crate::read_host_f32(&vt, |v| decode_attention(&q, heads, k, v, scale))
-        })
-        .flatten()
-        .flatten()
-        .expect("host views");
-        for (g, e) in got.iter().zip(&expected) {
-            assert!((g - e).abs() < 1e-5, "{g} vs {e}");
+        // A short cache (one chunk of keys) and a long one (three chunks, combined).
+        for (cap, len) in [(40, 33), (1200, 1100)] {
+            let (batch, heads, kv_heads, dim) = (2, 6, 2, 64);
+            let k_all = test_values(batch * kv_heads * cap * dim, 1);
+            let v_all = test_values(batch * kv_heads * cap * dim, 2);
+            let q = test_values(batch * heads * dim, 3);
+            let tensor = |v: Vec<f32>| {
+                crate::Tensor::<4>::from_data(
+                    crate::TensorData::new(v, [batch, kv_heads, cap, dim]),
+                    &device,
+                )
+                .slice([0..batch, 0..kv_heads, 0..len, 0..dim])
+            };
+            let (kt, vt) = (tensor(k_all), tensor(v_all));
+            let compact = |t: &crate::Tensor<4>| {
+                t.clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap()
+            };
+            let scale = 1.0 / (dim as f32).sqrt();
+            let expected = naive_attention(
+                &q,
+                &compact(&kt),
+                &compact(&vt),
+                [batch, heads, kv_heads, len, dim],
+                scale,
+            );
+            let got = crate::read_host_f32(&kt, |k| {
+                crate::read_host_f32(&vt, |v| decode_attention(&q, heads, k, v, scale))
+            })
+            .flatten()
+            .flatten()
+            .expect("host views");
+            for (g, e) in got.iter().zip(&expected) {
+                assert!((g - e).abs() < 1e-5, "{len} keys: {g} vs {e}");
+            }
         }
     }
 
