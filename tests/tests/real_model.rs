@@ -240,7 +240,8 @@ fn bnb_logit_bound(kind: &str) -> f32 {
 
 /// bitsandbytes-quantized SmolLM2 (NF4, NF4 + double quant, FP4, LLM.int8 with thresholds 6
 /// and 0) against transformers + bitsandbytes 0.50.2: per-step logits within
-/// [`bnb_logit_bound`] under teacher forcing, and most greedy steps choosing the same token.
+/// [`bnb_logit_bound`] under teacher forcing, most greedy steps choosing the same token, and
+/// every other step a near-tie in transformers' own logits.
 #[test]
 fn smollm2_bitsandbytes_logits_stay_close_to_transformers() {
     let Some(dir) = smollm2_dir() else { return };
@@ -298,6 +299,27 @@ fn smollm2_bitsandbytes_logits_stay_close_to_transformers() {
                     .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
                     .unwrap() as u32;
                 same += usize::from(ours == tokens[t]);
+                if ours != tokens[t] {
+                    // A different greedy choice is a near-tie in transformers' own logits: our
+                    // token is among its top 8, less than the logit bound below its best.
+                    let top: Vec<f32> = step["top_logits"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                        .collect();
+                    let margin = ids(&step["top_ids"])
+                        .iter()
+                        .position(|&id| id == ours)
+                        .map(|i| top[0] - top[i]);
+                    let bound = bnb_logit_bound(kind);
+                    assert!(
+                        margin.is_some_and(|m| m <= bound),
+                        "{kind} step {t}: greedy token {ours} vs transformers' {} is no near-tie \
+                         (margin {margin:?}, bound {bound})",
+                        tokens[t]
+                    );
+                }
                 steps += 1;
                 feed = vec![tokens[t]];
             }
@@ -310,8 +332,11 @@ fn smollm2_bitsandbytes_logits_stay_close_to_transformers() {
             worst <= bound,
             "{kind}: cachet's logits differ from transformers + bitsandbytes by {worst} (bound {bound})"
         );
+        // Most steps agree outright; int8 with threshold 0 quantizes every activation row, so a
+        // rounding upstream flips more near-ties there.
+        let (num, den) = if kind == "int8-t0" { (17, 20) } else { (9, 10) };
         assert!(
-            same * 10 >= steps * 9,
+            same * den >= steps * num,
             "{kind}: same greedy token in only {same}/{steps} steps"
         );
     }

@@ -188,6 +188,16 @@ impl LinearOp for DiskLinear {
         })?)
     }
 
+    // The product runs on the host either way: a model on the host chains it with its other
+    // host layers (and computes exactly what the same layer kept in memory computes).
+    fn has_host_forward(&self) -> bool {
+        true
+    }
+
+    fn forward_host(&self, x: &[f32], rows: usize) -> cachet_nn::Result<Option<Vec<f32>>> {
+        Ok(Some(DiskLinear::forward_host(self, x, rows)?))
+    }
+
     fn in_features(&self) -> usize {
         self.shape[1]
     }
