@@ -186,6 +186,33 @@ unsafe fn dot_codes_avx2(bytes: &[u8], x: &[f32], code: &[f32; 16]) -> f32 {
     sum
 }
 
+/// The first block and the block count of a row span made of whole blocks of `blocksize` (a
+/// multiple of `unit`), after checking that its codes, scales and activations are all there:
+/// what the SIMD row kernels rely on for their unchecked loads.
+///
+/// # Panics
+/// If the span is not whole blocks or reaches past `packed` or `absmax`.
+#[cfg(target_arch = "x86_64")]
+fn whole_blocks(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    x: &[f32],
+    start: usize,
+    unit: usize,
+) -> (usize, usize) {
+    let first = start / blocksize;
+    let blocks = x.len() / blocksize;
+    assert!(
+        start.is_multiple_of(blocksize)
+            && x.len().is_multiple_of(blocksize)
+            && blocksize.is_multiple_of(unit)
+            && packed.len() * 2 >= start + x.len()
+            && absmax.len() >= first + blocks
+    );
+    (first, blocks)
+}
+
 /// One output of the fused gemv for a row made of whole blocks (`start` and `x.len()` multiples
 /// of `blocksize`, itself a multiple of 16) with AVX-512: each block's codes are looked up with
 /// one permute per 16 values and accumulated in a vector, scaled by the block's absmax with one
@@ -201,16 +228,8 @@ unsafe fn gemv_row_blocks_avx512(
     start: usize,
 ) -> f32 {
     use std::arch::x86_64::*;
-    let first = start / blocksize;
-    let blocks = x.len() / blocksize;
-    assert!(
-        start.is_multiple_of(blocksize)
-            && x.len().is_multiple_of(blocksize)
-            && blocksize.is_multiple_of(16)
-            && packed.len() * 2 >= start + x.len()
-            && absmax.len() >= first + blocks
-    );
-    // SAFETY: the assert above bounds every load: bytes (start + 16·i)/2 .. +8 lie in `packed`,
+    let (first, blocks) = whole_blocks(packed, absmax, blocksize, x, start, 16);
+    // SAFETY: `whole_blocks` bounds every load: bytes (start + 16·i)/2 .. +8 lie in `packed`,
     // floats 16·i .. +16 in `x`, and block indices in `absmax`.
     unsafe {
         let lut = _mm512_loadu_ps(code.as_ptr());
@@ -260,16 +279,8 @@ unsafe fn gemv_row_blocks_vbmi(
     start: usize,
 ) -> f32 {
     use std::arch::x86_64::*;
-    let first = start / blocksize;
-    let blocks = x.len() / blocksize;
-    assert!(
-        start.is_multiple_of(blocksize)
-            && x.len().is_multiple_of(blocksize)
-            && blocksize.is_multiple_of(32)
-            && packed.len() * 2 >= start + x.len()
-            && absmax.len() >= first + blocks
-    );
-    // SAFETY: the assert above bounds every load: bytes (start + 16·i)/2 .. +8 lie in `packed`,
+    let (first, blocks) = whole_blocks(packed, absmax, blocksize, x, start, 32);
+    // SAFETY: `whole_blocks` bounds every load: bytes (start + 16·i)/2 .. +8 lie in `packed`,
     // floats 16·i .. +16 in `x`, and block indices in `absmax`.
     unsafe {
         let lut = _mm512_loadu_ps(code.as_ptr());
@@ -315,16 +326,8 @@ unsafe fn gemv_row_blocks_avx2(
 ) -> f32 {
     use crate::blockwise::{CodeAvx2, decode8_avx2};
     use std::arch::x86_64::*;
-    let first = start / blocksize;
-    let blocks = x.len() / blocksize;
-    assert!(
-        start.is_multiple_of(blocksize)
-            && x.len().is_multiple_of(blocksize)
-            && blocksize.is_multiple_of(32)
-            && packed.len() * 2 >= start + x.len()
-            && absmax.len() >= first + blocks
-    );
-    // SAFETY: the assert above bounds every load: bytes (start + 8·i)/2 .. +4 lie in `packed`,
+    let (first, blocks) = whole_blocks(packed, absmax, blocksize, x, start, 32);
+    // SAFETY: `whole_blocks` bounds every load: bytes (start + 8·i)/2 .. +4 lie in `packed`,
     // floats 8·i .. +8 in `x`, and block indices in `absmax`.
     unsafe {
         let lut = CodeAvx2::new(code);
@@ -550,7 +553,7 @@ unsafe fn gemv_row_blocks_avx2_planes(
             && packed.len() * 2 >= start + xp.len()
             && absmax.len() >= first + blocks
     );
-    // SAFETY: the assert above bounds every load: bytes (start + 32·i)/2 .. +16 lie in `packed`,
+    // SAFETY: `whole_blocks` bounds every load: bytes (start + 32·i)/2 .. +16 lie in `packed`,
     // floats 8·i .. +8 in `xp`, and block indices in `absmax`.
     unsafe {
         let nibble = _mm256_set1_epi8(0x0f);

@@ -54,23 +54,14 @@ impl Task<'_> {
         let mut row_max = vec![f32::NEG_INFINITY; n];
         let mut row_sum = vec![0.0f32; n];
         let mut kt = vec![0.0f32; d * KEY_TILE];
-        let last_query = self.i0 + self.rows - 1;
-        let hi = (last_query + self.offset + 1).min(self.kv_len);
-        let lo = self
-            .window
-            .map_or(0, |w| (self.i0 + self.offset + 1).saturating_sub(w));
+        let (lo, hi) = self.visible_keys();
         let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         let mut probs = [[0.0f32; KEY_TILE]; ROWS];
         let mut tile_start = lo - lo % KEY_TILE;
         while tile_start < hi {
             let tile_end = (tile_start + KEY_TILE).min(self.kv_len);
             let width = tile_end - tile_start;
-            for j in 0..width {
-                let key = &self.k[(tile_start + j) * self.k_rs..][..d];
-                for (c, &x) in key.iter().enumerate() {
-                    kt[c * KEY_TILE + j] = x;
-                }
-            }
+            self.transpose_tile(&mut kt, tile_start, width);
             let mut r0 = 0;
             while r0 < n {
                 let live = ROWS.min(n - r0);
@@ -200,15 +191,7 @@ impl Task<'_> {
             }
             tile_start = tile_end;
         }
-        for (row, o) in out.chunks_mut(dv.max(1)).enumerate() {
-            let sum = row_sum[row];
-            if sum > 0.0 {
-                let inv = 1.0 / sum;
-                for x in o.iter_mut() {
-                    *x *= inv;
-                }
-            }
-        }
+        Self::normalise(&mut out, dv, &row_sum);
         out
     }
 }

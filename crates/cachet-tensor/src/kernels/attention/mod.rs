@@ -380,6 +380,42 @@ impl Task<'_> {
         self.run_body(queries)
     }
 
+    /// Keys any query of the block can see, `lo..hi`: up to the last query's diagonal, from
+    /// the first query's window start.
+    fn visible_keys(&self) -> (usize, usize) {
+        let last_query = self.i0 + self.rows - 1;
+        let hi = (last_query + self.offset + 1).min(self.kv_len);
+        let lo = self
+            .window
+            .map_or(0, |w| (self.i0 + self.offset + 1).saturating_sub(w));
+        (lo, hi)
+    }
+
+    /// Writes keys `tile_start..tile_start + width` transposed into `kt` (`[d][KEY_TILE]`), so
+    /// a score row is a sum of scaled rows of it.
+    #[inline(always)]
+    fn transpose_tile(&self, kt: &mut [f32], tile_start: usize, width: usize) {
+        for j in 0..width {
+            let key = &self.k[(tile_start + j) * self.k_rs..][..self.d];
+            for (c, &x) in key.iter().enumerate() {
+                kt[c * KEY_TILE + j] = x;
+            }
+        }
+    }
+
+    /// Divides each output row by its softmax denominator.
+    fn normalise(out: &mut [f32], dv: usize, row_sum: &[f32]) {
+        for (row, o) in out.chunks_mut(dv.max(1)).enumerate() {
+            let sum = row_sum[row];
+            if sum > 0.0 {
+                let inv = 1.0 / sum;
+                for x in o.iter_mut() {
+                    *x *= inv;
+                }
+            }
+        }
+    }
+
     #[inline(always)]
     fn run_body(&self, queries: &[&[f32]]) -> Vec<f32> {
         let (d, dv) = (self.d, self.dv);
@@ -387,25 +423,13 @@ impl Task<'_> {
         let mut out = vec![0.0f32; n * dv];
         let mut row_max = vec![f32::NEG_INFINITY; n];
         let mut row_sum = vec![0.0f32; n];
-        // The key tile transposed, [d][KEY_TILE], so a score row is a sum of scaled rows.
         let mut kt = vec![0.0f32; d * KEY_TILE];
-        let last_query = self.i0 + self.rows - 1;
-        // Keys any query of the block can see: up to the last query's diagonal, from the first
-        // query's window start.
-        let hi = (last_query + self.offset + 1).min(self.kv_len);
-        let lo = self
-            .window
-            .map_or(0, |w| (self.i0 + self.offset + 1).saturating_sub(w));
+        let (lo, hi) = self.visible_keys();
         let mut tile_start = lo - lo % KEY_TILE;
         while tile_start < hi {
             let tile_end = (tile_start + KEY_TILE).min(self.kv_len);
             let width = tile_end - tile_start;
-            for j in 0..width {
-                let key = &self.k[(tile_start + j) * self.k_rs..][..d];
-                for (c, &x) in key.iter().enumerate() {
-                    kt[c * KEY_TILE + j] = x;
-                }
-            }
+            self.transpose_tile(&mut kt, tile_start, width);
             for (row, query) in queries.iter().enumerate() {
                 let i = self.i0 + row % self.rows;
                 let pos = i + self.offset;
@@ -484,15 +508,7 @@ impl Task<'_> {
             }
             tile_start = tile_end;
         }
-        for (row, o) in out.chunks_mut(dv).enumerate() {
-            let sum = row_sum[row];
-            if sum > 0.0 {
-                let inv = 1.0 / sum;
-                for x in o.iter_mut() {
-                    *x *= inv;
-                }
-            }
-        }
+        Self::normalise(&mut out, dv, &row_sum);
         out
     }
 }
@@ -528,18 +544,7 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as values;
 
     /// Softmax attention in f64 with an explicit mask.
     fn reference(
