@@ -135,6 +135,7 @@ impl Layout {
 
     /// Dequantizes tokens `t0..t1` of batch-head `row` of `block` into `dst` (`(t1 - t0) * dim`);
     /// with per-channel groups `t0` must start a group.
+    #[inline(always)]
     pub(super) fn dequantize_tokens(
         &self,
         block: &Block,

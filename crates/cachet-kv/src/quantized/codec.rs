@@ -126,6 +126,7 @@ impl GroupQuantized {
 }
 
 /// Writes codes `first..first + dst.len()` of `packed` into `dst` as floats.
+#[inline(always)]
 pub(super) fn decode_codes(packed: &[u8], nbits: u8, first: usize, dst: &mut [f32]) {
     let per = 8 / nbits as usize;
     if !first.is_multiple_of(per) {

@@ -23,6 +23,7 @@ impl Layout {
 
     /// Calls `f(first_token, tile)` for every tile of dequantized tokens of batch-head `row`,
     /// in order; `tile` holds whole tokens (`dim` values each) and is reused between calls.
+    #[inline(always)]
     fn for_each_tile(&self, blocks: &[Arc<Block>], row: usize, mut f: impl FnMut(usize, &[f32])) {
         let step = self.tile_tokens();
         let mut buf = vec![0f32; step * self.dim];
@@ -114,15 +115,7 @@ impl QuantizedKv {
                 .enumerate()
                 .for_each(|(row, dst)| {
                     let q = &q[row * rows * d..(row + 1) * rows * d];
-                    self.key_layout
-                        .for_each_tile(&self.keys, row, |first, tile| {
-                            for (i, qi) in q.chunks_exact(d).enumerate() {
-                                let dst = &mut dst[i * t + first..];
-                                for (j, key) in tile.chunks_exact(d).enumerate() {
-                                    dst[j] = dot(qi, key);
-                                }
-                            }
-                        });
+                    simd::dispatch(|| self.scores_row(row, q, d, t, dst));
                 });
         }
         Ok(Tensor::from_data(
@@ -145,24 +138,83 @@ impl QuantizedKv {
                 .enumerate()
                 .for_each(|(row, dst)| {
                     let p = &p[row * rows * t..(row + 1) * rows * t];
-                    self.value_layout
-                        .for_each_tile(&self.values, row, |first, tile| {
-                            for (pi, acc) in p.chunks_exact(t).zip(dst.chunks_exact_mut(dv)) {
-                                for (&w, value) in pi[first..].iter().zip(tile.chunks_exact(dv)) {
-                                    if w != 0.0 {
-                                        for (a, &v) in acc.iter_mut().zip(value) {
-                                            *a += w * v;
-                                        }
-                                    }
-                                }
-                            }
-                        });
+                    simd::dispatch(|| self.weighted_values_row(row, p, t, dv, dst));
                 });
         }
         Ok(Tensor::from_data(
             TensorData::new(out, [b, h, rows, dv]),
             (&device, DType::F32),
         ))
+    }
+}
+
+impl QuantizedKv {
+    /// Scores of the `rows` queries `q` of batch-head `row` against its keys, into `dst`.
+    #[inline(always)]
+    fn scores_row(&self, row: usize, q: &[f32], d: usize, t: usize, dst: &mut [f32]) {
+        self.key_layout
+            .for_each_tile(&self.keys, row, |first, tile| {
+                for (i, qi) in q.chunks_exact(d).enumerate() {
+                    let dst = &mut dst[i * t + first..];
+                    for (j, key) in tile.chunks_exact(d).enumerate() {
+                        dst[j] = dot(qi, key);
+                    }
+                }
+            });
+    }
+
+    /// `probs · values` for the `rows` weight rows `p` of batch-head `row`, into `dst`.
+    #[inline(always)]
+    fn weighted_values_row(&self, row: usize, p: &[f32], t: usize, dv: usize, dst: &mut [f32]) {
+        self.value_layout
+            .for_each_tile(&self.values, row, |first, tile| {
+                for (pi, acc) in p.chunks_exact(t).zip(dst.chunks_exact_mut(dv)) {
+                    for (&w, value) in pi[first..].iter().zip(tile.chunks_exact(dv)) {
+                        if w != 0.0 {
+                            for (a, &v) in acc.iter_mut().zip(value) {
+                                *a += w * v;
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// Runs a kernel compiled for the widest vector extension the CPU has: the tile dequantization
+/// and the dot products are plain loops that the compiler vectorises to the target's width.
+mod simd {
+    /// Calls `f` inside a function compiled with AVX-512 or AVX2 + FMA where the CPU has them.
+    #[inline(always)]
+    pub(super) fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected on this CPU.
+                return unsafe { avx512(f) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: as above.
+                return unsafe { avx2(f) };
+            }
+        }
+        f()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
     }
 }
 
@@ -193,7 +245,7 @@ fn host_f32(t: Tensor<4>) -> Vec<f32> {
 }
 
 /// Dot product with 8 independent lanes (auto-vectorised).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, ra) = a.as_chunks::<8>();
