@@ -7,8 +7,11 @@
 use cachet_tensor::kernels::matmul_t_tile;
 use rayon::prelude::*;
 
-use crate::blockwise::{Quantized4bit, dequantize_4bit_into};
+use crate::blockwise::{AbsMax, Quantized4bit, dequantize_4bit_into};
 use crate::simd::SimdLevel;
+
+/// Output rows per rayon task of the batch-1 gemv.
+const ROWS_PER_TASK: usize = 16;
 
 /// Output rows per tile of the batched path.
 const TILE_ROWS: usize = 16;
@@ -263,51 +266,193 @@ const NIBBLE_SHIFTS: [i64; 8] = {
     c
 };
 
-/// [`gemv_row_blocks_avx512`] with AVX512-VBMI: 16 codes are spread to their lanes by one
-/// `vpmultishiftqb` of the broadcast 8 bytes (the permute reads only an index's low 4 bits, so
-/// no masking or widening is needed), about half the instructions per weight, which is what
-/// bounds a 4-bit gemv (a decode step reads its weights faster than the older decode turns them
-/// into floats). Two accumulators per block and two per row keep the FMA chains short.
+/// Where a 4-bit gemv reads each block's scale: plain f32 absmax, or bnb's nested (double
+/// quantized) statistics dequantized per block on the fly, so a decode step reads one byte per
+/// block instead of materialising the f32 absmax of every layer.
+pub(crate) trait BlockScales: Sync {
+    /// Number of blocks covered.
+    fn blocks(&self) -> usize;
+    /// The scale of block `b < blocks()`.
+    fn scale(&self, b: usize) -> f32;
+}
+
+impl BlockScales for [f32] {
+    fn blocks(&self) -> usize {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn scale(&self, b: usize) -> f32 {
+        self[b]
+    }
+}
+
+/// bnb's nested statistics read in place: `code[q[b]] · absmax[b / blocksize] + offset`, the
+/// same two roundings as [`AbsMax::to_f32`](crate::blockwise::AbsMax::to_f32).
+pub(crate) struct NestedScales<'a> {
+    quantized: &'a [u8],
+    absmax: &'a [f32],
+    code: &'a [f32; 256],
+    blocksize: usize,
+    offset: f32,
+}
+
+impl<'a> NestedScales<'a> {
+    /// `None` where the statistics are inconsistent (a code that is not 256 entries, too few
+    /// nested scales); the caller then dequantizes them the slow way.
+    pub(crate) fn new(n: &'a crate::blockwise::NestedAbsMax) -> Option<Self> {
+        let code = n.code.as_slice().try_into().ok()?;
+        let covered = n.absmax.len().checked_mul(n.blocksize)?;
+        (n.blocksize > 0 && covered >= n.quantized.len()).then_some(Self {
+            quantized: &n.quantized,
+            absmax: &n.absmax,
+            code,
+            blocksize: n.blocksize,
+            offset: n.offset,
+        })
+    }
+}
+
+impl BlockScales for NestedScales<'_> {
+    fn blocks(&self) -> usize {
+        self.quantized.len()
+    }
+
+    #[inline(always)]
+    fn scale(&self, b: usize) -> f32 {
+        self.code[usize::from(self.quantized[b])] * self.absmax[b / self.blocksize] + self.offset
+    }
+}
+
+/// Whether [`gemv_rows_vbmi`] serves a gemv of `k` inputs on this CPU at `level`.
+#[cfg(target_arch = "x86_64")]
+fn vbmi_rows_apply(level: SimdLevel, blocksize: usize, k: usize) -> bool {
+    level.best_up_to() == SimdLevel::Avx512
+        && std::arch::is_x86_feature_detected!("avx512vbmi")
+        && blocksize > 0
+        && blocksize.is_multiple_of(16)
+        && k.is_multiple_of(blocksize)
+}
+
+/// `R` consecutive outputs (rows `row0 .. row0 + R` of a weight of whole-block rows) of the fused
+/// gemv with AVX512-VBMI: 16 codes are spread to their lanes by one `vpmultishiftqb` of a
+/// broadcast 8-byte word and looked up with one permute (which reads only the low 4 bits, so no
+/// masking or widening is needed). Each 16-value slice of `x` is loaded once for the `R` rows;
+/// every block's sum is scaled by its absmax with one FMA and each row reduced once at the end.
+/// A 4-bit gemv is bound by these instructions, not by the bytes it reads.
+///
+/// # Panics
+/// If `k = x.len()` is not whole blocks of a multiple of 16, or the rows reach past `packed` or
+/// the scales.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vbmi")]
-unsafe fn gemv_row_blocks_vbmi(
+unsafe fn gemv_rows_vbmi<const R: usize, S: BlockScales + ?Sized>(
     packed: &[u8],
-    absmax: &[f32],
+    scales: &S,
     blocksize: usize,
     code: &[f32; 16],
     x: &[f32],
-    start: usize,
-) -> f32 {
+    row0: usize,
+) -> [f32; R] {
+    let k = x.len();
+    let end = (row0 + R) * k;
+    assert!(
+        blocksize > 0
+            && blocksize.is_multiple_of(16)
+            && k.is_multiple_of(blocksize)
+            && packed.len() * 2 >= end
+            && scales.blocks() >= end / blocksize
+    );
+    // The common block size as a constant, so its 4 steps unroll.
+    if blocksize == 64 {
+        // SAFETY: as checked above; the caller has the features.
+        unsafe { rows_vbmi_body::<R, S>(packed, scales, 64, code, x, row0) }
+    } else {
+        // SAFETY: as checked above; the caller has the features.
+        unsafe { rows_vbmi_body::<R, S>(packed, scales, blocksize, code, x, row0) }
+    }
+}
+
+/// The loop of [`gemv_rows_vbmi`], whose checks it relies on.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vbmi")]
+#[inline]
+unsafe fn rows_vbmi_body<const R: usize, S: BlockScales + ?Sized>(
+    packed: &[u8],
+    scales: &S,
+    blocksize: usize,
+    code: &[f32; 16],
+    x: &[f32],
+    row0: usize,
+) -> [f32; R] {
     use std::arch::x86_64::*;
-    let (first, blocks) = whole_blocks(packed, absmax, blocksize, x, start, 32);
-    // SAFETY: `whole_blocks` bounds every load: bytes (start + 16·i)/2 .. +8 lie in `packed`,
-    // floats 16·i .. +16 in `x`, and block indices in `absmax`.
+    let k = x.len();
+    let per_row = k / blocksize;
+    // SAFETY: the caller checked that rows row0 .. row0 + R are whole blocks inside `packed`
+    // (bytes (row·k + 16·i)/2 .. +8) and the scales; floats 16·i .. +16 lie in `x`.
     unsafe {
         let lut = _mm512_loadu_ps(code.as_ptr());
         let shifts = _mm512_loadu_si512(NIBBLE_SHIFTS.as_ptr().cast());
-        let mut rows = [_mm512_setzero_ps(); 2];
-        let bytes = packed.as_ptr().add(start / 2);
+        let bytes = packed.as_ptr().add(row0 * k / 2);
         let xp = x.as_ptr();
         let decode = |at: usize| {
             let word = _mm512_set1_epi64(bytes.add(at / 2).cast::<i64>().read_unaligned());
             _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(shifts, word), lut)
         };
-        for b in 0..blocks {
+        let mut rows = [_mm512_setzero_ps(); R];
+        for b in 0..per_row {
             let base = b * blocksize;
-            let mut acc = [_mm512_setzero_ps(); 2];
-            for i in (base..base + blocksize).step_by(32) {
-                acc[0] = _mm512_fmadd_ps(decode(i), _mm512_loadu_ps(xp.add(i)), acc[0]);
-                acc[1] = _mm512_fmadd_ps(decode(i + 16), _mm512_loadu_ps(xp.add(i + 16)), acc[1]);
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut i = base;
+            while i < base + blocksize {
+                let xv = _mm512_loadu_ps(xp.add(i));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(decode(r * k + i), xv, *acc);
+                }
+                i += 16;
             }
-            let sum = _mm512_add_ps(acc[0], acc[1]);
-            rows[b % 2] = _mm512_fmadd_ps(
-                sum,
-                _mm512_set1_ps(*absmax.get_unchecked(first + b)),
-                rows[b % 2],
-            );
+            for (r, (row, acc)) in rows.iter_mut().zip(acc).enumerate() {
+                let scale = scales.scale((row0 + r) * per_row + b);
+                *row = _mm512_fmadd_ps(acc, _mm512_set1_ps(scale), *row);
+            }
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(rows[0], rows[1]))
+        rows.map(|r| _mm512_reduce_add_ps(r))
     }
+}
+
+/// The gemv through [`gemv_rows_vbmi`]: rayon tasks of [`ROWS_PER_TASK`] rows, groups of 4
+/// rows, the last rows one by one.
+/// The caller checked [`vbmi_rows_apply`].
+#[cfg(target_arch = "x86_64")]
+fn gemv_vbmi<S: BlockScales + ?Sized>(
+    packed: &[u8],
+    scales: &S,
+    blocksize: usize,
+    code: &[f32; 16],
+    x: &[f32],
+    out: &mut [f32],
+) {
+    const R: usize = 4;
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(t, ys)| {
+            for (c, ys) in ys.chunks_mut(R).enumerate() {
+                let row0 = t * ROWS_PER_TASK + c * R;
+                // SAFETY: `vbmi_rows_apply` found avx512f and avx512vbmi; the kernel checks bounds.
+                if let Ok(ys) = <&mut [f32; R]>::try_from(&mut *ys) {
+                    *ys =
+                        unsafe { gemv_rows_vbmi::<R, S>(packed, scales, blocksize, code, x, row0) };
+                } else {
+                    for (j, y) in ys.iter_mut().enumerate() {
+                        // SAFETY: as above.
+                        let [v] = unsafe {
+                            gemv_rows_vbmi::<1, S>(packed, scales, blocksize, code, x, row0 + j)
+                        };
+                        *y = v;
+                    }
+                }
+            }
+        });
 }
 
 /// [`gemv_row_blocks_avx512`] with AVX2+FMA: 32 values (16 bytes) per step through
@@ -423,10 +568,6 @@ fn gemv_row_4bit_with(
         && blocksize.is_multiple_of(32)
     {
         return if level == SimdLevel::Avx512 {
-            if std::arch::is_x86_feature_detected!("avx512vbmi") {
-                // SAFETY: avx512f and avx512vbmi are available; the row is made of whole blocks.
-                return unsafe { gemv_row_blocks_vbmi(packed, absmax, blocksize, code, x, start) };
-            }
             // SAFETY: the level is available, so avx512f is; the row is made of whole blocks.
             unsafe { gemv_row_blocks_avx512(packed, absmax, blocksize, code, x, start) }
         } else {
@@ -597,21 +738,39 @@ unsafe fn gemv_row_blocks_avx2_planes(
 }
 
 /// The fused 4-bit gemv for one input row: `out[o] = Σ_c W[o, c] · x[c]` for every output
-/// row `o` (rayon over rows), with the kernels of the current [`SimdLevel`].
+/// row `o` (rayon over rows), with the kernels of the current [`SimdLevel`]. Nested statistics
+/// are read in place where the kernel can (AVX512-VBMI), else dequantized first.
 pub(crate) fn gemv_4bit(
     packed: &[u8],
-    absmax: &[f32],
+    absmax: &AbsMax,
     blocksize: usize,
     code: &[f32; 16],
     x: &[f32],
     out: &mut [f32],
 ) {
+    let level = SimdLevel::current();
+    #[cfg(target_arch = "x86_64")]
+    if let AbsMax::Nested(nested) = absmax
+        && vbmi_rows_apply(level, blocksize, x.len())
+        && let Some(scales) = NestedScales::new(nested)
+    {
+        gemv_vbmi(packed, &scales, blocksize, code, x, out);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     let planes = avx2_planes_preferred();
     #[cfg(not(target_arch = "x86_64"))]
     let planes = false;
-    let level = SimdLevel::current();
-    gemv_4bit_with(level, planes, packed, absmax, blocksize, code, x, out);
+    gemv_4bit_with(
+        level,
+        planes,
+        packed,
+        &absmax.to_f32(),
+        blocksize,
+        code,
+        x,
+        out,
+    );
 }
 
 /// [`gemv_4bit`] with the kernels of `level` (lowered to what the CPU has); `planes` picks the
@@ -630,6 +789,11 @@ fn gemv_4bit_with(
     let level = level.best_up_to();
     let k = x.len();
     #[cfg(target_arch = "x86_64")]
+    if vbmi_rows_apply(level, blocksize, k) {
+        gemv_vbmi(packed, absmax, blocksize, code, x, out);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if planes
         && level == SimdLevel::Avx2
         && k.is_multiple_of(blocksize)
@@ -638,24 +802,28 @@ fn gemv_4bit_with(
         let xp = permute_x_for_planes(x);
         // SAFETY: the level is available, so avx2 and fma are.
         let planes = unsafe { code_planes_avx2(code) };
-        out.par_iter_mut()
+        out.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
-            .with_min_len(16)
-            .for_each(|(o, y)| {
-                // SAFETY: as above; the row starts on a block (k is whole blocks).
-                *y = unsafe {
-                    gemv_row_blocks_avx2_planes(packed, absmax, blocksize, &planes, &xp, o * k)
-                };
+            .for_each(|(t, ys)| {
+                for (i, y) in ys.iter_mut().enumerate() {
+                    let o = t * ROWS_PER_TASK + i;
+                    // SAFETY: as above; the row starts on a block (k is whole blocks).
+                    *y = unsafe {
+                        gemv_row_blocks_avx2_planes(packed, absmax, blocksize, &planes, &xp, o * k)
+                    };
+                }
             });
         return;
     }
     let _ = planes;
     let lut: [[f32; 2]; 256] = std::array::from_fn(|b| [code[b >> 4], code[b & 0x0f]]);
-    out.par_iter_mut()
+    out.par_chunks_mut(ROWS_PER_TASK)
         .enumerate()
-        .with_min_len(16)
-        .for_each(|(o, y)| {
-            *y = gemv_row_4bit_with(level, packed, absmax, blocksize, &lut, code, x, o * k);
+        .for_each(|(t, ys)| {
+            for (i, y) in ys.iter_mut().enumerate() {
+                let o = t * ROWS_PER_TASK + i;
+                *y = gemv_row_4bit_with(level, packed, absmax, blocksize, &lut, code, x, o * k);
+            }
         });
 }
 
@@ -838,11 +1006,12 @@ mod tests {
         }
     }
 
-    /// The AVX512-VBMI row kernel (what `Avx512` runs where VBMI exists) against the plain
-    /// AVX-512 one it replaces there, so both stay tested on a machine that has VBMI.
+    /// The AVX512-VBMI kernel (what `Avx512` runs where VBMI exists), 4 rows at a time and one
+    /// at a time, against the plain AVX-512 row kernel, so both stay tested on a machine that
+    /// has VBMI.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn vbmi_row_kernel_matches_the_avx512_one() {
+    fn vbmi_rows_kernel_matches_the_avx512_one() {
         if !(std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vbmi"))
         {
@@ -850,27 +1019,58 @@ mod tests {
         }
         let mut state = 0x2545_f491_4f6c_dd1du64;
         for quant_type in [QuantType::Nf4, QuantType::Fp4] {
-            for blocksize in VALID_4BIT_BLOCKSIZES.into_iter().filter(|b| b % 32 == 0) {
-                let (rows, k) = (3, 4 * blocksize);
+            for blocksize in VALID_4BIT_BLOCKSIZES.into_iter().filter(|b| b % 16 == 0) {
+                let (rows, k) = (5, 3 * blocksize);
                 let w = values(&mut state, rows * k, 0.2);
-                let x = values(&mut state, 2 * blocksize, 2.0);
+                let x = values(&mut state, k, 2.0);
                 let q = quantize_4bit("w", &w, &[rows, k], blocksize, quant_type, false).unwrap();
                 let absmax = q.absmax.to_f32();
                 let code = q.quant_type.code();
-                // Two blocks from the middle of the second row.
-                let start = k + blocksize;
-                // SAFETY: both features were detected; the span is whole blocks inside the data.
-                let (a, b) = unsafe {
+                // SAFETY: both features were detected; the rows are whole blocks of the data.
+                let (four, [last]) = unsafe {
                     (
-                        gemv_row_blocks_avx512(&q.packed, &absmax, blocksize, code, &x, start),
-                        gemv_row_blocks_vbmi(&q.packed, &absmax, blocksize, code, &x, start),
+                        gemv_rows_vbmi::<4, [f32]>(&q.packed, &absmax, blocksize, code, &x, 0),
+                        gemv_rows_vbmi::<1, [f32]>(&q.packed, &absmax, blocksize, code, &x, 4),
                     )
                 };
                 let scale: f32 = x.iter().map(|v| v.abs()).sum::<f32>() * 0.2;
-                assert!(
-                    (a - b).abs() <= 1e-5 * scale.max(1.0),
-                    "{quant_type} blocksize {blocksize}: {a} vs {b}"
+                for (row, got) in four.into_iter().chain([last]).enumerate() {
+                    // SAFETY: as above.
+                    let want = unsafe {
+                        gemv_row_blocks_avx512(&q.packed, &absmax, blocksize, code, &x, row * k)
+                    };
+                    assert!(
+                        (want - got).abs() <= 1e-5 * scale.max(1.0),
+                        "{quant_type} blocksize {blocksize} row {row}: {want} vs {got}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Nested (double-quantized) statistics read in place give the very outputs of the gemv
+    /// over their f32 dequantization, for every row count (groups of 4 and the rest).
+    #[test]
+    fn gemv_reads_nested_statistics_exactly() {
+        let mut state = 0x51af_d7ed_558c_cd1du64;
+        for blocksize in [64, 128] {
+            for rows in [1, 4, 7, 9] {
+                let k = 2 * blocksize;
+                let w = values(&mut state, rows * k, 0.3);
+                let x = values(&mut state, k, 1.5);
+                let q =
+                    quantize_4bit("w", &w, &[rows, k], blocksize, QuantType::Nf4, true).unwrap();
+                assert!(matches!(q.absmax, AbsMax::Nested(_)));
+                let code = q.quant_type.code();
+                let mut nested = vec![f32::NAN; rows];
+                gemv_4bit(&q.packed, &q.absmax, blocksize, code, &x, &mut nested);
+                let mut plain = vec![f32::NAN; rows];
+                let absmax = q.absmax.to_f32();
+                let level = SimdLevel::current();
+                gemv_4bit_with(
+                    level, false, &q.packed, &absmax, blocksize, code, &x, &mut plain,
                 );
+                assert_eq!(nested, plain, "blocksize {blocksize} rows {rows}");
             }
         }
     }

@@ -125,15 +125,24 @@ impl GroupQuantized {
     }
 }
 
+/// [`decode_codes`] one code at a time (unaligned starts, short inputs); stops where `packed`
+/// ends.
+fn decode_codes_slowly(packed: &[u8], nbits: u8, first: usize, dst: &mut [f32]) {
+    let per = 8 / nbits as usize;
+    for (i, x) in dst.iter_mut().enumerate() {
+        if (first + i) / per >= packed.len() {
+            return;
+        }
+        *x = code_at(packed, nbits, first + i) as f32;
+    }
+}
+
 /// Writes codes `first..first + dst.len()` of `packed` into `dst` as floats.
 #[inline(always)]
 pub(super) fn decode_codes(packed: &[u8], nbits: u8, first: usize, dst: &mut [f32]) {
     let per = 8 / nbits as usize;
     if !first.is_multiple_of(per) {
-        for (i, x) in dst.iter_mut().enumerate() {
-            *x = code_at(packed, nbits, first + i) as f32;
-        }
-        return;
+        return decode_codes_slowly(packed, nbits, first, dst);
     }
     let bytes = &packed[first / per..];
     match nbits {
@@ -143,18 +152,126 @@ pub(super) fn decode_codes(packed: &[u8], nbits: u8, first: usize, dst: &mut [f3
             }
         }
         4 => {
-            for (pair, &b) in dst.chunks_mut(2).zip(bytes) {
-                pair[0] = (b & 0xF) as f32;
-                if let Some(x) = pair.get_mut(1) {
-                    *x = (b >> 4) as f32;
-                }
+            // Whole 16-code groups, then the rest one pair at a time.
+            if bytes.len() < dst.len().div_ceil(2) {
+                return decode_codes_slowly(packed, nbits, first, dst);
             }
+            let (groups, rest) = dst.as_chunks_mut::<16>();
+            let (words, tail) = bytes.split_at(groups.len() * 8);
+            let words = words.as_chunks::<8>().0;
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected on this CPU.
+                unsafe { x86::decode4_avx512(words, groups) };
+                return decode_pairs(rest, tail);
+            }
+            decode4_groups(words, groups);
+            decode_pairs(rest, tail);
         }
         _ => {
-            for (quad, &b) in dst.chunks_mut(4).zip(bytes) {
-                for (j, x) in quad.iter_mut().enumerate() {
-                    *x = ((b >> (2 * j)) & 0x3) as f32;
-                }
+            if bytes.len() < dst.len().div_ceil(4) {
+                return decode_codes_slowly(packed, nbits, first, dst);
+            }
+            let (groups, rest) = dst.as_chunks_mut::<16>();
+            let (words, tail) = bytes.split_at(groups.len() * 4);
+            let words = words.as_chunks::<4>().0;
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected on this CPU.
+                unsafe { x86::decode2_avx512(words, groups) };
+                return decode_quads(rest, tail);
+            }
+            decode2_groups(words, groups);
+            decode_quads(rest, tail);
+        }
+    }
+}
+
+/// Whole groups of 16 4-bit codes, portable: code m of a little-endian word sits at bits
+/// 4m..4m + 4.
+#[inline(always)]
+fn decode4_groups(words: &[[u8; 8]], out: &mut [[f32; 16]]) {
+    for (out, word) in out.iter_mut().zip(words) {
+        let lo = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+        let hi = u32::from_le_bytes([word[4], word[5], word[6], word[7]]);
+        for m in 0..8 {
+            out[m] = ((lo >> (4 * m)) & 0xF) as f32;
+            out[m + 8] = ((hi >> (4 * m)) & 0xF) as f32;
+        }
+    }
+}
+
+/// Whole groups of 16 2-bit codes, portable: code m of a little-endian word sits at bits
+/// 2m..2m + 2.
+#[inline(always)]
+fn decode2_groups(words: &[[u8; 4]], out: &mut [[f32; 16]]) {
+    for (out, word) in out.iter_mut().zip(words) {
+        let word = u32::from_le_bytes(*word);
+        for (m, x) in out.iter_mut().enumerate() {
+            *x = ((word >> (2 * m)) & 0x3) as f32;
+        }
+    }
+}
+
+/// 4-bit codes after the whole groups, one byte (two codes) at a time.
+#[inline(always)]
+fn decode_pairs(rest: &mut [f32], tail: &[u8]) {
+    for (pair, &b) in rest.chunks_mut(2).zip(tail) {
+        pair[0] = (b & 0xF) as f32;
+        if let Some(x) = pair.get_mut(1) {
+            *x = (b >> 4) as f32;
+        }
+    }
+}
+
+/// 2-bit codes after the whole groups, one byte (four codes) at a time.
+#[inline(always)]
+fn decode_quads(rest: &mut [f32], tail: &[u8]) {
+    for (quad, &b) in rest.chunks_mut(4).zip(tail) {
+        for (j, x) in quad.iter_mut().enumerate() {
+            *x = ((b >> (2 * j)) & 0x3) as f32;
+        }
+    }
+}
+
+/// Whole groups of 16 codes with AVX-512: each byte repeated to its codes' lanes, one variable
+/// shift, a mask and a conversion per 16 codes. (Left to itself the compiler vectorises the
+/// portable loops across groups, with scatter stores.)
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 4-bit codes: 8 bytes per 16 floats, code `2j` in the low nibble of byte `j`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn decode4_avx512(words: &[[u8; 8]], out: &mut [[f32; 16]]) {
+        let shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+        let mask = _mm512_set1_epi32(0xF);
+        for (word, out) in words.iter().zip(out) {
+            // SAFETY: `word` holds 8 bytes and `out` 16 floats.
+            unsafe {
+                let bytes = _mm_loadl_epi64(word.as_ptr().cast());
+                let lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes));
+                let codes = _mm512_and_si512(_mm512_srlv_epi32(lanes, shifts), mask);
+                _mm512_storeu_ps(out.as_mut_ptr(), _mm512_cvtepi32_ps(codes));
+            }
+        }
+    }
+
+    /// 2-bit codes: 4 bytes per 16 floats, code `4j + k` in bits `2k` of byte `j`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn decode2_avx512(words: &[[u8; 4]], out: &mut [[f32; 16]]) {
+        let shifts = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+        let mask = _mm512_set1_epi32(0x3);
+        for (word, out) in words.iter().zip(out) {
+            // SAFETY: `word` holds 4 bytes and `out` 16 floats.
+            unsafe {
+                let bytes = _mm_cvtsi32_si128(i32::from_le_bytes(*word));
+                let pairs = _mm_unpacklo_epi8(bytes, bytes);
+                let lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi16(pairs, pairs));
+                let codes = _mm512_and_si512(_mm512_srlv_epi32(lanes, shifts), mask);
+                _mm512_storeu_ps(out.as_mut_ptr(), _mm512_cvtepi32_ps(codes));
             }
         }
     }
@@ -322,6 +439,59 @@ fn hqq_groups(values: &[f32], group: usize, nbits: u8, dtype: DType) -> GroupQua
 mod tests {
     use super::*;
     use crate::quantized::testing::{host, random};
+
+    /// The grouped decoders (16 codes at a time) against one code at a time, for every width,
+    /// start and length, and a packed buffer that ends early.
+    #[test]
+    fn decode_codes_matches_code_at() {
+        let packed: Vec<u8> = (0..40u32).map(|i| (i * 37 + 11) as u8).collect();
+        for nbits in [2u8, 4, 8] {
+            let per = 8 / nbits as usize;
+            for first in 0..9 {
+                for len in 0..=70 {
+                    let mut got = vec![-1.0f32; len];
+                    decode_codes(&packed, nbits, first, &mut got);
+                    for (i, &g) in got.iter().enumerate() {
+                        let want = if (first + i) / per < packed.len() {
+                            f32::from(code_at(&packed, nbits, first + i))
+                        } else {
+                            -1.0
+                        };
+                        assert_eq!(g, want, "nbits {nbits} first {first} len {len} at {i}");
+                    }
+                }
+            }
+            // Shorter than the codes asked for: what exists is decoded, the rest untouched.
+            let mut got = vec![-1.0f32; 64];
+            decode_codes(&packed[..3], nbits, 0, &mut got);
+            let have = (3 * per).min(64);
+            assert!(got[have..].iter().all(|&v| v == -1.0), "nbits {nbits}");
+            for (i, &g) in got[..have].iter().enumerate() {
+                assert_eq!(g, f32::from(code_at(&packed, nbits, i)));
+            }
+        }
+    }
+
+    /// The AVX-512 group decoders against the portable ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_group_decoders_match_the_portable_ones() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let bytes: Vec<u8> = (0..64u32).map(|i| (i * 151 + 7) as u8).collect();
+        let (w8, w4) = (bytes.as_chunks::<8>().0, bytes.as_chunks::<4>().0);
+        let (mut a, mut b) = (vec![[0f32; 16]; w8.len()], vec![[1f32; 16]; w8.len()]);
+        decode4_groups(w8, &mut a);
+        // SAFETY: the feature was detected.
+        unsafe { x86::decode4_avx512(w8, &mut b) };
+        assert_eq!(a, b);
+        let (mut a, mut b) = (vec![[0f32; 16]; w4.len()], vec![[1f32; 16]; w4.len()]);
+        decode2_groups(w4, &mut a);
+        // SAFETY: as above.
+        unsafe { x86::decode2_avx512(w4, &mut b) };
+        assert_eq!(a, b);
+    }
 
     #[test]
     fn pack_unpack_round_trips_every_width() {

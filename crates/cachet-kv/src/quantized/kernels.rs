@@ -12,6 +12,30 @@ use crate::error::{KvError, Result};
 /// Tokens dequantized at a time by the attention kernels (a tile stays in L1/L2).
 const ATTEND_TILE: usize = 64;
 
+/// Tokens per task of the attention kernels: a long prefix is split over the pool by tokens
+/// as well as by batch-head (a model with 3 kv heads would otherwise keep 2 cores busy for
+/// only 2/3 of the step).
+const TASK_TOKENS: usize = 1024;
+
+/// A stretch of about [`TASK_TOKENS`] consecutive tokens of the prefix, one task's share:
+/// its first token, its length and its tiles.
+#[derive(Debug)]
+struct Run {
+    first: usize,
+    tokens: usize,
+    tiles: Vec<Tile>,
+}
+
+/// Tokens `t0..t1` of block `block`, the `at`-th token on of their [`Run`]; at most one
+/// tile of the kernels ([`Layout::tile_tokens`]), starting on a tile boundary of the block.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    at: usize,
+    block: usize,
+    t0: usize,
+    t1: usize,
+}
+
 impl Layout {
     /// Tokens per tile of the attention kernels: about 64, whole groups when grouped per channel.
     fn tile_tokens(&self) -> usize {
@@ -21,24 +45,39 @@ impl Layout {
         }
     }
 
-    /// Calls `f(first_token, tile)` for every tile of dequantized tokens of batch-head `row`,
-    /// in order; `tile` holds whole tokens (`dim` values each) and is reused between calls.
-    #[inline(always)]
-    fn for_each_tile(&self, blocks: &[Arc<Block>], row: usize, mut f: impl FnMut(usize, &[f32])) {
+    /// `blocks` cut into [`Run`]s of at least [`TASK_TOKENS`] tokens (the last may be
+    /// shorter) made of whole tiles of their blocks, so per-channel groups stay whole.
+    fn runs(&self, blocks: &[Arc<Block>]) -> Vec<Run> {
         let step = self.tile_tokens();
-        let mut buf = vec![0f32; step * self.dim];
-        let mut at = 0;
-        for block in blocks {
+        let fresh = |first| Run {
+            first,
+            tokens: 0,
+            tiles: Vec::new(),
+        };
+        let mut runs = Vec::new();
+        let mut run = fresh(0);
+        for (block, b) in blocks.iter().enumerate() {
             let mut t0 = 0;
-            while t0 < block.tokens {
-                let t1 = (t0 + step).min(block.tokens);
-                let tile = &mut buf[..(t1 - t0) * self.dim];
-                self.dequantize_tokens(block, row, t0, t1, tile);
-                f(at + t0, tile);
+            while t0 < b.tokens {
+                let t1 = (t0 + step).min(b.tokens);
+                run.tiles.push(Tile {
+                    at: run.tokens,
+                    block,
+                    t0,
+                    t1,
+                });
+                run.tokens += t1 - t0;
+                if run.tokens >= TASK_TOKENS {
+                    let next = fresh(run.first + run.tokens);
+                    runs.push(std::mem::replace(&mut run, next));
+                }
                 t0 = t1;
             }
-            at += block.tokens;
         }
+        if run.tokens > 0 || runs.is_empty() {
+            runs.push(run);
+        }
+        runs
     }
 }
 
@@ -111,12 +150,26 @@ impl QuantizedKv {
         let t = self.tokens;
         let mut out = vec![0f32; b * h * rows * t];
         if t > 0 && rows > 0 {
-            out.par_chunks_mut(rows * t)
-                .enumerate()
-                .for_each(|(row, dst)| {
+            let runs = self.key_layout.runs(&self.keys);
+            // One task per (batch-head, run of tokens), each scoring into its own buffer.
+            let parts: Vec<Vec<f32>> = (0..b * h * runs.len())
+                .into_par_iter()
+                .map(|task| {
+                    let (row, r) = (task / runs.len(), task % runs.len());
+                    let (run, n) = (&runs[r], runs[r].tokens);
                     let q = &q[row * rows * d..(row + 1) * rows * d];
-                    simd::dispatch(|| self.scores_row(row, q, d, t, dst));
-                });
+                    let mut dst = vec![0f32; rows * n];
+                    self.scores_row_simd(run, row, q, d, &mut dst);
+                    dst
+                })
+                .collect();
+            for (task, part) in parts.iter().enumerate() {
+                let (row, r) = (task / runs.len(), task % runs.len());
+                let (first, n) = (runs[r].first, runs[r].tokens);
+                for (i, src) in part.chunks_exact(n).enumerate() {
+                    out[(row * rows + i) * t + first..][..n].copy_from_slice(src);
+                }
+            }
         }
         Ok(Tensor::from_data(
             TensorData::new(out, [b, h, rows, t]),
@@ -134,12 +187,24 @@ impl QuantizedKv {
         let p = host_f32(probs);
         let mut out = vec![0f32; b * h * rows * dv];
         if t > 0 && rows > 0 {
-            out.par_chunks_mut(rows * dv)
-                .enumerate()
-                .for_each(|(row, dst)| {
+            let runs = self.value_layout.runs(&self.values);
+            // One task per (batch-head, run of tokens), each summing its tokens into its own
+            // accumulators; the runs' sums are added in token order.
+            let parts: Vec<Vec<f32>> = (0..b * h * runs.len())
+                .into_par_iter()
+                .map(|task| {
+                    let (row, r) = (task / runs.len(), task % runs.len());
                     let p = &p[row * rows * t..(row + 1) * rows * t];
-                    simd::dispatch(|| self.weighted_values_row(row, p, t, dv, dst));
-                });
+                    let mut dst = vec![0f32; rows * dv];
+                    self.weighted_values_row_simd(&runs[r], row, p, t, dv, &mut dst);
+                    dst
+                })
+                .collect();
+            for (row, out) in out.chunks_exact_mut(rows * dv).enumerate() {
+                for part in &parts[row * runs.len()..(row + 1) * runs.len()] {
+                    out.iter_mut().zip(part).for_each(|(o, v)| *o += v);
+                }
+            }
         }
         Ok(Tensor::from_data(
             TensorData::new(out, [b, h, rows, dv]),
@@ -149,72 +214,173 @@ impl QuantizedKv {
 }
 
 impl QuantizedKv {
-    /// Scores of the `rows` queries `q` of batch-head `row` against its keys, into `dst`.
+    /// Scores of the `rows` queries `q` of batch-head `row` against the keys of `run`, into
+    /// `dst` (`[rows, run.tokens]`). Plain loops over inlined helpers (no closures), so the
+    /// per-SIMD-level copies below compile all of it for their extension.
     #[inline(always)]
-    fn scores_row(&self, row: usize, q: &[f32], d: usize, t: usize, dst: &mut [f32]) {
-        self.key_layout
-            .for_each_tile(&self.keys, row, |first, tile| {
-                for (i, qi) in q.chunks_exact(d).enumerate() {
-                    let dst = &mut dst[i * t + first..];
-                    for (j, key) in tile.chunks_exact(d).enumerate() {
-                        dst[j] = dot(qi, key);
-                    }
+    fn scores_row(&self, run: &Run, row: usize, q: &[f32], d: usize, dst: &mut [f32]) {
+        let layout = &self.key_layout;
+        let t = run.tokens;
+        let mut buf = vec![0f32; layout.tile_tokens() * layout.dim];
+        for tile in &run.tiles {
+            let keys = &mut buf[..(tile.t1 - tile.t0) * layout.dim];
+            layout.dequantize_tokens(&self.keys[tile.block], row, tile.t0, tile.t1, keys);
+            for (i, qi) in q.chunks_exact(d).enumerate() {
+                let dst = &mut dst[i * t + tile.at..];
+                for (j, key) in keys.chunks_exact(d).enumerate() {
+                    dst[j] = dot(qi, key);
                 }
-            });
+            }
+        }
     }
 
-    /// `probs · values` for the `rows` weight rows `p` of batch-head `row`, into `dst`.
+    /// `probs · values` over the values of `run` for the `rows` weight rows `p` (`[rows, t]`,
+    /// the whole prefix) of batch-head `row`, added into `dst` (`[rows, dv]`).
     #[inline(always)]
-    fn weighted_values_row(&self, row: usize, p: &[f32], t: usize, dv: usize, dst: &mut [f32]) {
-        self.value_layout
-            .for_each_tile(&self.values, row, |first, tile| {
-                for (pi, acc) in p.chunks_exact(t).zip(dst.chunks_exact_mut(dv)) {
-                    for (&w, value) in pi[first..].iter().zip(tile.chunks_exact(dv)) {
-                        if w != 0.0 {
-                            for (a, &v) in acc.iter_mut().zip(value) {
-                                *a += w * v;
+    fn weighted_values_row(
+        &self,
+        run: &Run,
+        row: usize,
+        p: &[f32],
+        t: usize,
+        dv: usize,
+        dst: &mut [f32],
+    ) {
+        let layout = &self.value_layout;
+        let mut buf = vec![0f32; layout.tile_tokens() * layout.dim];
+        for tile in &run.tiles {
+            let values = &mut buf[..(tile.t1 - tile.t0) * layout.dim];
+            layout.dequantize_tokens(&self.values[tile.block], row, tile.t0, tile.t1, values);
+            let first = run.first + tile.at;
+            for (pi, out) in p.chunks_exact(t).zip(dst.chunks_exact_mut(dv)) {
+                let w = &pi[first..];
+                match dv {
+                    64 => accumulate::<64>(w, values, out),
+                    128 => accumulate::<128>(w, values, out),
+                    _ => {
+                        for (&w, value) in w.iter().zip(values.chunks_exact(dv)) {
+                            if w != 0.0 {
+                                for (a, &v) in out.iter_mut().zip(value) {
+                                    *a += w * v;
+                                }
                             }
                         }
                     }
                 }
-            });
-    }
-}
-
-/// Runs a kernel compiled for the widest vector extension the CPU has: the tile dequantization
-/// and the dot products are plain loops that the compiler vectorises to the target's width.
-mod simd {
-    /// Calls `f` inside a function compiled with AVX-512 or AVX2 + FMA where the CPU has them.
-    #[inline(always)]
-    pub(super) fn dispatch<R>(f: impl FnOnce() -> R) -> R {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected on this CPU.
-                return unsafe { avx512(f) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: as above.
-                return unsafe { avx2(f) };
             }
         }
-        f()
+    }
+
+    /// [`Self::scores_row`] compiled for the widest vector extension the CPU has.
+    fn scores_row_simd(&self, run: &Run, row: usize, q: &[f32], d: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        match simd::level() {
+            // SAFETY: the level's features were detected on this CPU.
+            simd::Level::Avx512 => return unsafe { self.scores_row_avx512(run, row, q, d, dst) },
+            // SAFETY: as above.
+            simd::Level::Avx2 => return unsafe { self.scores_row_avx2(run, row, q, d, dst) },
+            simd::Level::Plain => {}
+        }
+        self.scores_row(run, row, q, d, dst);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    #[inline]
-    unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-        f()
+    unsafe fn scores_row_avx512(
+        &self,
+        run: &Run,
+        row: usize,
+        q: &[f32],
+        d: usize,
+        dst: &mut [f32],
+    ) {
+        self.scores_row(run, row, q, d, dst);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-        f()
+    unsafe fn scores_row_avx2(&self, run: &Run, row: usize, q: &[f32], d: usize, dst: &mut [f32]) {
+        self.scores_row(run, row, q, d, dst);
+    }
+
+    /// [`Self::weighted_values_row`] compiled for the widest vector extension the CPU has.
+    #[allow(clippy::too_many_arguments)]
+    fn weighted_values_row_simd(
+        &self,
+        run: &Run,
+        row: usize,
+        p: &[f32],
+        t: usize,
+        dv: usize,
+        dst: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        match simd::level() {
+            // SAFETY: the level's features were detected on this CPU.
+            simd::Level::Avx512 => {
+                return unsafe { self.weighted_values_row_avx512(run, row, p, t, dv, dst) };
+            }
+            // SAFETY: as above.
+            simd::Level::Avx2 => {
+                return unsafe { self.weighted_values_row_avx2(run, row, p, t, dv, dst) };
+            }
+            simd::Level::Plain => {}
+        }
+        self.weighted_values_row(run, row, p, t, dv, dst);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn weighted_values_row_avx512(
+        &self,
+        run: &Run,
+        row: usize,
+        p: &[f32],
+        t: usize,
+        dv: usize,
+        dst: &mut [f32],
+    ) {
+        self.weighted_values_row(run, row, p, t, dv, dst);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_values_row_avx2(
+        &self,
+        run: &Run,
+        row: usize,
+        p: &[f32],
+        t: usize,
+        dv: usize,
+        dst: &mut [f32],
+    ) {
+        self.weighted_values_row(run, row, p, t, dv, dst);
+    }
+}
+
+/// The widest vector extension of this CPU that the kernels have a copy for.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    #[derive(Clone, Copy)]
+    pub(super) enum Level {
+        Avx512,
+        Avx2,
+        Plain,
+    }
+
+    pub(super) fn level() -> Level {
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Level::Avx512
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                Level::Avx2
+            } else {
+                Level::Plain
+            }
+        })
     }
 }
 
@@ -244,6 +410,23 @@ fn host_f32(t: Tensor<4>) -> Vec<f32> {
         .expect("f32 data")
 }
 
+/// `out += Σ_j w[j] · values[j]` over the tile's tokens for a head width the compiler knows,
+/// so the sum stays in registers for the whole tile instead of going through `out` per token.
+#[inline(always)]
+fn accumulate<const DV: usize>(w: &[f32], values: &[f32], out: &mut [f32]) {
+    let mut acc = [0f32; DV];
+    for (&w, value) in w.iter().zip(values.as_chunks::<DV>().0) {
+        if w != 0.0 {
+            for (a, &v) in acc.iter_mut().zip(value) {
+                *a += w * v;
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o += a;
+    }
+}
+
 /// Dot product with 8 independent lanes (auto-vectorised).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -269,7 +452,8 @@ mod tests {
     #[test]
     fn the_view_attends_to_the_prefix_like_its_dequantized_tensors() {
         // Every layout: per-channel / per-token keys and values, both backends, 2/4/8 bits,
-        // several blocks (prefill + flushes + a partial last tile), batch 2, f32 and bf16.
+        // several blocks (prefill + flushes + a partial last tile), batch 2, f32 and bf16, head
+        // widths the kernels specialise (64, 128) and others.
         let cases = [
             (
                 QuantBackend::Quanto,
@@ -277,6 +461,7 @@ mod tests {
                 QuantAxis::PerChannel,
                 QuantAxis::PerToken,
                 DType::F32,
+                16,
             ),
             (
                 QuantBackend::Hqq,
@@ -284,6 +469,7 @@ mod tests {
                 QuantAxis::PerToken,
                 QuantAxis::PerChannel,
                 DType::F32,
+                64,
             ),
             (
                 QuantBackend::Quanto,
@@ -291,6 +477,7 @@ mod tests {
                 QuantAxis::PerToken,
                 QuantAxis::PerToken,
                 DType::BF16,
+                16,
             ),
             (
                 QuantBackend::Hqq,
@@ -298,9 +485,11 @@ mod tests {
                 QuantAxis::PerChannel,
                 QuantAxis::PerChannel,
                 DType::F16,
+                128,
             ),
         ];
-        for (i, (backend, nbits, key_axis, value_axis, dtype)) in cases.into_iter().enumerate() {
+        for (i, (backend, nbits, key_axis, value_axis, dtype, dim)) in cases.into_iter().enumerate()
+        {
             let cfg = QuantizedCacheConfig {
                 key_axis,
                 value_axis,
@@ -308,27 +497,35 @@ mod tests {
             };
             let mut cache = QuantizedCache::new(cfg).unwrap();
             let seed = 100 * i as u64;
+            // Odd cases hold a prefix longer than two of the kernels' token runs, so scores and
+            // weighted values are split over tasks by tokens as well as by head.
+            let prefill = if i % 2 == 1 {
+                2 * TASK_TOKENS + 300
+            } else {
+                150
+            };
+            let total = prefill + 40;
             let (k, v) = (
-                random([2, 3, 150, 16], seed, dtype),
-                random([2, 3, 150, 16], seed + 1, dtype),
+                random([2, 3, prefill, dim], seed, dtype),
+                random([2, 3, prefill, dim], seed + 1, dtype),
             );
             cache
-                .update(0, k, v, &(0..150).collect::<Vec<_>>())
+                .update(0, k, v, &(0..prefill).collect::<Vec<_>>())
                 .unwrap();
             let mut view = None;
-            for p in 150..190 {
-                let nk = random([2, 3, 1, 16], seed + p as u64, dtype);
-                let nv = random([2, 3, 1, 16], seed + 7 * p as u64, dtype);
+            for p in prefill..total {
+                let nk = random([2, 3, 1, dim], seed + p as u64, dtype);
+                let nv = random([2, 3, 1, dim], seed + 7 * p as u64, dtype);
                 view = Some(cache.update_view(0, nk, nv, &[p]).unwrap());
             }
             let view = view.unwrap();
             let prefix = view.prefix().expect("a quantized prefix");
-            assert!(prefix.len() >= 160, "{}", prefix.len());
-            assert_eq!(view.layout, MaskLayout::contiguous(0, 190));
-            assert_eq!(prefix.len() + view.keys.dims()[2], 190);
+            assert!(prefix.len() >= prefill + 10, "{}", prefix.len());
+            assert_eq!(view.layout, MaskLayout::contiguous(0, total));
+            assert_eq!(prefix.len() + view.keys.dims()[2], total);
             let (dk, dv) = prefix.dequantize();
             // Three query rows per kv head (folded query heads).
-            let q = random([2, 3, 3, 16], seed + 999, DType::F32);
+            let q = random([2, 3, 3, dim], seed + 999, DType::F32);
             let want = host(q.clone().matmul(dk.cast(DType::F32).swap_dims(2, 3)));
             let got = host(prefix.scores(q.clone().cast(dtype)).unwrap());
             // Half dtypes: the reference's keys went through the cache dtype, ours stay f32.
@@ -350,7 +547,7 @@ mod tests {
             }
             // The dense form is the prefix then the recent tokens, as `update` returns.
             let (all_k, _, _) = view.clone().into_dense();
-            assert_eq!(all_k.dims(), [2, 3, 190, 16]);
+            assert_eq!(all_k.dims(), [2, 3, total, dim]);
             // Shapes that do not fit are typed errors.
             assert!(matches!(
                 prefix.scores(random([2, 3, 1, 8], 1, dtype)),

@@ -63,7 +63,6 @@ impl HostLinear4bit {
     pub fn forward_host(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let (n, k) = self.dims();
         let _span = tracing::trace_span!("linear4bit", rows, n, k).entered();
-        let absmax: Cow<'_, [f32]> = self.weight.absmax.to_f32();
         let code = self.weight.quant_type.code();
         let x: Cow<'_, [f32]> = if self.compute_dtype == Precision::F32 {
             Cow::Borrowed(x)
@@ -73,8 +72,9 @@ impl HostLinear4bit {
         let mut out = vec![0.0f32; rows * n];
         if rows == 1 {
             let (packed, blocksize) = (&self.weight.packed, self.weight.blocksize);
-            gemv_4bit(packed, &absmax, blocksize, code, &x, &mut out);
+            gemv_4bit(packed, &self.weight.absmax, blocksize, code, &x, &mut out);
         } else {
+            let absmax = self.weight.absmax.to_f32();
             matmul_4bit_tiled(&self.weight, &absmax, &x, rows, &mut out);
         }
         for row in out.chunks_mut(n) {
