@@ -99,8 +99,8 @@ enum Cmd {
         #[command(flatten)]
         e2e_args: e2e::E2eArgs,
     },
-    /// Property-based fuzzing of every parser with a long budget: `cargo test --profile fuzz
-    /// -p <crate> --test fuzz` for each crate with a `tests/fuzz.rs`, `CACHET_FUZZ_CASES` cases
+    /// Property-based fuzzing of every parser with a long budget: the `fuzz` test binary of each
+    /// crate with a `tests/fuzz.rs` (built once with `--profile fuzz`), `CACHET_FUZZ_CASES` cases
     /// per property, round after round until `--minutes` are spent; prints the cases run per
     /// target. A failure stops the run with proptest's minimal input.
     Fuzz(fuzz::FuzzArgs),
