@@ -225,6 +225,15 @@ impl QuantizedKv {
         for tile in &run.tiles {
             let keys = &mut buf[..(tile.t1 - tile.t0) * layout.dim];
             layout.dequantize_tokens(&self.keys[tile.block], row, tile.t0, tile.t1, keys);
+            #[cfg(target_arch = "x86_64")]
+            if d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+                for (i, qi) in q.chunks_exact(d).enumerate() {
+                    let dst = &mut dst[i * t + tile.at..][..keys.len() / d];
+                    // SAFETY: the feature was detected on this CPU.
+                    unsafe { x86::dots_avx512(qi, keys, dst) };
+                }
+                continue;
+            }
             for (i, qi) in q.chunks_exact(d).enumerate() {
                 let dst = &mut dst[i * t + tile.at..];
                 for (j, key) in keys.chunks_exact(d).enumerate() {
@@ -358,6 +367,82 @@ impl QuantizedKv {
     }
 }
 
+/// AVX-512 scores: sixteen keys at a time, their sums reduced together.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `out[j] = q · keys[j]` for the `out.len()` keys of `keys` (`q.len()` values each, a
+    /// multiple of 16). Each key's products collect in one vector; sixteen such vectors are
+    /// summed lane-wise by a transpose tree (45 shuffles and adds for 16 keys, where reducing
+    /// each key alone takes 8 dependent operations).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dots_avx512(q: &[f32], keys: &[f32], out: &mut [f32]) {
+        let d = q.len();
+        assert!(d.is_multiple_of(16) && keys.len() >= out.len() * d);
+        let mut j = 0;
+        while j + 16 <= out.len() {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for c in (0..d).step_by(16) {
+                // SAFETY: `c + 16 <= d`, and key `j + k < out.len()` lies in `keys`.
+                unsafe {
+                    let qv = _mm512_loadu_ps(q.as_ptr().add(c));
+                    for (k, acc) in acc.iter_mut().enumerate() {
+                        let kv = _mm512_loadu_ps(keys.as_ptr().add((j + k) * d + c));
+                        *acc = _mm512_fmadd_ps(qv, kv, *acc);
+                    }
+                }
+            }
+            let sums = reduce16(acc);
+            // SAFETY: `j + 16 <= out.len()`.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(j), sums) };
+            j += 16;
+        }
+        for (j, o) in out.iter_mut().enumerate().skip(j) {
+            let key = &keys[j * d..(j + 1) * d];
+            let mut acc = _mm512_setzero_ps();
+            for c in (0..d).step_by(16) {
+                // SAFETY: `c + 16 <= d` for both slices.
+                unsafe {
+                    acc = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(q.as_ptr().add(c)),
+                        _mm512_loadu_ps(key.as_ptr().add(c)),
+                        acc,
+                    );
+                }
+            }
+            *o = _mm512_reduce_add_ps(acc);
+        }
+    }
+
+    /// Lane `k` of the result is the sum of the 16 lanes of `v[k]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn reduce16(v: [__m512; 16]) -> __m512 {
+        // Pairs: in every 128-bit block, [a0+a2, b0+b2, a1+a3, b1+b3].
+        let p: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        });
+        // Quads: every 128-bit block holds its 4 keys' partial sums, in order.
+        let q: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (p[2 * i], p[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            )
+        });
+        // Add the four 128-bit blocks of each quad: two rounds of block shuffles.
+        let fold = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        };
+        fold(fold(q[0], q[1]), fold(q[2], q[3]))
+    }
+}
+
 /// The widest vector extension of this CPU that the kernels have a copy for.
 #[cfg(target_arch = "x86_64")]
 mod simd {
@@ -448,6 +533,30 @@ mod tests {
     use crate::cache::{Cache, MaskLayout};
     use crate::quantized::testing::{config, host, random};
     use crate::quantized::{QuantBackend, QuantizedCache, QuantizedCacheConfig};
+
+    /// The AVX-512 scores (16 keys reduced together, then the rest one by one) against the
+    /// portable dot product.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_scores_match_the_portable_dot() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for d in [16, 64, 128] {
+            for n in [1, 15, 16, 17, 40, 64] {
+                let value = |i: usize| ((i * 37 + 11) % 101) as f32 / 50.0 - 1.0;
+                let q: Vec<f32> = (0..d).map(value).collect();
+                let keys: Vec<f32> = (0..n * d).map(|i| value(i + 7)).collect();
+                let mut got = vec![f32::NAN; n];
+                // SAFETY: the feature was detected.
+                unsafe { x86::dots_avx512(&q, &keys, &mut got) };
+                for (j, g) in got.iter().enumerate() {
+                    let want = dot(&q, &keys[j * d..(j + 1) * d]);
+                    assert!((g - want).abs() <= 1e-4 * d as f32, "d {d} n {n} key {j}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_view_attends_to_the_prefix_like_its_dequantized_tensors() {
