@@ -443,3 +443,20 @@ fn valid_bases_read_back() {
         .unwrap();
     BnbQuantizationConfig::from_transformers(&valid_transformers(), "valid").unwrap();
 }
+
+/// Found by `cargo xtask fuzz`: a quant state whose shape's product overflows a `usize`
+/// (`[2^64 - 1, 2]`, which the reader accepted because the caller expected that very shape)
+/// made `validate` overflow while counting its values. It is now a typed error.
+#[test]
+fn regression_four_bit_shape_product_overflow() {
+    let (parts, qt) = four_bit_parts(false);
+    let checkpoint = Checkpoint::from_bytes("valid", checkpoint_bytes(&parts)).unwrap();
+    let (mut q, _) = read_four_bit(&checkpoint, PREFIX, qt, SHAPE).unwrap();
+    q.shape = vec![usize::MAX, 2];
+    let err = q.validate("w").unwrap_err().to_string();
+    assert!(err.contains("more elements than"), "{err}");
+    assert!(
+        quantize_4bit("w", &[0.0; 4], &[usize::MAX, 2], 64, qt, false).is_err(),
+        "quantizing into an overflowing shape"
+    );
+}

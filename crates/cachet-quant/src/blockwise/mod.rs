@@ -137,8 +137,13 @@ pub struct Quantized4bit {
     pub quant_type: QuantType,
 }
 
+/// The product of `shape`, or `None` where it overflows a `usize`.
+fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 impl Quantized4bit {
-    /// Number of elements of the original tensor.
+    /// Number of elements of the original tensor (of a [validated](Self::validate) state).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -179,11 +184,16 @@ impl Quantized4bit {
     /// Checks that the parts agree with each other (after loading from a file).
     pub fn validate(&self, tensor: &str) -> Result<()> {
         check_4bit_blocksize(self.blocksize)?;
-        let n = self.numel();
         let bad = |reason: String| QuantError::InconsistentState {
             tensor: tensor.to_string(),
             reason,
         };
+        let n = checked_numel(&self.shape).ok_or_else(|| {
+            bad(format!(
+                "shape {:?} has more elements than this machine can address",
+                self.shape
+            ))
+        })?;
         if self.packed.len() != n.div_ceil(2) {
             return Err(bad(format!(
                 "{} packed bytes for shape {:?} ({} values need {})",
@@ -241,13 +251,13 @@ pub fn quantize_4bit(
     double_quant: bool,
 ) -> Result<Quantized4bit> {
     check_4bit_blocksize(blocksize)?;
-    let n: usize = shape.iter().product();
-    if n != data.len() {
+    if checked_numel(shape) != Some(data.len()) {
         return Err(QuantError::InconsistentState {
             tensor: tensor.to_string(),
             reason: format!("{} values for shape {shape:?}", data.len()),
         });
     }
+    let n = data.len();
     let mut packed = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0.0f32; n.div_ceil(blocksize)];
     if !quantize_4bit_codes(
