@@ -228,7 +228,9 @@ fn options(server: &HubServer) -> HubOptions {
     HubOptions {
         endpoint: Some(server.url()),
         token: Some(READ_TOKEN.into()),
-        timeout: Duration::from_secs(2),
+        // Long enough for a loopback answer on a loaded or paused machine (a 2 s limit failed
+        // a round under `nice`): the server injects bodies, never stalls, so no case waits on it.
+        timeout: Duration::from_secs(60),
         retries: 0,
         commit_attempts: 1,
         progress: false,

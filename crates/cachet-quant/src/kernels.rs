@@ -293,21 +293,23 @@ pub(crate) struct NestedScales<'a> {
     quantized: &'a [u8],
     absmax: &'a [f32],
     code: &'a [f32; 256],
-    blocksize: usize,
+    /// log2 of the nested block size (a power of two: a shift, not a division, per block).
+    shift: u32,
     offset: f32,
 }
 
 impl<'a> NestedScales<'a> {
     /// `None` where the statistics are inconsistent (a code that is not 256 entries, too few
-    /// nested scales); the caller then dequantizes them the slow way.
+    /// nested scales) or the nested block size is not a power of two (bnb's is 256); the
+    /// caller then dequantizes them the slow way.
     pub(crate) fn new(n: &'a crate::blockwise::NestedAbsMax) -> Option<Self> {
         let code = n.code.as_slice().try_into().ok()?;
         let covered = n.absmax.len().checked_mul(n.blocksize)?;
-        (n.blocksize > 0 && covered >= n.quantized.len()).then_some(Self {
+        (n.blocksize.is_power_of_two() && covered >= n.quantized.len()).then_some(Self {
             quantized: &n.quantized,
             absmax: &n.absmax,
             code,
-            blocksize: n.blocksize,
+            shift: n.blocksize.trailing_zeros(),
             offset: n.offset,
         })
     }
@@ -320,7 +322,7 @@ impl BlockScales for NestedScales<'_> {
 
     #[inline(always)]
     fn scale(&self, b: usize) -> f32 {
-        self.code[usize::from(self.quantized[b])] * self.absmax[b / self.blocksize] + self.offset
+        self.code[usize::from(self.quantized[b])] * self.absmax[b >> self.shift] + self.offset
     }
 }
 
