@@ -81,6 +81,41 @@ impl Layout {
     }
 }
 
+/// A method `$simd` that runs `$body` (an `#[inline(always)]` method of plain loops) as compiled
+/// for the widest vector extension of this CPU: `$avx512` and `$avx2` are copies of it built
+/// with those target features, so the compiler vectorises all of the loop for them.
+macro_rules! simd_copies {
+    (
+        $(#[$doc:meta])*
+        $simd:ident, $avx512:ident, $avx2:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)
+    ) => {
+        $(#[$doc])*
+        fn $simd(&self, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            match simd::level() {
+                // SAFETY: the level's features were detected on this CPU.
+                simd::Level::Avx512 => return unsafe { self.$avx512($($arg),*) },
+                // SAFETY: as above.
+                simd::Level::Avx2 => return unsafe { self.$avx2($($arg),*) },
+                simd::Level::Plain => {}
+            }
+            self.$body($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn $avx512(&self, $($arg: $ty),*) {
+            self.$body($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2(&self, $($arg: $ty),*) {
+            self.$body($($arg),*)
+        }
+    };
+}
+
 /// The quantized tokens of one layer as attention reads them: a snapshot sharing the cache's
 /// blocks, with host kernels that attend to them one small dequantized tile at a time, so a
 /// decode step never materialises (or uploads) the dequantized prefix.
@@ -280,91 +315,20 @@ impl QuantizedKv {
         }
     }
 
-    /// [`Self::scores_row`] compiled for the widest vector extension the CPU has.
-    fn scores_row_simd(&self, run: &Run, row: usize, q: &[f32], d: usize, dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        match simd::level() {
-            // SAFETY: the level's features were detected on this CPU.
-            simd::Level::Avx512 => return unsafe { self.scores_row_avx512(run, row, q, d, dst) },
-            // SAFETY: as above.
-            simd::Level::Avx2 => return unsafe { self.scores_row_avx2(run, row, q, d, dst) },
-            simd::Level::Plain => {}
-        }
-        self.scores_row(run, row, q, d, dst);
-    }
+    simd_copies!(
+        /// [`Self::scores_row`] compiled for the widest vector extension the CPU has.
+        scores_row_simd, scores_row_avx512, scores_row_avx2 => scores_row(
+            run: &Run, row: usize, q: &[f32], d: usize, dst: &mut [f32]
+        )
+    );
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn scores_row_avx512(
-        &self,
-        run: &Run,
-        row: usize,
-        q: &[f32],
-        d: usize,
-        dst: &mut [f32],
-    ) {
-        self.scores_row(run, row, q, d, dst);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_row_avx2(&self, run: &Run, row: usize, q: &[f32], d: usize, dst: &mut [f32]) {
-        self.scores_row(run, row, q, d, dst);
-    }
-
-    /// [`Self::weighted_values_row`] compiled for the widest vector extension the CPU has.
-    #[allow(clippy::too_many_arguments)]
-    fn weighted_values_row_simd(
-        &self,
-        run: &Run,
-        row: usize,
-        p: &[f32],
-        t: usize,
-        dv: usize,
-        dst: &mut [f32],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        match simd::level() {
-            // SAFETY: the level's features were detected on this CPU.
-            simd::Level::Avx512 => {
-                return unsafe { self.weighted_values_row_avx512(run, row, p, t, dv, dst) };
-            }
-            // SAFETY: as above.
-            simd::Level::Avx2 => {
-                return unsafe { self.weighted_values_row_avx2(run, row, p, t, dv, dst) };
-            }
-            simd::Level::Plain => {}
-        }
-        self.weighted_values_row(run, row, p, t, dv, dst);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn weighted_values_row_avx512(
-        &self,
-        run: &Run,
-        row: usize,
-        p: &[f32],
-        t: usize,
-        dv: usize,
-        dst: &mut [f32],
-    ) {
-        self.weighted_values_row(run, row, p, t, dv, dst);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted_values_row_avx2(
-        &self,
-        run: &Run,
-        row: usize,
-        p: &[f32],
-        t: usize,
-        dv: usize,
-        dst: &mut [f32],
-    ) {
-        self.weighted_values_row(run, row, p, t, dv, dst);
-    }
+    simd_copies!(
+        /// [`Self::weighted_values_row`] compiled for the widest vector extension the CPU has.
+        weighted_values_row_simd, weighted_values_row_avx512, weighted_values_row_avx2 =>
+            weighted_values_row(
+                run: &Run, row: usize, p: &[f32], t: usize, dv: usize, dst: &mut [f32]
+            )
+    );
 }
 
 /// AVX-512 scores: sixteen keys at a time, their sums reduced together.
