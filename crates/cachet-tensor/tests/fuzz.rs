@@ -451,3 +451,37 @@ fn gguf_absurd_counts_fail_fast() {
         });
     }
 }
+
+/// Found by `cargo xtask fuzz`: a tensor with a zero dimension between two huge ones
+/// (`[2^40 + 1, 0, 2^63, 2^39]`) counted 0 elements when the dimensions were multiplied in file
+/// order, and then overflowed burn's shape product (multiplied the other way) in `tensor_data`.
+/// Such a file is refused when it is read, and the writer refuses such a tensor.
+#[test]
+fn regression_gguf_zero_dimension_between_huge_ones() {
+    let shape = [(1usize << 39), (1usize << 63), 0, (1usize << 40) + 1];
+    let mut w = GgufWriter::new();
+    assert!(
+        w.add_tensor("t", &shape, GgmlType::F32, Vec::new())
+            .is_err(),
+        "the writer accepted {shape:?}"
+    );
+    // The same tensor written by hand: `valid_gguf`'s layout with the dims patched in.
+    let mut w = GgufWriter::new();
+    w.add_tensor("t", &[1, 0, 1, 1], GgmlType::F32, Vec::new())
+        .unwrap();
+    let mut bytes = w.to_bytes();
+    let dims: Vec<u64> = [1u64, 1, 0, 1].to_vec();
+    let at = bytes
+        .windows(32)
+        .position(|win| {
+            win.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .eq(dims.iter().copied())
+        })
+        .expect("the dims in the header");
+    for (i, d) in shape.iter().rev().enumerate() {
+        bytes[at + 8 * i..at + 8 * i + 8].copy_from_slice(&(*d as u64).to_le_bytes());
+    }
+    let read = GgufFile::from_bytes("patched.gguf", bytes);
+    assert!(read.is_err(), "read {read:?}");
+}

@@ -243,11 +243,9 @@ fn check_tensors(
             tensor: t.name.clone(),
             dims: t.dims.clone(),
         };
-        let elements = t
-            .dims
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(overflow)?;
+        // Every order of multiplying the dimensions must fit (a zero dimension must not hide
+        // two huge ones: a reader multiplying in another order would overflow).
+        let elements = element_count(&t.dims).ok_or_else(overflow)?;
         let block = t.ggml_type.block_size();
         let row = t.dims.first().copied().unwrap_or(1);
         if row % block as u64 != 0 {
@@ -542,4 +540,14 @@ impl<'a> Cursor<'a> {
             offset,
         })
     }
+}
+
+/// The element count of `dims`, or `None` where the product of the non-zero dimensions
+/// overflows a `u64` (so no order of multiplication, and no `usize` shape product, overflows).
+pub(crate) fn element_count(dims: &[u64]) -> Option<u64> {
+    let nonzero = dims
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
+    Some(if dims.contains(&0) { 0 } else { nonzero })
 }

@@ -98,7 +98,7 @@ impl GgufWriter {
         }
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         let row = dims.first().copied().unwrap_or(1);
-        let elements = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        let elements = super::read::element_count(&dims);
         let expected = elements.and_then(|n| ggml_type.bytes_for(n));
         if row % ggml_type.block_size() as u64 != 0 {
             return Err(rejected(
